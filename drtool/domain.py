@@ -1,0 +1,66 @@
+"""Domain types: what drtool knows about hosts, VMs and their disks.
+
+Frozen dataclasses, free of any transport or UI. Services take these and
+return results built from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path, PurePosixPath
+
+DEFAULT_SSH_PORT = 22
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_COMMAND_TIMEOUT = 60.0
+
+
+class ReplicationMode(str, Enum):
+    ASYNC = "async"
+    SYNC = "sync"
+
+
+@dataclass(frozen=True)
+class Host:
+    """A hypervisor host drtool reaches over SSH.
+
+    ``address`` may be a Host alias of ~/.ssh/config; fields left None are
+    filled from there (or OpenSSH's defaults) when connecting.
+    """
+
+    name: str
+    address: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A VM to protect: where it runs, where its replicas go."""
+
+    name: str
+    host: str
+    qmp_socket: PurePosixPath
+    dr_host: str
+    replica_dir: PurePosixPath
+    disks: tuple[str, ...] = ()  # device ids; empty means every disk on a device
+    mode: ReplicationMode = ReplicationMode.ASYNC
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The whole validated configuration file."""
+
+    path: Path
+    hosts: dict[str, Host] = field(default_factory=dict)
+    vms: dict[str, Vm] = field(default_factory=dict)
+
+    def host(self, name: str) -> Host:
+        return self.hosts[name]
+
+    def vm(self, name: str) -> Vm:
+        return self.vms[name]
