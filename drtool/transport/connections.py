@@ -1,0 +1,78 @@
+"""Connections: what one drtool run reaches, SSH per host and QMP per monitor.
+
+Services take a `Reach` (the small interface below), so unit tests can hand
+them fakes while the CLI and the lab tests hand them real `Connections`.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Protocol
+
+from drtool.domain import Inventory, Vm
+from drtool.transport.bridge import StreamBridge, relay_argv
+from drtool.transport.qmp import QmpSession
+from drtool.transport.ssh import CommandResult, SshConnection, SshPool
+
+
+class RemoteShell(Protocol):
+    """What services need of a host: run an argv list, get its result."""
+
+    @property
+    def host_key(self) -> str | None: ...
+
+    def run(
+        self, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None, check: bool = True
+    ) -> CommandResult: ...
+
+
+class Reach(Protocol):
+    def shell(self, host_name: str) -> RemoteShell: ...
+
+    def qmp_at(self, host_name: str, socket_path: PurePosixPath, label: str) -> QmpSession: ...
+
+    def qmp(self, vm: Vm) -> QmpSession: ...
+
+
+class Connections:
+    """The real Reach: paramiko to hosts, QMP bridged through each host's SSH session."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.pool = SshPool(inventory.hosts)
+
+    def shell(self, host_name: str) -> SshConnection:
+        return self.pool.get(host_name)
+
+    def qmp_at(self, host_name: str, socket_path: PurePosixPath, label: str) -> QmpSession:
+        """A connected QMP session to a monitor socket on a host; close it after use."""
+        conn = self.pool.get(host_name)
+        bridge: list[StreamBridge] = []
+
+        def opener():  # noqa: ANN202
+            bridge.append(StreamBridge(conn.open_stream(relay_argv(socket_path)), name=label))
+            return bridge[0].local
+
+        def closer() -> None:
+            if bridge:
+                bridge.pop().close()
+
+        def describe_failure() -> str:
+            return bridge[0].remote_error() if bridge else ""
+
+        session = QmpSession(
+            f"{label} on {host_name}", opener, closer, describe_failure=describe_failure
+        )
+        return session.connect()
+
+    def qmp(self, vm: Vm) -> QmpSession:
+        return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Connections:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,298 @@
+"""SSH to hypervisor hosts with paramiko: verified host keys, argv commands, timeouts.
+
+One connection per host, opened on first use and reused for the whole run
+(`SshPool`). Every remote command is an argv list quoted once with
+shlex.join; nothing here ever builds a command line by string concatenation.
+"""
+
+from __future__ import annotations
+
+import getpass
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from drtool.domain import DEFAULT_SSH_PORT, Host
+from drtool.errors import HostKeyError, HostUnreachable, RemoteCommandError
+
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and as whom to connect, after ~/.ssh/config has been applied."""
+
+    hostname: str
+    port: int
+    user: str
+    key_filenames: tuple[str, ...]
+    known_hosts: tuple[Path, ...]
+    proxy_command: str | None = None
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name OpenSSH files this endpoint's key under in known_hosts."""
+        if self.port == DEFAULT_SSH_PORT:
+            return self.hostname
+        return f"[{self.hostname}]:{self.port}"
+
+
+def resolve_endpoint(host: Host, ssh_config_path: Path | None = None) -> Endpoint:
+    """Apply OpenSSH's client config to a Host: aliases, port, user, keys.
+
+    Values in drtool's inventory win over ~/.ssh/config, which wins over
+    OpenSSH's defaults, as `ssh -p`/`-l`/`-i` would.
+    """
+    cfg_path = ssh_config_path or Path("~/.ssh/config").expanduser()
+    options: dict = {}
+    if cfg_path.is_file():
+        ssh_config = paramiko.SSHConfig.from_path(str(cfg_path))
+        options = ssh_config.lookup(host.address)
+    hostname = options.get("hostname", host.address)
+    port = host.port or int(options.get("port", DEFAULT_SSH_PORT))
+    user = host.user or options.get("user") or getpass.getuser()
+    if host.identity_file is not None:
+        keys: tuple[str, ...] = (str(host.identity_file),)
+    else:
+        keys = tuple(str(Path(p).expanduser()) for p in options.get("identityfile", []))
+    if host.known_hosts is not None:
+        known: tuple[Path, ...] = (host.known_hosts,)
+    else:
+        files = options.get("userknownhostsfile", "~/.ssh/known_hosts").split()
+        known = tuple(Path(f).expanduser() for f in files) + (Path("/etc/ssh/ssh_known_hosts"),)
+    return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"))
+
+
+def key_fingerprint(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.fingerprint}"
+
+
+class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
+    """Never trust a host key on first sight; tell the user how to add it."""
+
+    def __init__(self, host: Host, endpoint: Endpoint) -> None:
+        self._host = host
+        self._endpoint = endpoint
+
+    def missing_host_key(self, client, hostname, key) -> None:  # noqa: ANN001
+        ep = self._endpoint
+        target = ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")
+        raise HostKeyError(
+            f"host {self._host.name} ({ep.hostname}:{ep.port}) offered an unknown host key "
+            f"{key_fingerprint(key)}; refusing to connect",
+            hint=(
+                f"check the fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), "
+                f"then add it: ssh-keyscan -p {ep.port} {shlex.quote(ep.hostname)} >> {target}"
+            ),
+        )
+
+
+class SshConnection:
+    """One SSH session to one host, shared by every command of a run."""
+
+    def __init__(self, host: Host, endpoint: Endpoint | None = None) -> None:
+        self.host = host
+        self.endpoint = endpoint or resolve_endpoint(host)
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+        self.host_key: str | None = None
+
+    def connect(self) -> None:
+        with self._lock:
+            if self._client is not None and self._transport_alive(self._client):
+                return
+            self._client = self._open()
+
+    @staticmethod
+    def _transport_alive(client: paramiko.SSHClient) -> bool:
+        transport = client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def _open(self) -> paramiko.SSHClient:
+        ep, host = self.endpoint, self.host
+        client = paramiko.SSHClient()
+        for path in ep.known_hosts:
+            if path.is_file():
+                client.load_system_host_keys(str(path))
+        client.set_missing_host_key_policy(_RefuseUnknownHostKey(host, ep))
+        where = f"{host.name} ({ep.hostname}:{ep.port})"
+        timeout = host.connect_timeout
+        try:
+            client.connect(
+                ep.hostname,
+                port=ep.port,
+                username=ep.user,
+                key_filename=list(ep.key_filenames) or None,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                channel_timeout=timeout,
+                allow_agent=True,
+                look_for_keys=not ep.key_filenames,
+                sock=paramiko.ProxyCommand(ep.proxy_command) if ep.proxy_command else None,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            raise HostKeyError(
+                f"host key of {where} has CHANGED: known_hosts has {key_fingerprint(err.expected_key)}, "
+                f"the host offered {key_fingerprint(err.key)}; someone may be intercepting the "
+                "connection, refusing to connect",
+                hint=(
+                    "if the host was reinstalled, verify its new key, remove the old one with "
+                    f"ssh-keygen -R {shlex.quote(ep.known_hosts_name)} and add the new one"
+                ),
+            ) from err
+        except paramiko.AuthenticationException as err:
+            client.close()
+            raise HostUnreachable(
+                f"cannot log in to {where} as {ep.user}: {err}",
+                hint="check identity_file and user in the inventory, or your ssh-agent",
+            ) from err
+        except (TimeoutError, socket.timeout) as err:
+            client.close()
+            raise HostUnreachable(f"{where} did not answer within {timeout:g} s") from err
+        except paramiko.SSHException as err:
+            client.close()
+            if "banner" in str(err).lower():
+                raise HostUnreachable(
+                    f"{where} accepted the connection but sent no SSH banner within {timeout:g} s"
+                ) from err
+            raise HostUnreachable(f"SSH to {where} failed: {err}") from err
+        except OSError as err:
+            client.close()
+            raise HostUnreachable(f"cannot reach {where}: {err.strerror or err}") from err
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(15)
+        self.host_key = key_fingerprint(transport.get_remote_server_key())
+        return client
+
+    def _session(self) -> paramiko.Channel:
+        self.connect()
+        assert self._client is not None
+        transport = self._client.get_transport()
+        assert transport is not None
+        try:
+            return transport.open_session(timeout=self.host.connect_timeout)
+        except paramiko.SSHException as err:
+            raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        """Run argv on the host; raise RemoteCommandError on failure when check is set."""
+        argv = tuple(str(a) for a in argv)
+        timeout = self.host.command_timeout if timeout is None else timeout
+        chan = self._session()
+        try:
+            chan.exec_command(shlex.join(argv))
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = _collect(chan, time.monotonic() + timeout)
+            if out is None:
+                raise RemoteCommandError(
+                    f"{self.host.name}: {shlex.join(argv)} did not finish within {timeout:g} s"
+                )
+            result = CommandResult(argv, chan.recv_exit_status(), out, err or b"")
+        finally:
+            chan.close()
+        if check and not result.ok:
+            detail = result.err.strip().splitlines()
+            raise RemoteCommandError(
+                f"{self.host.name}: {argv[0]} exited {result.exit_status}"
+                + (f": {detail[-1]}" if detail else "")
+            )
+        return result
+
+    def open_stream(self, argv: Sequence[str]) -> paramiko.Channel:
+        """Start argv on the host and hand back its channel as a byte stream (stdin/stdout)."""
+        chan = self._session()
+        chan.exec_command(shlex.join(str(a) for a in argv))
+        return chan
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def _collect(chan: paramiko.Channel, deadline: float) -> tuple[bytes | None, bytes | None]:
+    """Read stdout and stderr together (one unread stream would stall the other)."""
+    out, err = bytearray(), bytearray()
+    while True:
+        while chan.recv_ready():
+            out += chan.recv(_READ_CHUNK)
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(_READ_CHUNK)
+        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            return bytes(out), bytes(err)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, None
+        select.select([chan], [], [], min(remaining, 1.0))
+
+
+class SshPool:
+    """One SshConnection per host name, opened lazily and closed together."""
+
+    def __init__(self, hosts: dict[str, Host]) -> None:
+        self._hosts = hosts
+        self._conns: dict[str, SshConnection] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> SshConnection:
+        with self._lock:
+            conn = self._conns.get(name)
+            if conn is None:
+                conn = self._conns[name] = SshConnection(self._hosts[name])
+        conn.connect()
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> SshPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
