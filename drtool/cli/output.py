@@ -1,0 +1,63 @@
+"""Where drtool's words go: the one object that writes to stdout and stderr.
+
+Commands never print directly; tests swap the consoles for recording ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import sys
+from pathlib import PurePath
+from typing import Any
+
+from rich.console import Console
+
+
+def to_jsonable(value: Any) -> Any:
+    """Result objects to plain JSON data: dataclasses, enums, paths, tuples."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+class Output:
+    def __init__(self, *, json_mode: bool = False, verbose: bool = False,
+                 stdout: Console | None = None, stderr: Console | None = None) -> None:
+        self.json_mode = json_mode
+        self.verbose = verbose
+        self.stdout = stdout or Console(highlight=False, soft_wrap=True)
+        self.stderr = stderr or Console(stderr=True, highlight=False, soft_wrap=True)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.stdout.is_terminal
+
+    def json(self, data: Any) -> None:
+        self.stdout.file.write(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+        self.stdout.file.flush()
+
+    def show(self, renderable: Any) -> None:
+        self.stdout.print(renderable)
+
+    def error(self, message: str) -> None:
+        self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)
+
+    def info(self, message: str) -> None:
+        self.stderr.print(message, markup=False, highlight=False)
+
+    def traceback(self) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            import traceback
+
+            self.stderr.file.write("".join(traceback.format_exception(exc)))

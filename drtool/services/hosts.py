@@ -1,0 +1,124 @@
+"""`drtool hosts check`: can drtool work with these hosts?"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from drtool.domain import Inventory
+from drtool.errors import DrtoolError, ExitCode, UsageError
+from drtool.services.concurrent import map_concurrently
+from drtool.transport.connections import Reach, RemoteShell
+
+# Programs drtool runs on hosts; python3 carries the QMP relay (see transport/bridge.py).
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "python3")
+_VERSION = re.compile(r"version\s+(\S+)", re.IGNORECASE)
+_PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
+
+# Measures free space on the nearest existing directory at or above $1.
+_SPACE_SCRIPT = 'p=$1; while [ ! -d "$p" ]; do p=$(dirname -- "$p"); done; echo "$p"; df -P -B1 -- "$p"'
+
+
+@dataclass(frozen=True)
+class ToolCheck:
+    name: str
+    version: str | None  # None: not found or not runnable
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SpaceCheck:
+    vm: str
+    replica_dir: str
+    measured_on: str  # replica_dir, or its nearest existing parent
+    available_bytes: int | None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class HostCheck:
+    name: str
+    address: str
+    reachable: bool
+    host_key: str | None = None
+    tools: tuple[ToolCheck, ...] = ()
+    replica_space: tuple[SpaceCheck, ...] = ()
+    error: str = ""
+    exit_code: ExitCode = ExitCode.OK
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == ExitCode.OK
+
+
+@dataclass(frozen=True)
+class HostsReport:
+    hosts: tuple[HostCheck, ...] = field(default_factory=tuple)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return max((h.exit_code for h in self.hosts), default=ExitCode.OK)
+
+
+def check_hosts(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> HostsReport:
+    """Check each named host (all if none): SSH, host key, QEMU tools, replica space."""
+    unknown = [n for n in names if n not in inventory.hosts]
+    if unknown:
+        raise UsageError(
+            f"unknown host {unknown[0]!r}",
+            hint=f"hosts in {inventory.path}: {', '.join(sorted(inventory.hosts)) or 'none'}",
+        )
+    selected = list(dict.fromkeys(names)) or sorted(inventory.hosts)
+    return HostsReport(tuple(map_concurrently(lambda n: _check_host(inventory, reach, n), selected)))
+
+
+def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
+    host = inventory.hosts[name]
+    try:
+        shell = reach.shell(name)
+        tools = tuple(_check_tool(shell, tool) for tool in REQUIRED_TOOLS)
+        space = tuple(
+            _check_space(shell, vm.name, str(vm.replica_dir))
+            for vm in sorted(inventory.vms.values(), key=lambda v: v.name)
+            if vm.dr_host == name
+        )
+    except DrtoolError as err:
+        return HostCheck(name, host.address, reachable=False, error=str(err), exit_code=err.exit_code)
+    missing = [t.name for t in tools if t.version is None]
+    space_errors = [s.error for s in space if s.error]
+    problems = ([f"missing: {', '.join(missing)}"] if missing else []) + space_errors
+    return HostCheck(
+        name,
+        host.address,
+        reachable=True,
+        host_key=shell.host_key,
+        tools=tools,
+        replica_space=space,
+        error="; ".join(problems),
+        exit_code=ExitCode.FAILED if problems else ExitCode.OK,
+    )
+
+
+def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
+    result = shell.run([tool, "--version"], check=False, timeout=30)
+    if not result.ok:
+        why = "not found" if result.exit_status == 127 else (result.err.strip() or f"exit {result.exit_status}")
+        return ToolCheck(tool, None, why)
+    text = result.out + result.err
+    pattern = _PYTHON_VERSION if tool == "python3" else _VERSION
+    match = pattern.search(text)
+    return ToolCheck(tool, match.group(1) if match else text.strip().splitlines()[0] if text.strip() else "?")
+
+
+def _check_space(shell: RemoteShell, vm: str, replica_dir: str) -> SpaceCheck:
+    result = shell.run(["sh", "-c", _SPACE_SCRIPT, "sh", replica_dir], check=False, timeout=30)
+    lines = result.out.splitlines()
+    if not result.ok or len(lines) < 3:
+        return SpaceCheck(vm, replica_dir, "", None, f"cannot measure free space for {replica_dir}: {result.err.strip()}")
+    fields = lines[-1].split()
+    try:
+        available = int(fields[3])
+    except (IndexError, ValueError):
+        return SpaceCheck(vm, replica_dir, lines[0], None, f"cannot read df output for {replica_dir}")
+    return SpaceCheck(vm, replica_dir, lines[0], available)

@@ -1,0 +1,67 @@
+"""Small fakes of drtool's transports for unit tests of services.
+
+They stand in for SSH and QMP the way the real classes behave at their
+interface: argv lists in, CommandResult out; QMP command name in, reply out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from drtool.domain import Vm
+from drtool.errors import HostUnreachable, QmpError
+from drtool.transport.ssh import CommandResult
+
+
+@dataclass
+class FakeShell:
+    host_key: str | None = "ssh-ed25519 SHA256:fake"
+    answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # argv[0] -> (rc, out, err)
+    ran: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(self, argv, *, timeout=None, stdin=None, check=True) -> CommandResult:  # noqa: ANN001
+        argv = tuple(argv)
+        self.ran.append(argv)
+        rc, out, err = self.answers.get(argv[0], (127, "", f"sh: {argv[0]}: not found"))
+        return CommandResult(argv, rc, out.encode(), err.encode())
+
+
+@dataclass
+class FakeQmp:
+    replies: dict[str, Any]
+    executed: list[tuple[str, Any]] = field(default_factory=list)
+
+    def execute(self, command: str, args: dict | None = None, *, timeout: float | None = None) -> Any:
+        self.executed.append((command, args))
+        reply = self.replies[command]
+        if isinstance(reply, QmpError):
+            raise reply
+        return reply
+
+    def __enter__(self) -> FakeQmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@dataclass
+class FakeReach:
+    shells: dict[str, FakeShell] = field(default_factory=dict)
+    monitors: dict[tuple[str, str], FakeQmp] = field(default_factory=dict)
+    down: set[str] = field(default_factory=set)
+
+    def shell(self, host_name: str) -> FakeShell:
+        if host_name in self.down:
+            raise HostUnreachable(f"{host_name} did not answer within 1 s")
+        return self.shells[host_name]
+
+    def qmp_at(self, host_name: str, socket_path: PurePosixPath, label: str) -> FakeQmp:
+        if host_name in self.down:
+            raise HostUnreachable(f"{host_name} did not answer within 1 s")
+        return self.monitors[(host_name, str(socket_path))]
+
+    def qmp(self, vm: Vm) -> FakeQmp:
+        return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
