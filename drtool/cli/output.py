@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import sys
 from pathlib import PurePath
 from typing import Any
@@ -30,13 +31,21 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _console(stderr: bool) -> Console:
+    """A console that, when piped (cron, logs), does not squeeze tables into 80 columns."""
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=True, width=200)
+    return console
+
+
 class Output:
     def __init__(self, *, json_mode: bool = False, verbose: bool = False,
                  stdout: Console | None = None, stderr: Console | None = None) -> None:
         self.json_mode = json_mode
         self.verbose = verbose
-        self.stdout = stdout or Console(highlight=False, soft_wrap=True)
-        self.stderr = stderr or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.stdout = stdout or _console(stderr=False)
+        self.stderr = stderr or _console(stderr=True)
 
     @property
     def is_terminal(self) -> bool:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from drtool.domain import Inventory
-from drtool.errors import DrtoolError, ExitCode, UsageError
+from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
+from drtool.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
 
@@ -16,8 +17,6 @@ REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "pyth
 _VERSION = re.compile(r"version\s+(\S+)", re.IGNORECASE)
 _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 
-# Measures free space on the nearest existing directory at or above $1.
-_SPACE_SCRIPT = 'p=$1; while [ ! -d "$p" ]; do p=$(dirname -- "$p"); done; echo "$p"; df -P -B1 -- "$p"'
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,11 @@ def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
 
 
 def _check_space(shell: RemoteShell, vm: str, replica_dir: str) -> SpaceCheck:
-    result = shell.run(["sh", "-c", _SPACE_SCRIPT, "sh", replica_dir], check=False, timeout=30)
-    lines = result.out.splitlines()
-    if not result.ok or len(lines) < 3:
-        return SpaceCheck(vm, replica_dir, "", None, f"cannot measure free space for {replica_dir}: {result.err.strip()}")
-    fields = lines[-1].split()
     try:
-        available = int(fields[3])
-    except (IndexError, ValueError):
-        return SpaceCheck(vm, replica_dir, lines[0], None, f"cannot read df output for {replica_dir}")
-    return SpaceCheck(vm, replica_dir, lines[0], available)
+        space = free_space(shell, replica_dir)
+    except RemoteCommandError as err:
+        return SpaceCheck(vm, replica_dir, "", None, str(err))
+    if not space.creatable:
+        return SpaceCheck(vm, replica_dir, space.measured_on, space.available_bytes,
+                          f"{replica_dir} cannot be created: {space.measured_on} is not a writable directory")
+    return SpaceCheck(vm, replica_dir, space.measured_on, space.available_bytes)

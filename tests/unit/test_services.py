@@ -12,7 +12,7 @@ from drtool.services.status import vm_status
 from .fakes import FakeQmp, FakeReach, FakeShell
 from .test_blockinfo import VD0
 
-DF = "/var/lib\nFilesystem 1-blocks Used Available Capacity Mounted on\n/dev/vda 1000 400 600 40% /\n"
+DF = "/var/lib\nwritable-dir\n/dev/vda 1000 400 600 40% /\n"
 TOOLS = {
     "qemu-system-x86_64": (0, "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),
     "qemu-img": (0, "qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),

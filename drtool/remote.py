@@ -1,0 +1,77 @@
+"""File work on a host through its RemoteShell: every path travels as an argument.
+
+The small POSIX sh scripts below are constants; paths and modes reach them as
+"$1", "$2" (argv of `sh -c SCRIPT sh ARG...`), so no name is ever parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from drtool.errors import RemoteCommandError
+from drtool.transport.connections import RemoteShell
+
+# Nearest existing path at or above $1: print it, whether it is a writable
+# directory, then df's line for it.
+_SPACE_SCRIPT = """p=$1
+while [ ! -e "$p" ] && [ ! -L "$p" ]; do p=$(dirname -- "$p"); done
+echo "$p"
+if [ -d "$p" ] && [ -w "$p" ]; then echo writable-dir; else echo not-writable-dir; fi
+df -P -B1 -- "$p" | tail -n 1"""
+
+# Write stdin to $1 atomically: temp file, fsync, rename, fsync the directory.
+_WRITE_SCRIPT = """set -e
+umask 077
+tmp="$1.tmp.$$"
+cat > "$tmp"
+chmod "$2" "$tmp"
+sync "$tmp"
+mv -f "$tmp" "$1"
+sync "$(dirname -- "$1")\""""
+
+
+@dataclass(frozen=True)
+class Space:
+    path: str  # the path asked about
+    measured_on: str  # it, or its nearest existing parent
+    creatable: bool  # a writable directory: the path exists or can be made
+    available_bytes: int | None
+
+
+def free_space(shell: RemoteShell, path: PurePosixPath | str) -> Space:
+    result = shell.run(["sh", "-c", _SPACE_SCRIPT, "sh", str(path)], check=False, timeout=30)
+    lines = result.out.splitlines()
+    if len(lines) < 3:
+        raise RemoteCommandError(f"cannot measure free space for {path}: {result.err.strip() or 'no output'}")
+    fields = lines[2].split()
+    try:
+        available: int | None = int(fields[3])
+    except (IndexError, ValueError):
+        available = None
+    return Space(str(path), lines[0], lines[1] == "writable-dir", available)
+
+
+def write_file(shell: RemoteShell, path: PurePosixPath, data: bytes, mode: int = 0o600) -> None:
+    """Replace path with data so that a crash leaves the old or the new file, never half."""
+    shell.run(["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}"], stdin=data, timeout=60)
+
+
+def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
+    """The file's bytes, or None when it does not exist."""
+    result = shell.run(["sh", "-c", 'if [ -e "$1" ]; then exec cat -- "$1"; else exit 44; fi', "sh", str(path)],
+                       check=False, timeout=60)
+    if result.exit_status == 44:
+        return None
+    if not result.ok:
+        raise RemoteCommandError(f"cannot read {path}: {result.err.strip()}")
+    return result.stdout
+
+
+def make_dirs(shell: RemoteShell, path: PurePosixPath, mode: int = 0o700) -> None:
+    shell.run(["mkdir", "-p", "-m", f"{mode:o}", "--", str(path)], timeout=30)
+
+
+def remove(shell: RemoteShell, *paths: PurePosixPath) -> None:
+    if paths:
+        shell.run(["rm", "-rf", "--", *(str(p) for p in paths)], timeout=120)
