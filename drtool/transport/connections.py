@@ -61,7 +61,8 @@ class Connections:
             return bridge[0].remote_error() if bridge else ""
 
         session = QmpSession(
-            f"{label} on {host_name}", opener, closer, describe_failure=describe_failure
+            f"{label} on {host_name}", opener, closer, describe_failure=describe_failure,
+            connect_timeout=conn.host.connect_timeout,
         )
         return session.connect()
 

@@ -94,9 +94,11 @@ class QmpSession:
         *,
         describe_failure: Callable[[], str] = lambda: "",
         timeout: float = DEFAULT_QMP_TIMEOUT,
+        connect_timeout: float | None = None,
     ) -> None:
         self.name = name
         self.timeout = timeout
+        self.connect_timeout = connect_timeout or timeout
         self._opener = opener
         self._closer = closer
         self._describe_failure = describe_failure
@@ -107,16 +109,16 @@ class QmpSession:
         client = QMPClient(self.name)
         try:
             sock = self._opener()
-            self._loop.run(client.connect(sock), self.timeout)
+            self._loop.run(client.connect(sock), self.connect_timeout)
         except (FutureTimeout, TimeoutError) as err:
             self._abandon(client)
             raise VmUnreachable(
-                f"{self.name}: the QMP monitor did not greet within {self.timeout:g} s",
+                f"{self.name}: the QMP monitor did not greet within {self.connect_timeout:g} s",
                 hint="a monitor serves one client at a time: is another program connected to it?",
             ) from err
         except (ConnectError, OSError, EOFError) as err:
+            reason = self._describe_failure() or str(err)  # before _abandon drops the bridge
             self._abandon(client)
-            reason = self._describe_failure() or str(err)
             raise VmUnreachable(f"{self.name}: cannot reach the QMP monitor: {reason}") from err
         self._client = client
         return self
@@ -133,7 +135,7 @@ class QmpSession:
         try:
             return self._loop.run(self._client.execute(command, args), timeout or self.timeout)
         except ExecuteError as err:
-            raise QmpError(command, err.error.class_, err.error.desc) from err
+            raise QmpError(command, err.error.error.class_, err.error.error.desc) from err
         except (FutureTimeout, TimeoutError) as err:
             raise VmUnreachable(f"{self.name}: no answer to {command} within {timeout or self.timeout:g} s") from err
         except (StateError, EOFError, ConnectionError) as err:

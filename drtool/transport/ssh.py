@@ -85,7 +85,7 @@ def resolve_endpoint(host: Host, ssh_config_path: Path | None = None) -> Endpoin
     if host.known_hosts is not None:
         known: tuple[Path, ...] = (host.known_hosts,)
     else:
-        files = options.get("userknownhostsfile", "~/.ssh/known_hosts").split()
+        files = shlex.split(options.get("userknownhostsfile", "~/.ssh/known_hosts"))
         known = tuple(Path(f).expanduser() for f in files) + (Path("/etc/ssh/ssh_known_hosts"),)
     return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"))
 
@@ -103,7 +103,7 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client, hostname, key) -> None:  # noqa: ANN001
         ep = self._endpoint
-        target = ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")
+        target = shlex.quote(str(ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")))
         raise HostKeyError(
             f"host {self._host.name} ({ep.hostname}:{ep.port}) offered an unknown host key "
             f"{key_fingerprint(key)}; refusing to connect",
@@ -129,6 +129,9 @@ class SshConnection:
             if self._client is not None and self._transport_alive(self._client):
                 return
             self._client = self._open()
+
+    def _known_file(self) -> Path:
+        return self.endpoint.known_hosts[0] if self.endpoint.known_hosts else Path("~/.ssh/known_hosts")
 
     @staticmethod
     def _transport_alive(client: paramiko.SSHClient) -> bool:
@@ -169,7 +172,8 @@ class SshConnection:
                 "connection, refusing to connect",
                 hint=(
                     "if the host was reinstalled, verify its new key, remove the old one with "
-                    f"ssh-keygen -R {shlex.quote(ep.known_hosts_name)} and add the new one"
+                    f"ssh-keygen -R {shlex.quote(ep.known_hosts_name)} -f {shlex.quote(str(self._known_file()))}"
+                    " and add the new one"
                 ),
             ) from err
         except paramiko.AuthenticationException as err:
@@ -183,11 +187,16 @@ class SshConnection:
             raise HostUnreachable(f"{where} did not answer within {timeout:g} s") from err
         except paramiko.SSHException as err:
             client.close()
-            if "banner" in str(err).lower():
+            # paramiko's negotiation wait and banner wait share the timeout: either may fire first
+            if any(s in str(err).lower() for s in ("banner", "no existing session", "timed out")):
                 raise HostUnreachable(
                     f"{where} accepted the connection but sent no SSH banner within {timeout:g} s"
                 ) from err
             raise HostUnreachable(f"SSH to {where} failed: {err}") from err
+        except paramiko.ssh_exception.NoValidConnectionsError as err:
+            client.close()
+            reasons = sorted({e.strerror or str(e) for e in err.errors.values()})
+            raise HostUnreachable(f"cannot reach {where}: {'; '.join(reasons)}") from err
         except OSError as err:
             client.close()
             raise HostUnreachable(f"cannot reach {where}: {err.strerror or err}") from err
