@@ -26,6 +26,7 @@ class BlockDevice:
     format: str
     virtual_size: int
     image: str
+    allocated: int = 0  # bytes the image takes on its host (qcow2 "actual-size")
 
 
 def device_id(entry: dict[str, Any]) -> str:
@@ -58,6 +59,7 @@ def parse_query_block(entries: list[dict[str, Any]]) -> list[BlockDevice]:
                 format=fmt or image.get("format", ""),
                 virtual_size=int(image.get("virtual-size", 0)),
                 image=str(image.get("filename", inserted.get("file", ""))),
+                allocated=int(image.get("actual-size", 0)),
             )
         )
     return devices

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from drtool.domain import Host, Inventory, ReplicationMode, Vm
+from drtool.domain import Host, Inventory, ReplicationMode, Transport, Vm
 from drtool.errors import ConfigError
 
 ENV_VAR = "DRTOOL_CONFIG"
@@ -198,6 +198,13 @@ def _mode(value: Any, ctx: _Ctx) -> ReplicationMode:
     return ReplicationMode(value)
 
 
+def _transport(value: Any, ctx: _Ctx) -> Transport:
+    choices = [t.value for t in Transport]
+    if not isinstance(value, str) or value not in choices:
+        raise _Bad("unknown transport; choose one of: " + ", ".join(f'"{c}"' for c in choices))
+    return Transport(value)
+
+
 def _dr_differs(values: dict[str, Any]) -> tuple[str, str] | None:
     if "host" in values and values.get("dr_host") == values["host"]:
         return "dr_host", f'a VM\'s DR host must differ from its host "{values["host"]}"'
@@ -233,6 +240,7 @@ _SECTIONS: dict[str, _Section] = {
             "known_hosts": _Field(_local_path),
             "connect_timeout": _Field(_seconds),
             "command_timeout": _Field(_seconds),
+            "replication_address": _Field(_word),
         },
     ),
     "vms": _Section(
@@ -245,6 +253,8 @@ _SECTIONS: dict[str, _Section] = {
             "replica_dir": _Field(_remote_path, required=True),
             "disks": _Field(_disks),
             "mode": _Field(_mode),
+            "transport": _Field(_transport),
+            "source_dir": _Field(_remote_path),
         },
         checks=(_dr_differs,),
     ),

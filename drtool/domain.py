@@ -20,6 +20,13 @@ class ReplicationMode(str, Enum):
     SYNC = "sync"
 
 
+class Transport(str, Enum):
+    """How replication data crosses between sites."""
+
+    TLS = "tls"  # NBD over TLS with a pre-shared key drtool generates per protection
+    PLAIN = "plain"  # unencrypted, unauthenticated NBD: only on a network you trust alone
+
+
 @dataclass(frozen=True)
 class Host:
     """A hypervisor host drtool reaches over SSH.
@@ -36,6 +43,7 @@ class Host:
     known_hosts: Path | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    replication_address: str | None = None  # where other hosts reach this one's NBD; default: address
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,12 @@ class Vm:
     replica_dir: PurePosixPath
     disks: tuple[str, ...] = ()  # device ids; empty means every disk on a device
     mode: ReplicationMode = ReplicationMode.ASYNC
+    transport: Transport = Transport.TLS
+    source_dir: PurePosixPath | None = None  # drtool's files on the VM's host; default below
+
+    @property
+    def source_state_dir(self) -> PurePosixPath:
+        return self.source_dir or PurePosixPath("/var/lib/drtool") / self.name
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     FAILED = 1  # the work itself failed
     USAGE = 2  # bad command line or configuration; nothing was contacted
     UNREACHABLE = 3  # a host or VM could not be reached
+    REFUSED = 4  # the state forbids it: already protected, VM not running, no room, locked
     INTERRUPTED = 130  # SIGINT / SIGTERM / SIGHUP
 
 
@@ -62,6 +63,12 @@ class HostKeyError(UnreachableError):
 
 class VmUnreachable(UnreachableError):
     """A VM's QMP monitor could not be reached on its host."""
+
+
+class Refused(DrtoolError):
+    """The request is understood but the current state forbids it; nothing was changed."""
+
+    exit_code = ExitCode.REFUSED
 
 
 class RemoteCommandError(DrtoolError):

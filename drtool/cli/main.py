@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -22,6 +22,8 @@ from drtool import __version__
 from drtool.errors import DrtoolError, ExitCode, Interrupted
 
 from .output import Output
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="drtool",
@@ -49,6 +51,14 @@ class AppState:
         from drtool.config import find_config_path, load_inventory
 
         return load_inventory(find_config_path(self.config))
+
+    def call(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a service with the inventory and this run's connections (closed after)."""
+        from drtool.transport.connections import Connections
+
+        inventory = self.inventory()
+        with Connections(inventory) as conns:
+            return service(inventory, conns, *args, **kwargs)
 
     @contextlib.contextmanager
     def guard(self, json_mode: bool = False) -> Iterator[Output]:
@@ -127,16 +137,14 @@ def hosts_check(
 ) -> None:
     """Check SSH reachability, host keys, QEMU tools and free space for replicas."""
     from drtool.services.hosts import check_hosts
-    from drtool.transport.connections import Connections
 
     from .render import hosts_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        inventory = state.inventory()
-        with Connections(inventory) as conns:
-            report = check_hosts(inventory, conns, hosts or [])
-        out.json({"hosts": report.hosts}) if out.json_mode else out.show(hosts_table(report))
+        report = state.call(check_hosts, hosts or [])
+        out.render({"hosts": report.hosts}, lambda _: hosts_table(report))
+        out.errors((h.name, h.error) for h in report.hosts if not h.ok)
     raise typer.Exit(int(report.exit_code))
 
 
@@ -148,17 +156,69 @@ def status(
 ) -> None:
     """Show each VM's host, run state, disks and protection state."""
     from drtool.services.status import vm_status
-    from drtool.transport.connections import Connections
 
     from .render import status_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        inventory = state.inventory()
-        with Connections(inventory) as conns:
-            report = vm_status(inventory, conns, vms or [])
-        out.json({"vms": report.vms}) if out.json_mode else out.show(status_table(report))
+        report = state.call(vm_status, vms or [])
+        out.render({"vms": report.vms}, lambda _: status_table(report))
+        out.errors((v.name, v.error) for v in report.vms if v.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
+
+
+@app.command("protect")
+def protect_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).")],
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once replication has started.")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """Start replicating a running VM's disks to its DR host; wait for the initial sync."""
+    from drtool.services.protect import protect
+
+    from .progress import SyncProgress
+    from .render import protect_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out, SyncProgress(out, "seeding") as progress:
+        out.render(state.call(protect, vm, wait=not no_wait, on_progress=progress), protect_summary)
+
+
+@app.command("unprotect")
+def unprotect_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.")],
+    delete_replicas: Annotated[
+        bool, typer.Option("--delete-replicas", help="Also delete the replicas and the manifest on the DR host.")
+    ] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """End replication: jobs, NBD nodes and the DR target; replicas stay unless --delete-replicas."""
+    from drtool.services.protect import unprotect
+
+    from .render import unprotect_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        out.render(state.call(unprotect, vm, delete_replicas=delete_replicas), unprotect_summary)
+
+
+@app.command("resync")
+def resync_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.")],
+    json_mode: JsonOption = False,
+) -> None:
+    """Bring a broken replica up to date, sending only what changed; does nothing when all is well."""
+    from drtool.services.resync import resync
+
+    from .progress import SyncProgress
+    from .render import resync_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out, SyncProgress(out, "resync") as progress:
+        out.render(state.call(resync, vm, on_progress=progress), resync_summary)
 
 
 def run() -> None:

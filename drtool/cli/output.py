@@ -10,6 +10,7 @@ import enum
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import PurePath
 from typing import Any
 
@@ -57,6 +58,18 @@ class Output:
 
     def show(self, renderable: Any) -> None:
         self.stdout.print(renderable)
+
+    def render(self, result: Any, human: Callable[[Any], Any]) -> None:
+        """The result as JSON under --json, else as `human` renders it."""
+        if self.json_mode:
+            self.json(result)
+        else:
+            self.show(human(result))
+
+    def errors(self, failures: Iterable[tuple[str, str]]) -> None:
+        """One stderr line per failed item of a report (the table says more)."""
+        for name, message in failures:
+            self.error(f"{name}: {message}")
 
     def error(self, message: str) -> None:
         self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)

@@ -6,18 +6,10 @@ from rich.table import Table
 from rich.text import Text
 
 from drtool.services.hosts import HostsReport
+from drtool.services.protect import ProtectResult, UnprotectResult
+from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+from drtool.units import human_size
 
 
 def _mark(ok: bool, text: str) -> Text:
@@ -27,7 +19,7 @@ def _mark(ok: bool, text: str) -> Text:
 def hosts_table(report: HostsReport) -> Table:
     table = Table(title="Hosts", title_justify="left")
     for col in ("host", "address", "reachable", "host key", "tools", "replica space", "problems"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for h in report.hosts:
         tools = "\n".join(f"{t.name} {t.version or '(' + t.detail + ')'}" for t in h.tools)
         space = "\n".join(
@@ -46,27 +38,59 @@ def hosts_table(report: HostsReport) -> Table:
     return table
 
 
+def _replication_style(state: str) -> str:
+    if state.startswith("in sync"):
+        return "green"
+    if state.startswith(("broken", "unknown")):
+        return "red"
+    return "yellow" if state != "unprotected" else ""
+
+
 def status_table(report: StatusReport) -> Table:
     table = Table(title="VMs", title_justify="left")
-    for col in ("vm", "host", "state", "protection", "disk", "node", "format", "size", "image"):
-        table.add_column(col)
+    for col in ("vm", "host", "state", "protection", "disk", "format", "size", "replication", "lag", "image"):
+        table.add_column(col, overflow="fold")
     for vm in report.vms:
         state = _mark(vm.run_state == "running", vm.run_state or "unreachable")
+        protection = vm.protection
+        if vm.mode:
+            protection += f"\n{vm.mode} to {vm.dr_host}\n{vm.transport}"
+            if vm.transport == "plain":
+                protection += " (unencrypted: inventory opted out of TLS)"
+        head = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
         if vm.error:
-            table.add_row(vm.name, vm.host, state, vm.protection, Text(vm.error, style="red"))
+            table.add_row(*head, Text(vm.error, style="red"))
+            head = ["", "", "", ""]
         if not vm.disks and not vm.error:
-            table.add_row(vm.name, vm.host, state, vm.protection, "(no disks)")
-        for i, disk in enumerate(vm.disks):
-            first = i == 0 and not vm.error
+            table.add_row(*head, "(no disks)")
+        for disk in vm.disks:
             table.add_row(
-                vm.name if first else "",
-                vm.host if first else "",
-                state if first else "",
-                vm.protection if first else "",
+                *head,
                 disk.device + ("" if disk.protected else " (not selected)"),
-                disk.node_name,
                 disk.format,
                 human_size(disk.virtual_size),
+                Text(disk.replication, style=_replication_style(disk.replication)),
+                human_size(disk.lag_bytes) if disk.lag_bytes is not None else "-",
                 disk.image,
             )
+            head = ["", "", "", ""]
     return table
+
+
+def protect_summary(result: ProtectResult) -> str:
+    state = "in sync" if result.in_sync else "seeding (started, not waited for)"
+    disks = ", ".join(f"{d.device} -> {d.replica_image}" for d in result.disks)
+    return (f"{result.vm}: protected to {result.dr_host}, {result.mode} mode over {result.transport}, "
+            f"{state} after {result.seconds:.1f} s; {disks}")
+
+
+def unprotect_summary(result: UnprotectResult) -> str:
+    kept = "deleted" if result.replicas_deleted else f"kept in {result.replica_dir}"
+    return f"{result.vm}: replication stopped; replicas {kept}"
+
+
+def resync_summary(result: ResyncResult) -> str:
+    if result.action == "none":
+        return f"{result.vm}: in sync, nothing to do"
+    return (f"{result.vm}: resynced ({result.action}), {human_size(result.bytes_sent)} sent in "
+            f"{result.seconds:.1f} s" + (f"; {result.detail}" if result.detail else ""))

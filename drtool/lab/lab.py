@@ -608,6 +608,8 @@ class Lab:
             data["hosts"][host] = {
                 "address": self.address(host), "port": self.port, "user": self.user,
                 "identity_file": str(self.identity_file), "known_hosts": str(self.known_hosts),
+                # NBD between sites goes over the site link, not the management network
+                "replication_address": self.peer_address(self._next_host(host), host),
             }  # fmt: skip
         for name, settings in vms.items():
             if name not in self.vms:
@@ -620,6 +622,7 @@ class Lab:
                 "qmp_socket": str(vm.qmp_socket),
                 "dr_host": dr_host,
                 "replica_dir": str(self.host_dir(dr_host) / "replicas" / name),
+                "source_dir": str(self.host_dir(vm.host) / "drtool" / name),
             }
             entry.update({k: v for k, v in settings.items() if k != "dr_host"})
             data["vms"][name] = entry

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from drtool.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, ExitCode, UsageError
+from drtool.errors import DrtoolError, ExitCode
+from drtool.replication import JobState, job_id, query_jobs
 from drtool.services.concurrent import map_concurrently
+from drtool.services.state import load_manifest, select_vm
 from drtool.transport.connections import Reach
 
 UNPROTECTED = "unprotected"
@@ -22,6 +24,8 @@ class DiskStatus:
     virtual_size: int
     image: str
     protected: bool  # selected for protection by the inventory (all disks when none are named)
+    replication: str = UNPROTECTED  # unprotected | seeding N% | in sync | lagging | broken: why
+    lag_bytes: int | None = None  # bytes the replica is behind (the job's len - offset)
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,10 @@ class VmStatus:
     host: str
     dr_host: str
     run_state: str | None  # QMP query-status "status": running, paused, prelaunch, ...
-    protection: str
+    protection: str  # the worst of its disks' replication states
     disks: tuple[DiskStatus, ...] = ()
+    mode: str | None = None
+    transport: str | None = None  # tls-psk, or plain when the inventory opted out of TLS
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
 
@@ -47,15 +53,8 @@ class StatusReport:
 
 def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
     """The VMs named (all when none), refusing unknown names before anything is contacted."""
-    for name in names:
-        if name not in inventory.vms:
-            raise UsageError(
-                f"unknown VM {name!r}",
-                hint=f"VMs in {inventory.path}: {', '.join(sorted(inventory.vms)) or 'none'}",
-            )
-    if names:
-        return [inventory.vms[n] for n in dict.fromkeys(names)]
-    return [inventory.vms[n] for n in sorted(inventory.vms)]
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
+    return vms or [inventory.vms[n] for n in sorted(inventory.vms)]
 
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
@@ -65,27 +64,59 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
 
 def _status_of(reach: Reach, vm: Vm) -> VmStatus:
     try:
+        manifest = load_manifest(reach.shell(vm.dr_host), vm)
+    except DrtoolError as err:
+        manifest, manifest_error = None, f"unknown: {err}"
+    else:
+        manifest_error = ""
+    if manifest is not None and manifest.state == "unprotected":
+        manifest = None
+    try:
         with reach.qmp(vm) as qmp:
             run_state = qmp.execute("query-status")["status"]
             devices = parse_query_block(qmp.execute("query-block"))
+            jobs = query_jobs(qmp, manifest) if manifest else {}
     except DrtoolError as err:
-        return VmStatus(vm.name, vm.host, vm.dr_host, None, UNPROTECTED, error=str(err), exit_code=err.exit_code)
-    disks = tuple(_disk_status(vm, d) for d in devices)
+        protection = manifest_error or (f"{manifest.state}: source unreachable" if manifest else UNPROTECTED)
+        return VmStatus(vm.name, vm.host, vm.dr_host, None, protection, error=str(err), exit_code=err.exit_code,
+                        mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None)
+    replicated = {d.device: i for i, d in enumerate(manifest.disks)} if manifest else {}
+    disks = tuple(_disk_status(vm, d, jobs.get(job_id(replicated[d.device])) if d.device in replicated else None,
+                               d.device in replicated) for d in devices)
     missing = [d for d in vm.disks if d not in {disk.device for disk in disks}]
     error = f"configured disk(s) not attached: {', '.join(missing)}" if missing else ""
+    states = [d.replication for d in disks if d.device in replicated]
+    protection = manifest_error or (_worst(states) if manifest else UNPROTECTED)
     return VmStatus(
-        vm.name,
-        vm.host,
-        vm.dr_host,
-        run_state,
-        UNPROTECTED,
-        disks,
-        error=error,
-        exit_code=ExitCode.FAILED if missing else ExitCode.OK,
+        vm.name, vm.host, vm.dr_host, run_state, protection, disks,
+        mode=manifest.mode if manifest else None,
+        transport=manifest.transport if manifest else None,
+        error=error or manifest_error,
+        exit_code=ExitCode.UNREACHABLE if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
     )
 
 
-def _disk_status(vm: Vm, device: BlockDevice) -> DiskStatus:
+_SEVERITY = ("in sync", "lagging", "seeding", "broken")
+
+
+def _worst(states: list[str]) -> str:
+    if not states:
+        return UNPROTECTED
+    return max(states, key=lambda s: next(i for i, p in enumerate(_SEVERITY) if s.startswith(p)))
+
+
+def replication_state(job: JobState | None) -> str:
+    if job is None:
+        return "broken: no replication job on the source (QEMU restarted or the job ended); run drtool resync"
+    if job.io_status != "ok" or job.paused:
+        return f"broken: the DR target failed (job paused, io-status {job.io_status}); run drtool resync"
+    if not job.ready:
+        pct = 100.0 * job.offset / job.length if job.length else 0.0
+        return f"seeding {pct:.0f}%"
+    return "in sync" if job.remaining == 0 else "lagging"
+
+
+def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool) -> DiskStatus:
     return DiskStatus(
         device.device,
         device.node_name,
@@ -93,4 +124,6 @@ def _disk_status(vm: Vm, device: BlockDevice) -> DiskStatus:
         device.virtual_size,
         device.image,
         protected=not vm.disks or device.device in vm.disks,
+        replication=replication_state(job) if replicated else UNPROTECTED,
+        lag_bytes=(job.remaining if job else None) if replicated else None,
     )

@@ -18,13 +18,15 @@ from drtool.transport.ssh import CommandResult
 @dataclass
 class FakeShell:
     host_key: str | None = "ssh-ed25519 SHA256:fake"
-    answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # argv[0] -> (rc, out, err)
+    # argv[0] -> (rc, out, err), or a function of argv giving that
+    answers: dict[str, Any] = field(default_factory=dict)
     ran: list[tuple[str, ...]] = field(default_factory=list)
 
     def run(self, argv, *, timeout=None, stdin=None, check=True) -> CommandResult:  # noqa: ANN001
         argv = tuple(argv)
         self.ran.append(argv)
-        rc, out, err = self.answers.get(argv[0], (127, "", f"sh: {argv[0]}: not found"))
+        answer = self.answers.get(argv[0], (127, "", f"sh: {argv[0]}: not found"))
+        rc, out, err = answer(argv) if callable(answer) else answer
         return CommandResult(argv, rc, out.encode(), err.encode())
 
 

@@ -18,8 +18,11 @@ TOOLS = {
     "qemu-img": (0, "qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),
     "qemu-storage-daemon": (0, "qemu-storage-daemon version 7.2.22\n", ""),
     "python3": (0, "Python 3.11.2\n", ""),
+    "socat": (0, "socat by Gerhard Rieger and contributors - see www.dest-unreach.org\nsocat version 1.7.4.4 on 06 Nov 2022\n", ""),
     "sh": (0, DF, ""),
 }
+
+NO_MANIFEST = FakeShell(answers={"sh": (44, "", "")})  # read_file's "no such file"
 
 
 def inventory() -> Inventory:
@@ -33,7 +36,7 @@ def test_hosts_check_reports_versions_and_replica_space():
     report = check_hosts(inventory(), reach)
     kvm1, kvm2 = report.hosts
     assert report.exit_code == ExitCode.OK
-    assert [t.version for t in kvm1.tools] == ["7.2.22", "7.2.22", "7.2.22", "3.11.2"]
+    assert [t.version for t in kvm1.tools] == ["7.2.22", "7.2.22", "7.2.22", "3.11.2", "1.7.4.4"]
     assert kvm1.replica_space == ()  # kvm1 is no VM's DR host
     [space] = kvm2.replica_space
     assert (space.vm, space.measured_on, space.available_bytes) == ("web", "/var/lib", 600)
@@ -66,7 +69,7 @@ def test_unknown_names_are_refused_before_any_contact():
 
 def test_status_lists_disks_and_run_state():
     qmp = FakeQmp({"query-status": {"status": "running", "running": True}, "query-block": [VD0]})
-    reach = FakeReach(monitors={("kvm1", "/run/web.qmp"): qmp})
+    reach = FakeReach(shells={"kvm2": NO_MANIFEST}, monitors={("kvm1", "/run/web.qmp"): qmp})
     [web] = vm_status(inventory(), reach).vms
     assert (web.run_state, web.protection, web.exit_code) == ("running", "unprotected", ExitCode.OK)
     assert [(d.device, d.format, d.virtual_size) for d in web.disks] == [("vd0", "qcow2", 67108864)]
@@ -75,6 +78,6 @@ def test_status_lists_disks_and_run_state():
 def test_status_keeps_qemus_own_error_text():
     err = QmpError("query-block", "GenericError", "something QEMU said")
     qmp = FakeQmp({"query-status": {"status": "running"}, "query-block": err})
-    reach = FakeReach(monitors={("kvm1", "/run/web.qmp"): qmp})
+    reach = FakeReach(shells={"kvm2": NO_MANIFEST}, monitors={("kvm1", "/run/web.qmp"): qmp})
     [web] = vm_status(inventory(), reach).vms
     assert "something QEMU said" in web.error and web.exit_code == ExitCode.FAILED

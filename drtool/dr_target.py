@@ -1,0 +1,151 @@
+"""The replication target on the DR host: a qemu-storage-daemon per protected VM.
+
+It exports each replica image over NBD (writethrough=on: QEMU 7.2 does not
+pass a guest's flush on to a mirror target, so only writethrough makes an
+acknowledged write durable on the DR side) and has a QMP monitor of its own
+for points in time and failover. Started with --daemonize, it outlives the
+SSH session and drtool's process.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from drtool.errors import RemoteCommandError
+from drtool.manifest import Manifest
+from drtool.remote import read_file, write_file
+from drtool.transport.connections import RemoteShell
+
+PSK_USER = "drtool"
+FIRST_NBD_PORT = 10809
+LAST_NBD_PORT = 10999
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    """Where the target's files live inside the replica dir."""
+
+    replica_dir: PurePosixPath
+
+    @property
+    def qmp_socket(self) -> PurePosixPath:
+        return self.replica_dir / "target.qmp"
+
+    @property
+    def pidfile(self) -> PurePosixPath:
+        return self.replica_dir / "target.pid"
+
+    @property
+    def tls_dir(self) -> PurePosixPath:
+        return self.replica_dir / "tls"
+
+    def replica_image(self, device: str) -> PurePosixPath:
+        return self.replica_dir / f"{device}.qcow2"
+
+
+def new_psk() -> str:
+    """A fresh pre-shared key line for QEMU's tls-creds-psk keys.psk file (never logged)."""
+    return f"{PSK_USER}:{secrets.token_hex(32)}\n"
+
+
+def push_psk(shell: RemoteShell, tls_dir: PurePosixPath, psk_line: str) -> None:
+    shell.run(["mkdir", "-p", "-m", "700", "--", str(tls_dir)], timeout=30)
+    write_file(shell, tls_dir / "keys.psk", psk_line.encode(), mode=0o600)
+
+
+def qemu_opt(value: str) -> str:
+    """Escape a value for QEMU's key=value option syntax (',' separates options)."""
+    return value.replace(",", ",,")
+
+
+def target_argv(manifest: Manifest, layout: TargetLayout) -> list[str]:
+    """qemu-storage-daemon's command line for a manifest's replicas."""
+    tls = manifest.transport == "tls-psk"
+    argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(layout.pidfile)]
+    if tls:
+        argv += ["--object", json.dumps({"qom-type": "tls-creds-psk", "id": "drtool-tls",
+                                         "endpoint": "server", "dir": str(layout.tls_dir)})]
+    for i, disk in enumerate(manifest.disks):
+        argv += [
+            "--blockdev", json.dumps({"driver": "file", "node-name": f"file{i}", "filename": disk.replica_image}),
+            "--blockdev", json.dumps({"driver": "qcow2", "node-name": f"replica{i}", "file": f"file{i}"}),
+        ]
+    server = {"addr": {"type": "inet", "host": manifest.nbd_address, "port": str(manifest.nbd_port)}}
+    if tls:
+        server["tls-creds"] = "drtool-tls"
+    argv += ["--nbd-server", json.dumps(server)]
+    for i, disk in enumerate(manifest.disks):
+        argv += ["--export", json.dumps({"type": "nbd", "id": f"export{i}", "node-name": f"replica{i}",
+                                         "name": disk.export, "writable": True, "writethrough": True})]
+    argv += [
+        "--chardev", f"socket,id=drtool,path={qemu_opt(str(layout.qmp_socket))},server=on,wait=off",
+        "--monitor", "chardev=drtool",
+    ]
+    return argv
+
+
+def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
+    """Sparse qcow2 replicas of the source disks' virtual sizes."""
+    for disk in manifest.disks:
+        shell.run(["qemu-img", "create", "-q", "-f", "qcow2", "--", disk.replica_image, str(disk.virtual_size)],
+                  timeout=120)
+
+
+def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:
+    """The running target's pid, or None when it is not running."""
+    data = read_file(shell, layout.pidfile)
+    if not data or not data.strip().isdigit():
+        return None
+    pid = int(data.strip())
+    alive = shell.run(["sh", "-c", 'kill -0 "$1" 2>/dev/null && grep -q qemu-storage "/proc/$1/cmdline"', "sh",
+                       str(pid)], check=False, timeout=15)
+    return pid if alive.ok else None
+
+
+def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, timeout: float = 30) -> int:
+    result = shell.run(target_argv(manifest, layout), check=False, timeout=timeout)
+    if not result.ok:
+        detail = result.err.strip().splitlines()
+        raise RemoteCommandError(
+            f"the replication target for {manifest.vm} did not start on {manifest.dr_host}"
+            + (f": {detail[-1]}" if detail else "")
+        )
+    deadline = time.monotonic() + timeout
+    while (pid := target_pid(shell, layout)) is None:
+        if time.monotonic() > deadline:
+            raise RemoteCommandError(f"the replication target for {manifest.vm} started but wrote no pid")
+        time.sleep(0.1)
+    return pid
+
+
+def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -> None:
+    """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers."""
+    pid = target_pid(shell, layout)
+    if pid is None:
+        return
+    script = """kill -TERM "$1" 2>/dev/null || exit 0
+i=0
+while kill -0 "$1" 2>/dev/null; do
+  i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
+  sleep 0.1
+done"""
+    shell.run(["sh", "-c", script, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)
+    shell.run(["rm", "-f", "--", str(layout.pidfile), str(layout.qmp_socket)], timeout=15)
+
+
+def free_nbd_port(shell: RemoteShell) -> int:
+    """The lowest port in drtool's range that nothing listens on at the DR host."""
+    result = shell.run(["ss", "-Htln"], timeout=15)
+    used = set()
+    for line in result.out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3].rsplit(":", 1)[-1].isdigit():
+            used.add(int(fields[3].rsplit(":", 1)[-1]))
+    for port in range(FIRST_NBD_PORT, LAST_NBD_PORT + 1):
+        if port not in used:
+            return port
+    raise RemoteCommandError(f"no free port in {FIRST_NBD_PORT}-{LAST_NBD_PORT} on the DR host")

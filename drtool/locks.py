@@ -1,0 +1,73 @@
+"""One drtool at a time per VM: a lock that dies with the drtool holding it.
+
+The lock is flock(1) on the DR host, held by a remote `flock ... cat` whose
+stdin is an SSH channel of this process: when drtool exits or crashes, or its
+SSH connection drops, `cat` reads EOF and the lock is released. No stale lock
+files to clean up by hand, and the DR host (which survives a primary-site
+disaster) is where it lives.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from pathlib import PurePosixPath
+
+from drtool.errors import Refused, RemoteCommandError
+
+LOCK_DIR = PurePosixPath("/run/lock")
+_HELD = b"drtool-lock-held\n"
+_BUSY_EXIT = 75
+
+
+class LockBusy(Refused):
+    """Another drtool is working on this VM."""
+
+
+
+class VmLock:
+    def __init__(self, conn, vm_name: str, timeout: float = 15) -> None:  # noqa: ANN001 - an SshConnection
+        self._conn = conn
+        self._vm = vm_name
+        self._timeout = timeout
+        self._chan = None
+        self.path = LOCK_DIR / f"drtool.{vm_name}.lock"
+
+    def acquire(self) -> VmLock:
+        argv = ["flock", "--nonblock", "--conflict-exit-code", str(_BUSY_EXIT), str(self.path),
+                "sh", "-c", f"printf '{_HELD.decode().strip()}\\n'; exec cat >/dev/null"]
+        chan = self._conn.open_stream(argv)
+        got = b""
+        deadline = time.monotonic() + self._timeout
+        while not got.endswith(b"\n"):
+            if chan.exit_status_ready() and not chan.recv_ready():
+                status = chan.recv_exit_status()
+                chan.close()
+                if status == _BUSY_EXIT:
+                    raise LockBusy(f"another drtool is working on {self._vm} (lock {self.path} on its DR host)",
+                                   hint="wait for it to finish; the lock goes away with that drtool's process")
+                raise RemoteCommandError(f"cannot take the lock {self.path}: flock exited {status}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                chan.close()
+                raise RemoteCommandError(f"timed out taking the lock {self.path}")
+            select.select([chan], [], [], min(remaining, 0.5))
+            if chan.recv_ready():
+                got += chan.recv(64)
+        self._chan = chan
+        return self
+
+    def release(self) -> None:
+        chan, self._chan = self._chan, None
+        if chan is not None:
+            try:
+                chan.shutdown_write()  # cat sees EOF, flock releases
+                chan.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> VmLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

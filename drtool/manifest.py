@@ -1,0 +1,84 @@
+"""The DR-side manifest: everything failover needs, kept beside the replicas.
+
+It lives at <replica_dir>/manifest.json on the DR host and is rewritten
+atomically at every step, so that with the primary site and drtool's own
+machine both gone, the DR host still describes the VM: its disks, where their
+replicas are, how to start it, and what state protection was in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+from drtool.errors import DrtoolError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ManifestError(DrtoolError):
+    """A manifest could not be read: not drtool's, or from a newer drtool."""
+
+
+@dataclass(frozen=True)
+class ReplicaDisk:
+    device: str  # device id on the source VM
+    node_name: str  # the source's format node that is mirrored
+    format: str  # the source image's format
+    virtual_size: int
+    source_image: str
+    replica_image: str  # path on the DR host
+    export: str  # NBD export name on the replication target
+
+
+@dataclass(frozen=True)
+class Manifest:
+    vm: str
+    source_host: str
+    dr_host: str
+    mode: str  # "async" | "sync"
+    transport: str  # "tls-psk" | "plain"
+    nbd_address: str  # where the source reaches the target
+    nbd_port: int
+    disks: tuple[ReplicaDisk, ...]
+    hardware: dict[str, Any] = field(default_factory=dict)  # source QEMU argv and what maps it
+    state: str = "seeding"  # seeding | protected | unprotected
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
+    history: tuple[dict[str, str], ...] = ()
+    version: int = FORMAT_VERSION
+
+    def with_state(self, state: str, note: str = "") -> Manifest:
+        stamp = now()
+        entry = {"time": stamp, "state": state} | ({"note": note} if note else {})
+        return replace(self, state=state, updated_at=stamp, history=(*self.history, entry)[-50:])
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+            if raw.get("version", 0) > FORMAT_VERSION:
+                raise ManifestError(
+                    f"{where} was written by a newer drtool (format {raw['version']})",
+                    hint="upgrade drtool on this machine",
+                )
+            raw["disks"] = tuple(ReplicaDisk(**d) for d in raw["disks"])
+            raw["history"] = tuple(raw.get("history", ()))
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ManifestError(f"{where} is not a drtool manifest: {err}") from err
+
+
+def manifest_path(replica_dir: PurePosixPath) -> PurePosixPath:
+    return replica_dir / MANIFEST_NAME

@@ -1,0 +1,288 @@
+"""The source side of replication: QMP on the protected VM's own QEMU.
+
+Per protected disk i (in manifest order) drtool owns these QEMU objects:
+  drtool-tls          the TLS-PSK client credentials (one per QEMU)
+  drtool-nbd<i>       an NBD client node: the replica, exported by the DR target
+  drtool-mirror<i>    a mirror job from the disk's node to drtool-nbd<i>
+  drtool-filter<i>    the job's filter node above the disk
+  drtool-resync-<n>   persistent dirty bitmaps on the disk's node, recording every
+                      write since generation n began (see rotate_bitmaps)
+
+The source's disks are never switched to the target: replication jobs are
+cancelled, never completed (block-job-complete would pivot the guest onto NBD).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from drtool.blockinfo import parse_query_block
+from drtool.errors import DrtoolError, QmpError
+from drtool.manifest import Manifest
+from drtool.transport.qmp import QmpSession
+
+TLS_ID = "drtool-tls"
+BITMAP_PREFIX = "drtool-resync-"
+# A ready mirror notices new dirty data on its next iteration, up to 100 ms
+# (BLOCK_JOB_SLICE_TIME) after a write: "nothing to copy" counts only once it
+# has held longer than that.
+QUIET = 0.35
+RECONNECT_DELAY = 5  # s a request waits for a lost target before it fails and the job pauses
+OPEN_TIMEOUT = 10
+
+
+def nbd_node(i: int) -> str:
+    return f"drtool-nbd{i}"
+
+
+def job_id(i: int) -> str:
+    return f"drtool-mirror{i}"
+
+
+def filter_node(i: int) -> str:
+    return f"drtool-filter{i}"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One replication job as query-block-jobs shows it."""
+
+    job_id: str
+    device: str  # the disk's device id (from the manifest)
+    length: int
+    offset: int
+    ready: bool
+    status: str  # running, ready, standby, paused, ...
+    paused: bool
+    io_status: str  # ok, failed, nospace
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.length - self.offset)
+
+    @property
+    def broken(self) -> bool:
+        return self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
+
+
+def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPath,
+                  tls_dir: PurePosixPath | None, psk_user: str) -> None:
+    """Add the TLS credentials and one NBD client node per replica, reached through the link relay."""
+    if manifest.transport == "tls-psk":
+        assert tls_dir is not None
+        qmp.execute("object-add", {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": "client",
+                                   "dir": str(tls_dir), "username": psk_user})
+    for i, disk in enumerate(manifest.disks):
+        args = {
+            "driver": "nbd",
+            "node-name": nbd_node(i),
+            "server": {"type": "unix", "path": str(link_socket)},
+            "export": disk.export,
+            "reconnect-delay": RECONNECT_DELAY,
+            "open-timeout": OPEN_TIMEOUT,
+        }
+        if manifest.transport == "tls-psk":
+            args["tls-creds"] = TLS_ID
+        qmp.execute("blockdev-add", args, timeout=OPEN_TIMEOUT + 20)
+
+
+def current_nodes(qmp: QmpSession, manifest: Manifest) -> list[str]:
+    """The node each replicated disk's data lives in now (a restarted QEMU may name them anew).
+
+    While a job runs, query-block shows its filter above the disk; the disk's
+    node is then the one the job was started on, as recorded in the manifest.
+    """
+    by_device = {d.device: d.node_name for d in parse_query_block(qmp.execute("query-block"))}
+    missing = [d.device for d in manifest.disks if d.device not in by_device]
+    if missing:
+        raise DrtoolError(f"{manifest.vm} has no disk {missing[0]!r} attached any more",
+                          hint="reattach it, or unprotect and protect the VM again")
+    return [disk.node_name if by_device[disk.device] == filter_node(i) else by_device[disk.device]
+            for i, disk in enumerate(manifest.disks)]
+
+
+def start_mirrors(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], sync: str = "full") -> None:
+    """One mirror job per disk; write-blocking in sync mode, background in async."""
+    copy_mode = "write-blocking" if manifest.mode == "sync" else "background"
+    for i, node in enumerate(nodes):
+        qmp.execute("blockdev-mirror", {
+            "job-id": job_id(i),
+            "device": node,
+            "target": nbd_node(i),
+            "sync": sync,
+            "copy-mode": copy_mode,
+            "on-target-error": "stop",  # pause and keep tracking dirty blocks; "report" would abort
+            "on-source-error": "stop",
+            "auto-finalize": True,
+            "auto-dismiss": False,
+            "filter-node-name": filter_node(i),
+        })
+
+
+def query_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:
+    """drtool's jobs on this QEMU, by job id."""
+    devices = {job_id(i): d.device for i, d in enumerate(manifest.disks)}
+    jobs = {}
+    for raw in qmp.execute("query-block-jobs"):
+        jid = raw.get("device", "")
+        if jid in devices:
+            jobs[jid] = JobState(jid, devices[jid], int(raw.get("len", 0)), int(raw.get("offset", 0)),
+                                 bool(raw.get("ready")), str(raw.get("status", "")), bool(raw.get("paused")),
+                                 str(raw.get("io-status", "ok")))
+    return jobs
+
+
+@dataclass(frozen=True)
+class DiskProgress:
+    device: str
+    total: int
+    done: int
+    ready: bool
+
+
+ProgressCallback = Callable[[Sequence[DiskProgress]], None]
+
+
+def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None = None,
+                     timeout: float | None = None, poll: float = 0.25) -> None:
+    """Block until every job is ready (in sync), reporting progress; fail if one breaks."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    wanted = [job_id(i) for i in range(len(manifest.disks))]
+    while True:
+        jobs = query_jobs(qmp, manifest)
+        missing = [j for j in wanted if j not in jobs]
+        if missing:
+            raise DrtoolError(f"replication job {missing[0]} of {manifest.vm} ended during the initial sync")
+        if on_progress:
+            on_progress([DiskProgress(jobs[j].device, jobs[j].length, jobs[j].offset, jobs[j].ready) for j in wanted])
+        broken = [jobs[j] for j in wanted if jobs[j].io_status != "ok"]
+        if broken:
+            raise DrtoolError(
+                f"replication of {manifest.vm} disk {broken[0].device} stopped: the DR target failed "
+                f"(io-status {broken[0].io_status})",
+                hint=f"check the link to {manifest.dr_host}, then run: drtool resync {manifest.vm}",
+            )
+        if all(jobs[j].ready for j in wanted):
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise DrtoolError(f"the initial sync of {manifest.vm} did not finish in {timeout:g} s")
+        time.sleep(poll)
+
+
+def cancel_mirrors(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> None:
+    """End drtool's jobs without pivoting the guest, then dismiss them."""
+    jobs = query_jobs(qmp, manifest)
+    with qmp.subscribe(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE"]) as events:
+        for jid, job in jobs.items():
+            # force: a paused (broken) job must not wait for its target to come back
+            qmp.execute("block-job-cancel", {"device": jid, "force": True})
+        pending = set(jobs)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            pending &= set(_concluded_or_running(qmp))
+            if pending:
+                events.get(timeout=0.5)
+    for jid in jobs:
+        _quietly(qmp, "job-dismiss", {"id": jid})
+
+
+def _concluded_or_running(qmp: QmpSession) -> list[str]:
+    """Job ids that are not yet concluded."""
+    return [j["id"] for j in qmp.execute("query-jobs") if j.get("status") != "concluded"]
+
+
+def detach_target(qmp: QmpSession, manifest: Manifest) -> None:
+    for i in range(len(manifest.disks)):
+        _quietly(qmp, "blockdev-del", {"node-name": nbd_node(i)})
+    if manifest.transport == "tls-psk":
+        _quietly(qmp, "object-del", {"id": TLS_ID})
+
+
+def _bitmap_name() -> str:
+    return f"{BITMAP_PREFIX}{time.time_ns()}"
+
+
+def drtool_bitmaps(qmp: QmpSession, nodes: Sequence[str]) -> dict[str, list[dict]]:
+    """drtool's bitmaps on each node, oldest first."""
+    found: dict[str, list[dict]] = {n: [] for n in nodes}
+    for node in qmp.execute("query-named-block-nodes", {"flat": True}):
+        if node.get("node-name") in found:
+            mine = [b for b in node.get("dirty-bitmaps", []) if str(b.get("name", "")).startswith(BITMAP_PREFIX)]
+            found[node["node-name"]] = sorted(mine, key=lambda b: b["name"])
+    return found
+
+
+def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> None:
+    """A fresh dirty bitmap per disk (persistent where the format keeps one: qcow2), replacing older ones."""
+    remove_bitmaps(qmp, nodes)
+    name = _bitmap_name()
+    for disk, node in zip(manifest.disks, nodes):
+        qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
+
+
+def remove_bitmaps(qmp: QmpSession, nodes: Sequence[str], keep: str | None = None) -> None:
+    for node, bitmaps in drtool_bitmaps(qmp, nodes).items():
+        for bitmap in bitmaps:
+            if bitmap["name"] != keep:
+                _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": bitmap["name"]})
+
+
+def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float = 10) -> bool:
+    """Start a new bitmap generation; drop the older ones once the replicas provably hold them.
+
+    The new bitmap is added first. Only after every mirror has had nothing to
+    copy for longer than its polling interval (so every write made before the
+    new bitmap existed is on the DR side) are the old ones removed. Without
+    this the bitmaps would hold every write since protection, and a resync
+    after a source restart would send all of it again.
+    """
+    name = _bitmap_name()
+    for disk, node in zip(manifest.disks, nodes):
+        qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
+    if not wait_quiet(qmp, manifest, timeout):
+        return False  # keep every generation: a later rotation tries again
+    remove_bitmaps(qmp, nodes, keep=name)
+    return True
+
+
+def merged_bitmap(qmp: QmpSession, nodes: Sequence[str]) -> str | None:
+    """Merge drtool's generations into the newest on each node: its name, or None if one is unusable."""
+    names = set()
+    for node, bitmaps in drtool_bitmaps(qmp, nodes).items():
+        if not bitmaps or any(b.get("inconsistent") for b in bitmaps):
+            return None
+        newest = bitmaps[-1]["name"]
+        older = [b["name"] for b in bitmaps[:-1]]
+        if older:
+            qmp.execute("block-dirty-bitmap-merge", {"node": node, "target": newest, "bitmaps": older})
+            remove_bitmaps(qmp, [node], keep=newest)
+        names.add(newest)
+    return names.pop() if len(names) == 1 else None  # differing generations: no one consistent history
+
+
+def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float) -> bool:
+    """Whether every job became ready with nothing to copy and stayed so for QUIET seconds."""
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    wanted = [job_id(i) for i in range(len(manifest.disks))]
+    while time.monotonic() < deadline:
+        jobs = query_jobs(qmp, manifest)
+        if all(j in jobs and jobs[j].ready and not jobs[j].broken and jobs[j].remaining == 0 for j in wanted):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= QUIET:
+                return True
+        else:
+            quiet_since = None
+        time.sleep(0.05)
+    return False
+
+
+def _quietly(qmp: QmpSession, command: str, args: dict) -> None:
+    """For undo and cleanup: the object may already be gone."""
+    try:
+        qmp.execute(command, args)
+    except QmpError:
+        pass

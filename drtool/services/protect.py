@@ -1,0 +1,236 @@
+"""`drtool protect` and `drtool unprotect`: start and end replication of a VM.
+
+protect checks everything first and changes nothing if a check fails. Then it
+sets up, in order, each step with its undo: replica dir and images, TLS keys,
+the manifest, the DR target, the NBD nodes and mirror jobs on the source, the
+dirty bitmaps. If a step fails, the undos run in reverse and both hosts are as
+they were. Once every job runs, protection stands: a later failure (the link
+drops during the initial sync) leaves it in place, "broken", for resync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from drtool.blockinfo import BlockDevice, parse_query_block
+from drtool.dr_target import (
+    PSK_USER,
+    TargetLayout,
+    create_replicas,
+    free_nbd_port,
+    new_psk,
+    push_psk,
+    start_target,
+    stop_target,
+)
+from drtool.errors import DrtoolError, Refused
+from drtool.hardware import read_hardware
+from drtool.link import link_socket, start_link, stop_link
+from drtool.locks import VmLock
+from drtool.manifest import Manifest, ReplicaDisk
+from drtool.remote import free_space, make_dirs, remove
+from drtool.replication import (
+    ProgressCallback,
+    add_bitmaps,
+    attach_target,
+    cancel_mirrors,
+    current_nodes,
+    detach_target,
+    query_jobs,
+    remove_bitmaps,
+    start_mirrors,
+    wait_until_ready,
+)
+from drtool.services.state import load_manifest, save_manifest, select_vm
+from drtool.transport.connections import Reach
+from drtool.transport.qmp import QmpSession
+from drtool.units import human_size
+
+RUNNING_STATES = ("running", "paused")
+SPACE_MARGIN = 64 << 20  # room for qcow2 metadata and the manifest beyond the data itself
+
+
+@dataclass(frozen=True)
+class ProtectResult:
+    vm: str
+    dr_host: str
+    mode: str
+    transport: str
+    disks: tuple[ReplicaDisk, ...]
+    in_sync: bool  # False with --no-wait: seeding goes on in QEMU
+    seconds: float
+    bytes_in_use: int  # allocated on the source: what the initial sync sends at most
+
+
+@dataclass(frozen=True)
+class UnprotectResult:
+    vm: str
+    replicas_deleted: bool
+    replica_dir: str
+
+
+class _Undo:
+    """Undo steps for a multi-host change, run in reverse if it does not complete."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], object]] = []
+
+    def push(self, step: Callable[[], object]) -> None:
+        self._steps.append(step)
+
+    def run(self) -> None:
+        for step in reversed(self._steps):
+            with contextlib.suppress(Exception):
+                step()
+        self._steps.clear()
+
+    def commit(self) -> None:
+        self._steps.clear()
+
+
+@contextlib.contextmanager
+def _undo_on_failure() -> Iterator[_Undo]:
+    undo = _Undo()
+    try:
+        yield undo
+    except BaseException:
+        undo.run()
+        raise
+
+
+def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001
+            on_progress: ProgressCallback | None = None) -> ProtectResult:
+    started = time.monotonic()
+    vm = select_vm(inventory, vm_name)
+    dr_host = inventory.hosts[vm.dr_host]
+    src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
+    layout = TargetLayout(vm.replica_dir)
+    with VmLock(dr, vm.name), reach.qmp(vm) as qmp:
+        existing = load_manifest(dr, vm)
+        if existing is not None and existing.state != "unprotected":
+            raise Refused(f"{vm.name} is already protected (state {existing.state!r} in its manifest on "
+                          f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
+        devices = _check_source(qmp, vm)
+        in_use = sum(d.allocated for d in devices)
+        space = free_space(dr, vm.replica_dir)
+        _check_room(vm, space, devices, in_use)
+        manifest = Manifest(
+            vm=vm.name,
+            source_host=vm.host,
+            dr_host=vm.dr_host,
+            mode=vm.mode.value,
+            transport="tls-psk" if vm.transport.value == "tls" else "plain",
+            nbd_address=dr_host.replication_address or dr_host.address,
+            nbd_port=free_nbd_port(dr),
+            disks=tuple(
+                ReplicaDisk(d.device, d.node_name, d.format, d.virtual_size, d.image,
+                            str(layout.replica_image(d.device)), d.device)
+                for d in devices
+            ),
+            hardware=read_hardware(src, vm.qmp_socket),
+        )
+        with _undo_on_failure() as undo:
+            if space.measured_on != str(vm.replica_dir):
+                make_dirs(dr, vm.replica_dir)
+                undo.push(lambda: remove(dr, vm.replica_dir))
+            else:
+                undo.push(lambda: remove(dr, *(layout.replica_image(d.device) for d in devices), layout.tls_dir))
+            tls_dir = vm.source_state_dir / "tls"
+            if manifest.transport == "tls-psk":
+                psk = new_psk()
+                push_psk(dr, layout.tls_dir, psk)
+                push_psk(src, tls_dir, psk)
+                undo.push(lambda: remove(src, tls_dir))
+            create_replicas(dr, manifest)
+            save_manifest(dr, vm, manifest.with_state("seeding", "protect started"))
+            undo.push(lambda: remove(dr, vm.replica_dir / "manifest.json"))
+            start_target(dr, manifest, layout)
+            undo.push(lambda: stop_target(dr, layout))
+            start_link(src, vm, manifest)
+            undo.push(lambda: stop_link(src, vm))
+            attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
+            undo.push(lambda: detach_target(qmp, manifest))
+            nodes = [d.node_name for d in devices]
+            start_mirrors(qmp, manifest, nodes)
+            undo.push(lambda: cancel_mirrors(qmp, manifest))
+            add_bitmaps(qmp, manifest, nodes)
+            undo.commit()
+        manifest = manifest.with_state("seeding", "protect started")
+        if wait:
+            wait_until_ready(qmp, manifest, on_progress)
+            save_manifest(dr, vm, manifest.with_state("protected", "initial sync complete"))
+    return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
+                         time.monotonic() - started, in_use)
+
+
+def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
+    state = qmp.execute("query-status")["status"]
+    if state not in RUNNING_STATES:
+        raise Refused(f"{vm.name} is not running on {vm.host} (QEMU reports {state!r})",
+                      hint="start the VM, then protect it")
+    devices = parse_query_block(qmp.execute("query-block"))
+    if vm.disks:
+        by_id = {d.device: d for d in devices}
+        missing = [d for d in vm.disks if d not in by_id]
+        if missing:
+            raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
+                          hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
+        devices = [by_id[d] for d in vm.disks]
+    if not devices:
+        raise Refused(f"{vm.name} has no disk attached to a device")
+    for d in devices:
+        if not d.format or d.virtual_size <= 0:
+            raise Refused(f"{vm.name} disk {d.device}: format or size unknown")
+    busy = [j["device"] for j in qmp.execute("query-block-jobs") if str(j.get("device", "")).startswith("drtool-")]
+    if busy:
+        raise Refused(f"{vm.name} already has drtool replication jobs ({', '.join(busy)})",
+                      hint=f"it is protected already: see drtool status {vm.name}")
+    return devices
+
+
+def _check_room(vm, space, devices: list[BlockDevice], in_use: int) -> None:  # noqa: ANN001
+    if not space.creatable:
+        raise Refused(f"replica_dir {vm.replica_dir} cannot be created on {vm.dr_host}: "
+                      f"{space.measured_on} is not a writable directory",
+                      hint="choose another replica_dir in the inventory")
+    needed = in_use + SPACE_MARGIN
+    if space.available_bytes is not None and space.available_bytes < needed:
+        total = sum(d.virtual_size for d in devices)
+        raise Refused(
+            f"not enough room for {vm.name}'s replicas on {vm.dr_host}: {human_size(space.available_bytes)} "
+            f"free at {space.measured_on}, {human_size(needed)} needed (replicas are sparse qcow2: "
+            f"{human_size(in_use)} in use of {human_size(total)} virtual)",
+            hint="free space there or choose another replica_dir",
+        )
+
+
+def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = False) -> UnprotectResult:  # noqa: ANN001
+    vm = select_vm(inventory, vm_name)
+    dr = reach.shell(vm.dr_host)
+    layout = TargetLayout(vm.replica_dir)
+    with VmLock(dr, vm.name):
+        manifest = load_manifest(dr, vm)
+        if manifest is None:
+            raise Refused(f"{vm.name} is not protected: no manifest in {vm.replica_dir} on {vm.dr_host}")
+        try:
+            with reach.qmp(vm) as qmp:
+                if query_jobs(qmp, manifest):
+                    cancel_mirrors(qmp, manifest)
+                detach_target(qmp, manifest)
+                remove_bitmaps(qmp, current_nodes(qmp, manifest))
+        except DrtoolError as err:
+            if err.exit_code != 3:  # the source is gone: still stop the DR side
+                raise
+        with contextlib.suppress(DrtoolError):
+            src = reach.shell(vm.host)
+            stop_link(src, vm)
+            remove(src, vm.source_state_dir / "tls")
+        stop_target(dr, layout)
+        if delete_replicas:
+            remove(dr, vm.replica_dir)
+        else:
+            save_manifest(dr, vm, manifest.with_state("unprotected", "unprotect"))
+    return UnprotectResult(vm.name, delete_replicas, str(vm.replica_dir))

@@ -1,0 +1,193 @@
+"""`drtool resync`: bring a broken replica up to date by sending only what changed.
+
+Made for cron: when all is well it changes nothing. Otherwise, in order of
+preference:
+
+1. "resumed": the source's mirror jobs still exist, paused after the target
+   failed (link cut longer than reconnect-delay, DR target killed). A paused
+   mirror keeps tracking every guest write in its own dirty bitmap. Restart the
+   DR target if it died (same replicas, same export), let the NBD client
+   reconnect, resume the jobs: they copy only what was written meanwhile.
+2. "bitmap": the jobs are gone (the source QEMU restarted, a job aborted) but
+   drtool's persistent bitmap survived on every disk (a clean QEMU shutdown
+   writes it to the qcow2). It holds every write since protection (or the
+   previous resync). Copy those blocks with bitmap backups while the VM runs,
+   pause the VM for one last small round, start fresh mirrors with sync=none
+   (in sync at once), resume the VM.
+3. "full": neither survived (QEMU was killed: its bitmap comes back
+   inconsistent). drtool says so and copies every allocated block again;
+   never a silent partial sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from drtool.dr_target import PSK_USER, TargetLayout, start_target, target_pid
+from drtool.errors import DrtoolError, QmpError, Refused
+from drtool.domain import Vm
+from drtool.link import link_socket, start_link
+from drtool.locks import VmLock
+from drtool.manifest import Manifest
+from drtool.replication import (
+    ProgressCallback,
+    add_bitmaps,
+    attach_target,
+    cancel_mirrors,
+    current_nodes,
+    detach_target,
+    job_id,
+    nbd_node,
+    query_jobs,
+    start_mirrors,
+    merged_bitmap,
+    rotate_bitmaps,
+    wait_until_ready,
+)
+from drtool.services.state import load_manifest, save_manifest, select_vm
+from drtool.transport.connections import Reach
+from drtool.transport.qmp import QmpSession
+
+RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted target
+
+
+@dataclass(frozen=True)
+class ResyncResult:
+    vm: str
+    action: str  # none | resumed | bitmap | full
+    bytes_sent: int
+    seconds: float
+    paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
+    target_restarted: bool = False
+    detail: str = ""
+
+
+def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback | None = None) -> ResyncResult:  # noqa: ANN001
+    started = time.monotonic()
+    vm = select_vm(inventory, vm_name)
+    dr = reach.shell(vm.dr_host)
+    layout = TargetLayout(vm.replica_dir)
+    with VmLock(dr, vm.name):
+        manifest = load_manifest(dr, vm)
+        if manifest is None or manifest.state == "unprotected":
+            raise Refused(f"{vm.name} is not protected", hint=f"protect it first: drtool protect {vm.name}")
+        restarted = False
+        if target_pid(dr, layout) is None:
+            start_target(dr, manifest, layout)
+            restarted = True
+        start_link(reach.shell(vm.host), vm, manifest)  # no-op while the relay runs
+        with reach.qmp(vm) as qmp:
+            jobs = query_jobs(qmp, manifest)
+            wanted = [job_id(i) for i in range(len(manifest.disks))]
+            healthy = all(j in jobs and jobs[j].ready and not jobs[j].broken for j in wanted)
+            if healthy and not restarted:
+                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
+                if manifest.state != "protected":
+                    save_manifest(dr, vm, manifest.with_state("protected", "in sync at resync"))
+                return ResyncResult(vm.name, "none", 0, time.monotonic() - started)
+            if all(j in jobs for j in wanted):
+                sent = _resume(qmp, manifest, on_progress)
+                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
+                result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
+            else:
+                result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted)
+        save_manifest(dr, vm, manifest.with_state("protected", f"resync: {result.action}"))
+    return result
+
+
+def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None) -> int:
+    """Resume paused jobs until they stay up and reach ready; bytes copied meanwhile."""
+    before = {j: s.offset for j, s in query_jobs(qmp, manifest).items()}
+    deadline = time.monotonic() + RECONNECT_WAIT
+    while True:
+        for jid, job in query_jobs(qmp, manifest).items():
+            if job.paused:
+                try:
+                    qmp.execute("block-job-resume", {"device": jid})
+                except QmpError:
+                    pass  # resumed meanwhile
+        try:
+            wait_until_ready(qmp, manifest, on_progress, timeout=RECONNECT_WAIT)
+            break
+        except DrtoolError:
+            # The NBD client may not have reconnected yet: the job fails again and pauses.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    after = query_jobs(qmp, manifest)
+    return sum(max(0, after[j].offset - before.get(j, 0)) for j in after)
+
+
+def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,
+                         on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
+    if jobs:  # some but not all jobs survived: start over together
+        cancel_mirrors(qmp, manifest)
+    nodes = current_nodes(qmp, manifest)
+    _ensure_target_nodes(qmp, manifest, vm)
+    bitmap = merged_bitmap(qmp, nodes) if manifest.state == "protected" else None
+    if bitmap is not None:
+        sent, paused = _bitmap_catch_up(qmp, manifest, nodes, bitmap)
+        wait_until_ready(qmp, manifest, on_progress)
+        rotate_bitmaps(qmp, manifest, nodes)
+        return ResyncResult(manifest.vm, "bitmap", sent, time.monotonic() - started, paused, restarted,
+                            "replication jobs were gone; sent the blocks drtool's persistent bitmap recorded")
+    why = ("the initial sync never completed" if manifest.state != "protected" else
+           "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost")
+    start_mirrors(qmp, manifest, nodes, sync="full")
+    wait_until_ready(qmp, manifest, on_progress)
+    add_bitmaps(qmp, manifest, nodes)
+    sent = sum(j.offset for j in query_jobs(qmp, manifest).values())
+    return ResyncResult(manifest.vm, "full", sent, time.monotonic() - started, 0.0, restarted,
+                        f"full sync: {why}")
+
+
+def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
+    """Re-add the TLS object and NBD nodes a restarted QEMU no longer has."""
+    names = {n.get("node-name") for n in qmp.execute("query-named-block-nodes", {"flat": True})}
+    if all(nbd_node(i) in names for i in range(len(manifest.disks))):
+        return
+    detach_target(qmp, manifest)
+    attach_target(qmp, manifest, link_socket(vm), vm.source_state_dir / "tls", PSK_USER)
+
+
+def _bitmap_catch_up(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:
+    """Copy the bitmap's blocks while the VM runs, then once more paused, then mirror from now on."""
+    sent = _bitmap_backup_round(qmp, manifest, nodes, bitmap)
+    was_running = qmp.execute("query-status")["status"] == "running"
+    paused_at = time.monotonic()
+    if was_running:
+        qmp.execute("stop")
+    try:
+        sent += _bitmap_backup_round(qmp, manifest, nodes, bitmap)
+        start_mirrors(qmp, manifest, nodes, sync="none")
+    finally:
+        if was_running:
+            qmp.execute("cont")
+    return sent, time.monotonic() - paused_at
+
+
+def _bitmap_backup_round(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str,
+                         timeout: float = 3600) -> int:
+    ids = [f"drtool-catchup{i}" for i in range(len(nodes))]
+    sent = 0
+    with qmp.subscribe(["BLOCK_JOB_COMPLETED"]) as events:
+        for i, node in enumerate(nodes):
+            qmp.execute("blockdev-backup", {
+                "job-id": ids[i], "device": node, "target": nbd_node(i), "sync": "bitmap",
+                "bitmap": bitmap, "bitmap-mode": "on-success", "auto-dismiss": True,
+            })
+        pending = set(ids)
+        deadline = time.monotonic() + timeout
+        while pending:
+            event = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if event is None:
+                raise DrtoolError(f"catching up {manifest.vm} from its bitmap did not finish in {timeout:g} s")
+            data = event.get("data", {})
+            if data.get("device") in pending:
+                if data.get("error"):
+                    raise DrtoolError(f"catching up {manifest.vm} failed: {data['error']}",
+                                      hint=f"check the link to {manifest.dr_host} and run drtool resync again")
+                pending.discard(data["device"])
+                sent += int(data.get("offset", 0))
+    return sent

@@ -1,0 +1,26 @@
+"""What services share about a VM's protection: its manifest on the DR host."""
+
+from __future__ import annotations
+
+from drtool.domain import Inventory, Vm
+from drtool.errors import UsageError
+from drtool.manifest import Manifest, manifest_path
+from drtool.remote import read_file, write_file
+from drtool.transport.connections import RemoteShell
+
+
+def select_vm(inventory: Inventory, name: str) -> Vm:
+    if name not in inventory.vms:
+        raise UsageError(f"unknown VM {name!r}",
+                         hint=f"VMs in {inventory.path}: {', '.join(sorted(inventory.vms)) or 'none'}")
+    return inventory.vms[name]
+
+
+def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
+    path = manifest_path(vm.replica_dir)
+    data = read_file(dr, path)
+    return None if data is None else Manifest.from_json(data, f"{vm.dr_host}:{path}")
+
+
+def save_manifest(dr: RemoteShell, vm: Vm, manifest: Manifest) -> None:
+    write_file(dr, manifest_path(vm.replica_dir), manifest.to_json(), mode=0o600)
