@@ -40,6 +40,22 @@ class ReplicaDisk:
 
 
 @dataclass(frozen=True)
+class RecoveryPoint:
+    """A point in time on the DR side, consistent across all the VM's disks.
+
+    Its images are the frozen tops of each replica's chain when it was taken:
+    read-only from then on, since replication writes to the overlay above.
+    """
+
+    id: str
+    time: str
+    quiesce: str  # frozen (guest agent fsfreeze) | paused (QMP stop) | final (failover)
+    quiesce_seconds: float
+    images: dict[str, str]  # device id -> the point's image on the DR host
+    tested_at: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     vm: str
     source_host: str
@@ -54,7 +70,13 @@ class Manifest:
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     history: tuple[dict[str, str], ...] = ()
+    points: tuple[RecoveryPoint, ...] = ()
+    pending_point: dict[str, Any] = field(default_factory=dict)  # see points.py: written before the snapshot
+    failover: dict[str, Any] = field(default_factory=dict)  # the failover under way or done, step by step
     version: int = FORMAT_VERSION
+
+    def point(self, point_id: str) -> RecoveryPoint | None:
+        return next((p for p in self.points if p.id == point_id), None)
 
     def with_state(self, state: str, note: str = "") -> Manifest:
         stamp = now()
@@ -75,6 +97,7 @@ class Manifest:
                 )
             raw["disks"] = tuple(ReplicaDisk(**d) for d in raw["disks"])
             raw["history"] = tuple(raw.get("history", ()))
+            raw["points"] = tuple(RecoveryPoint(**p) for p in raw.get("points", ()))
             return cls(**raw)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ManifestError(f"{where} is not a drtool manifest: {err}") from err

@@ -221,6 +221,45 @@ def resync_command(
         out.render(state.call(resync, vm, on_progress=progress), resync_summary)
 
 
+@app.command("checkpoint")
+def checkpoint_command(
+    ctx: typer.Context,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.")] = None,
+    all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """Take a point in time on the DR side, consistent across each VM's disks."""
+    from drtool.errors import UsageError
+    from drtool.services.checkpoint import checkpoint
+
+    from .render import checkpoint_table
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        if bool(vms) == all_vms:
+            raise UsageError("name the VMs to checkpoint, or pass --all (not both)")
+        report = state.call(checkpoint, vms or [], all_vms=all_vms)
+        out.render({"results": report.results}, lambda _: checkpoint_table(report))
+        out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
+    raise typer.Exit(int(report.exit_code))
+
+
+@app.command("points")
+def points_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.")],
+    json_mode: JsonOption = False,
+) -> None:
+    """List a VM's points in time: id, time, how it was quiesced, tested-at, space used."""
+    from drtool.services.checkpoint import list_points
+
+    from .render import points_table
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        out.render(state.call(list_points, vm), points_table)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from drtool.services.checkpoint import CheckpointReport, PointsReport
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
 from drtool.services.resync import ResyncResult
@@ -94,3 +95,25 @@ def resync_summary(result: ResyncResult) -> str:
         return f"{result.vm}: in sync, nothing to do"
     return (f"{result.vm}: resynced ({result.action}), {human_size(result.bytes_sent)} sent in "
             f"{result.seconds:.1f} s" + (f"; {result.detail}" if result.detail else ""))
+
+
+def checkpoint_table(report: CheckpointReport) -> Table:
+    table = Table(title="Checkpoints", title_justify="left")
+    for col in ("vm", "point", "quiesced", "paused for", "result"):
+        table.add_column(col, overflow="fold")
+    for r in report.results:
+        if r.point is None:
+            table.add_row(r.vm, "-", "-", "-", Text(r.error or "skipped", style="red" if r.exit_code else ""))
+        else:
+            table.add_row(r.vm, r.point.id, r.point.quiesce, f"{r.quiesced_seconds:.3f} s", _mark(True, "ok"))
+    return table
+
+
+def points_table(report: PointsReport) -> Table:
+    table = Table(title=f"Points of {report.vm}", title_justify="left")
+    for col in ("id", "time", "quiesced", "paused for", "tested at", "space"):
+        table.add_column(col, overflow="fold")
+    for p in report.points:
+        table.add_row(p.id, p.time, p.quiesce, f"{p.quiesce_seconds:.3f} s", p.tested_at or "-",
+                      human_size(report.space.get(p.id)))
+    return table

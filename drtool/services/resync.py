@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from drtool.dr_target import PSK_USER, TargetLayout, start_target, target_pid
-from drtool.errors import DrtoolError, QmpError, Refused
+from drtool.errors import DrtoolError, QmpError
 from drtool.domain import Vm
 from drtool.link import link_socket, start_link
 from drtool.locks import VmLock
@@ -45,7 +45,7 @@ from drtool.replication import (
     rotate_bitmaps,
     wait_until_ready,
 )
-from drtool.services.state import load_manifest, save_manifest, select_vm
+from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 
@@ -69,9 +69,7 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
     with VmLock(dr, vm.name):
-        manifest = load_manifest(dr, vm)
-        if manifest is None or manifest.state == "unprotected":
-            raise Refused(f"{vm.name} is not protected", hint=f"protect it first: drtool protect {vm.name}")
+        manifest = require_protected(load_settled_manifest(dr, vm), vm)
         restarted = False
         if target_pid(dr, layout) is None:
             start_target(dr, manifest, layout)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drtool.domain import Inventory, Vm
-from drtool.errors import UsageError
+from drtool.errors import Refused, UsageError
 from drtool.manifest import Manifest, manifest_path
 from drtool.remote import read_file, write_file
 from drtool.transport.connections import RemoteShell
@@ -20,6 +20,25 @@ def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     path = manifest_path(vm.replica_dir)
     data = read_file(dr, path)
     return None if data is None else Manifest.from_json(data, f"{vm.dr_host}:{path}")
+
+
+def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
+    """The manifest, with a point a killed drtool left pending resolved (and saved)."""
+    from drtool.points import settle_pending
+
+    manifest = load_manifest(dr, vm)
+    if manifest is None:
+        return None
+    manifest, changed = settle_pending(dr, manifest)
+    if changed:
+        save_manifest(dr, vm, manifest)
+    return manifest
+
+
+def require_protected(manifest: Manifest | None, vm: Vm) -> Manifest:
+    if manifest is None or manifest.state == "unprotected":
+        raise Refused(f"{vm.name} is not protected", hint=f"protect it first: drtool protect {vm.name}")
+    return manifest
 
 
 def save_manifest(dr: RemoteShell, vm: Vm, manifest: Manifest) -> None:
