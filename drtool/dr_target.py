@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from drtool.errors import RemoteCommandError
 from drtool.manifest import Manifest
-from drtool.remote import read_file, write_file
+from drtool.remote import read_file, terminate, write_file
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"
@@ -127,13 +127,7 @@ def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -
     pid = target_pid(shell, layout)
     if pid is None:
         return
-    script = """kill -TERM "$1" 2>/dev/null || exit 0
-i=0
-while kill -0 "$1" 2>/dev/null; do
-  i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
-  sleep 0.1
-done"""
-    shell.run(["sh", "-c", script, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)
+    terminate(shell, pid, timeout)
     shell.run(["rm", "-f", "--", str(layout.pidfile), str(layout.qmp_socket)], timeout=15)
 
 

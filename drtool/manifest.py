@@ -73,6 +73,7 @@ class Manifest:
     points: tuple[RecoveryPoint, ...] = ()
     pending_point: dict[str, Any] = field(default_factory=dict)  # see points.py: written before the snapshot
     failover: dict[str, Any] = field(default_factory=dict)  # the failover under way or done, step by step
+    drill: dict[str, Any] = field(default_factory=dict)  # a test failover that is running
     version: int = FORMAT_VERSION
 
     def point(self, point_id: str) -> RecoveryPoint | None:

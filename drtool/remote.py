@@ -75,3 +75,16 @@ def make_dirs(shell: RemoteShell, path: PurePosixPath, mode: int = 0o700) -> Non
 def remove(shell: RemoteShell, *paths: PurePosixPath) -> None:
     if paths:
         shell.run(["rm", "-rf", "--", *(str(p) for p in paths)], timeout=120)
+
+
+_TERMINATE_SCRIPT = """kill -TERM "$1" 2>/dev/null || exit 0
+i=0
+while kill -0 "$1" 2>/dev/null; do
+  i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
+  sleep 0.1
+done"""
+
+
+def terminate(shell: RemoteShell, pid: int, timeout: float = 20) -> None:
+    """SIGTERM a process on the host (QEMU closes its images cleanly), SIGKILL if it lingers."""
+    shell.run(["sh", "-c", _TERMINATE_SCRIPT, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)

@@ -260,6 +260,49 @@ def points_command(
         out.render(state.call(list_points, vm), points_table)
 
 
+@app.command("failover")
+def failover_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.")],
+    force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
+                                        "fail over from the newest point anyway.")] = False,
+    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).")] = None,
+    test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
+                                       "replication goes on.")] = False,
+    cleanup: Annotated[bool, typer.Option("--cleanup", help="With --test: remove the test VM.")] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Undo a planned failover: the source runs "
+                                           "again, protected.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every step without doing any.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (also DRTOOL_YES=1).")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """Fail a VM over to its DR host: planned, unplanned (--force), or a drill (--test)."""
+    from drtool.errors import UsageError
+    from drtool.services import drill, failover
+
+    from . import render
+    from .confirm import confirmer
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        if cleanup and not test:
+            raise UsageError("--cleanup goes with --test")
+        if rollback and (test or force or point):
+            raise UsageError("--rollback takes no --test, --force or --point")
+        if test and (force or dry_run):
+            raise UsageError("--test changes nothing: it takes no --force or --dry-run")
+        if test and cleanup:
+            out.render(state.call(drill.cleanup_test, vm), render.drill_cleanup_summary)
+        elif test:
+            out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
+        elif rollback:
+            out.render(state.call(failover.rollback, vm, confirm=confirmer(out, yes)), render.rollback_summary)
+        else:
+            result = state.call(failover.failover, vm, force=force, point_id=point, dry_run=dry_run,
+                                confirm=confirmer(out, yes))
+            out.render(result, render.failover_summary)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

@@ -6,6 +6,8 @@ from rich.table import Table
 from rich.text import Text
 
 from drtool.services.checkpoint import CheckpointReport, PointsReport
+from drtool.services.drill import DrillCleanup, DrillResult
+from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
 from drtool.services.resync import ResyncResult
@@ -117,3 +119,30 @@ def points_table(report: PointsReport) -> Table:
         table.add_row(p.id, p.time, p.quiesce, f"{p.quiesce_seconds:.3f} s", p.tested_at or "-",
                       human_size(report.space.get(p.id)))
     return table
+
+
+def failover_summary(result: FailoverResult) -> str:
+    if result.dry_run and result.plan is not None:
+        lines = [f"{result.plan.kind} failover of {result.vm} would run (dry run, nothing done):"]
+        lines += [f"  {step}" for step in result.plan.steps]
+        lines += [f"  warning: {w}" for w in result.plan.warnings]
+        return "\n".join(lines)
+    rpo = "unknown" if result.rpo_seconds is None else f"{result.rpo_seconds:g} s"
+    point = f" from point {result.point}" if result.point else ""
+    return (f"{result.vm}: {result.kind} failover done{point}: {result.run_state} on {result.dr_host}; "
+            f"RTO {result.rto_seconds:.1f} s, RPO {rpo}")
+
+
+def rollback_summary(result: RollbackResult) -> str:
+    return f"{result.vm}: failover rolled back ({', '.join(result.undone) or 'nothing done yet'}); " \
+           f"source {result.source_state}, protected"
+
+
+def drill_summary(result: DrillResult) -> str:
+    return (f"{result.vm}: test failover of point {result.point} came up ({result.run_state}) in "
+            f"{result.seconds:.1f} s, isolated (no NIC); monitor {result.qmp_socket}; replication goes on. "
+            f"Remove it with: drtool failover {result.vm} --test --cleanup")
+
+
+def drill_cleanup_summary(result: DrillCleanup) -> str:
+    return f"{result.vm}: test VM and overlays removed" if result.removed else f"{result.vm}: no test VM to remove"

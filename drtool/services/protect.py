@@ -108,60 +108,74 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
     dr_host = inventory.hosts[vm.dr_host]
     src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
-    with VmLock(dr, vm.name), reach.qmp(vm) as qmp:
-        existing = load_manifest(dr, vm)
-        if existing is not None and existing.state != "unprotected":
-            raise Refused(f"{vm.name} is already protected (state {existing.state!r} in its manifest on "
-                          f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
-        devices = _check_source(qmp, vm)
-        in_use = sum(d.allocated for d in devices)
-        space = free_space(dr, vm.replica_dir)
-        _check_room(vm, space, devices, in_use)
-        manifest = Manifest(
-            vm=vm.name,
-            source_host=vm.host,
-            dr_host=vm.dr_host,
-            mode=vm.mode.value,
-            transport="tls-psk" if vm.transport.value == "tls" else "plain",
-            nbd_address=dr_host.replication_address or dr_host.address,
-            nbd_port=free_nbd_port(dr),
-            disks=tuple(
-                ReplicaDisk(d.device, d.node_name, d.format, d.virtual_size, d.image,
-                            str(layout.replica_image(d.device)), d.device)
-                for d in devices
-            ),
-            hardware=read_hardware(src, vm.qmp_socket),
-        )
-        with _undo_on_failure() as undo:
-            if space.measured_on != str(vm.replica_dir):
-                make_dirs(dr, vm.replica_dir)
-                undo.push(lambda: remove(dr, vm.replica_dir))
-            else:
-                undo.push(lambda: remove(dr, *(layout.replica_image(d.device) for d in devices), layout.tls_dir))
-            tls_dir = vm.source_state_dir / "tls"
-            if manifest.transport == "tls-psk":
-                psk = new_psk()
-                push_psk(dr, layout.tls_dir, psk)
-                push_psk(src, tls_dir, psk)
-                undo.push(lambda: remove(src, tls_dir))
-            create_replicas(dr, manifest)
-            save_manifest(dr, vm, manifest.with_state("seeding", "protect started"))
-            undo.push(lambda: remove(dr, vm.replica_dir / "manifest.json"))
-            start_target(dr, manifest, layout)
-            undo.push(lambda: stop_target(dr, layout))
-            start_link(src, vm, manifest)
-            undo.push(lambda: stop_link(src, vm))
-            attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
-            undo.push(lambda: detach_target(qmp, manifest))
-            nodes = [d.node_name for d in devices]
-            start_mirrors(qmp, manifest, nodes)
-            undo.push(lambda: cancel_mirrors(qmp, manifest))
-            add_bitmaps(qmp, manifest, nodes)
-            undo.commit()
-        manifest = manifest.with_state("seeding", "protect started")
-        if wait:
-            wait_until_ready(qmp, manifest, on_progress)
-            save_manifest(dr, vm, manifest.with_state("protected", "initial sync complete"))
+    with VmLock(dr, vm.name):
+        _check_not_protected(load_manifest(dr, vm), vm)
+        with reach.qmp(vm) as qmp:
+            return _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started)
+
+
+def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
+    if existing is None or existing.state == "unprotected":
+        return
+    if existing.state in ("failed-over", "failing-over"):
+        raise Refused(f"{vm.name} has failed over to {vm.dr_host} ({existing.state}): protecting it from "
+                      f"{vm.host} again would overwrite what it wrote there",
+                      hint=f"see drtool status {vm.name}")
+    raise Refused(f"{vm.name} is already protected (state {existing.state!r} in its manifest on "
+                  f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
+
+
+def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started) -> ProtectResult:  # noqa: ANN001
+    """protect's work once the lock is held and the VM is not protected yet."""
+    devices = _check_source(qmp, vm)
+    in_use = sum(d.allocated for d in devices)
+    space = free_space(dr, vm.replica_dir)
+    _check_room(vm, space, devices, in_use)
+    manifest = Manifest(
+        vm=vm.name,
+        source_host=vm.host,
+        dr_host=vm.dr_host,
+        mode=vm.mode.value,
+        transport="tls-psk" if vm.transport.value == "tls" else "plain",
+        nbd_address=dr_host.replication_address or dr_host.address,
+        nbd_port=free_nbd_port(dr),
+        disks=tuple(
+            ReplicaDisk(d.device, d.node_name, d.format, d.virtual_size, d.image,
+                        str(layout.replica_image(d.device)), d.device)
+            for d in devices
+        ),
+        hardware=read_hardware(src, vm.qmp_socket) | {"qmp_socket": str(vm.qmp_socket)},
+    )
+    with _undo_on_failure() as undo:
+        if space.measured_on != str(vm.replica_dir):
+            make_dirs(dr, vm.replica_dir)
+            undo.push(lambda: remove(dr, vm.replica_dir))
+        else:
+            undo.push(lambda: remove(dr, *(layout.replica_image(d.device) for d in devices), layout.tls_dir))
+        tls_dir = vm.source_state_dir / "tls"
+        if manifest.transport == "tls-psk":
+            psk = new_psk()
+            push_psk(dr, layout.tls_dir, psk)
+            push_psk(src, tls_dir, psk)
+            undo.push(lambda: remove(src, tls_dir))
+        create_replicas(dr, manifest)
+        save_manifest(dr, vm, manifest.with_state("seeding", "protect started"))
+        undo.push(lambda: remove(dr, vm.replica_dir / "manifest.json"))
+        start_target(dr, manifest, layout)
+        undo.push(lambda: stop_target(dr, layout))
+        start_link(src, vm, manifest)
+        undo.push(lambda: stop_link(src, vm))
+        attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
+        undo.push(lambda: detach_target(qmp, manifest))
+        nodes = [d.node_name for d in devices]
+        start_mirrors(qmp, manifest, nodes)
+        undo.push(lambda: cancel_mirrors(qmp, manifest))
+        add_bitmaps(qmp, manifest, nodes)
+        undo.commit()
+    manifest = manifest.with_state("seeding", "protect started")
+    if wait:
+        wait_until_ready(qmp, manifest, on_progress)
+        save_manifest(dr, vm, manifest.with_state("protected", "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
                          time.monotonic() - started, in_use)
 

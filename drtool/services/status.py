@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from drtool.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
+from drtool.manifest import Manifest
 from drtool.errors import DrtoolError, ExitCode
 from drtool.replication import JobState, job_id, query_jobs
 from drtool.services.concurrent import map_concurrently
@@ -71,6 +72,8 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         manifest_error = ""
     if manifest is not None and manifest.state == "unprotected":
         manifest = None
+    if manifest is not None and manifest.state in ("failed-over", "failing-over"):
+        return _failed_over_status(reach, vm, manifest)
     try:
         with reach.qmp(vm) as qmp:
             run_state = qmp.execute("query-status")["status"]
@@ -94,6 +97,29 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         error=error or manifest_error,
         exit_code=ExitCode.UNREACHABLE if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
     )
+
+
+def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
+    """A VM that runs (or is being started) on its DR host: report it from there."""
+    from drtool.services.failover import dr_vm_session
+
+    steps = manifest.failover.get("steps", [])
+    if manifest.state == "failing-over":
+        protection = (f"failing over ({manifest.failover.get('kind')}; done: {', '.join(steps) or 'nothing'}): "
+                      f"run drtool failover {vm.name} again to finish, or --rollback")
+    else:
+        protection = f"failed over to {vm.dr_host} at {manifest.failover.get('finished_at', '?')}"
+    try:
+        with dr_vm_session(reach, vm) as qmp:
+            run_state = qmp.execute("query-status")["status"]
+            devices = parse_query_block(qmp.execute("query-block"))
+    except DrtoolError as err:
+        return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, protection, error=str(err), exit_code=err.exit_code,
+                        mode=manifest.mode, transport=manifest.transport)
+    disks = tuple(DiskStatus(d.device, d.node_name, d.format, d.virtual_size, d.image, True, "failed over", None)
+                  for d in devices)
+    return VmStatus(vm.name, vm.dr_host, vm.dr_host, run_state, protection, disks, mode=manifest.mode,
+                    transport=manifest.transport)
 
 
 _SEVERITY = ("in sync", "lagging", "seeding", "broken")

@@ -64,7 +64,14 @@ def wait_broken(vm: LabVm, timeout: float = 60) -> None:
 
 
 def replica_path(lab: Lab, vm: LabVm, device: str, dr_host: str = "site-b") -> Path:
-    return lab.host_dir(dr_host) / "replicas" / vm.name / f"{device}.qcow2"
+    """The replica's active top: what replication writes to now (points freeze the images below it)."""
+    directory = lab.host_dir(dr_host) / "replicas" / vm.name
+    manifest = directory / "manifest.json"
+    if manifest.exists():
+        for disk in json.loads(manifest.read_text())["disks"]:
+            if disk["device"] == device:
+                return Path(disk["replica_image"])
+    return directory / f"{device}.qcow2"
 
 
 def images_identical(source: Path, replica: Path) -> tuple[bool, str]:

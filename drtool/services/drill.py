@@ -1,0 +1,96 @@
+"""`drtool failover --test`: a drill that changes nothing.
+
+The VM starts on the DR host on copy-on-write overlays of a point, with every
+network device removed, while replication goes on untouched: the point's
+images are only read (as backing files), never written. The point is tagged
+with the time it was tested. `--cleanup` stops the test VM and removes its
+overlays.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from drtool.domain import Inventory, Vm
+from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.errors import DrtoolError, Refused, UsageError
+from drtool.locks import VmLock
+from drtool.manifest import now
+from drtool.remote import remove
+from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.transport.connections import Reach
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    vm: str
+    point: str
+    came_up: bool
+    seconds: float  # command start to the test VM running
+    run_state: str
+    qmp_socket: str
+
+
+@dataclass(frozen=True)
+class DrillCleanup:
+    vm: str
+    removed: bool
+
+
+def drill_layout(vm: Vm) -> RunLayout:
+    return RunLayout(vm.replica_dir / "test")
+
+
+def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str | None = None) -> DrillResult:
+    started = time.monotonic()
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    layout = drill_layout(vm)
+    with VmLock(dr, vm.name):
+        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        if manifest.drill:
+            raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.get('point')})",
+                          hint=f"remove it first: drtool failover {vm.name} --test --cleanup")
+        if not manifest.points:
+            raise Refused(f"{vm.name} has no point to test", hint=f"take one: drtool checkpoint {vm.name}")
+        point = manifest.point(point_id) if point_id else manifest.points[-1]
+        if point is None:
+            raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        save_manifest(dr, vm, replace(manifest, drill={"point": point.id, "started_at": now()}))
+        dr.run(["mkdir", "-p", "-m", "700", "--", str(layout.run_dir)], timeout=30)
+        disks = {}
+        for disk in manifest.disks:
+            overlay = str(layout.run_dir / f"{disk.device}.qcow2")
+            dr.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", point.images[disk.device], "-F", "qcow2",
+                    "--", overlay], timeout=60)
+            disks[disk.source_image] = overlay
+        hardware = manifest.hardware
+        argv = map_command_line(hardware["argv"], disks, hardware.get("qmp_socket", str(vm.qmp_socket)), layout,
+                                isolate_network=True)
+        start_vm(dr, argv, layout)
+        with reach.qmp_at(vm.dr_host, layout.qmp_socket, f"{vm.name} (test)") as qmp:
+            qmp.execute("cont")
+            state = qmp.execute("query-status")["status"]
+        seconds = time.monotonic() - started
+        if state != "running":
+            raise DrtoolError(f"the test VM of {vm.name} started but is {state!r}, not running")
+        manifest = load_settled_manifest(dr, vm)
+        points = tuple(replace(p, tested_at=now()) if p.id == point.id else p for p in manifest.points)
+        save_manifest(dr, vm, replace(manifest, points=points,
+                                      drill=manifest.drill | {"seconds": round(seconds, 3), "state": state}))
+    return DrillResult(vm.name, point.id, True, seconds, state, str(layout.qmp_socket))
+
+
+def cleanup_test(inventory: Inventory, reach: Reach, name: str) -> DrillCleanup:
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    layout = drill_layout(vm)
+    with VmLock(dr, vm.name):
+        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        existed = bool(manifest.drill) or vm_pid(dr, layout) is not None
+        kill_vm(dr, layout)
+        remove(dr, layout.run_dir)
+        if manifest.drill:
+            save_manifest(dr, vm, replace(manifest, drill={}))
+    return DrillCleanup(vm.name, existed)
