@@ -33,7 +33,8 @@ class SyncProgress:
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._last_plain = 0.0
-        self._started = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, bytes done) at the first report
+        self._finished_said = False
 
     def __enter__(self) -> SyncProgress:
         if self._rich:
@@ -54,10 +55,14 @@ class SyncProgress:
                 self._progress.update(self._tasks[d.device], total=max(d.total, 1), completed=d.done)
             return
         now = time.monotonic()
+        if self._first is None:
+            self._first = (now, done)
         finished = all(d.ready for d in disks)
-        if finished or now - self._last_plain >= PLAIN_EVERY:
+        if (finished and not self._finished_said) or (not finished and now - self._last_plain >= PLAIN_EVERY):
             self._last_plain = now
-            rate = done / max(now - self._started, 1e-6)
+            self._finished_said = finished
+            first_time, first_done = self._first
+            rate = (done - first_done) / max(now - first_time, 1e-6)
             pct = 100.0 * done / total if total else 100.0
             per_disk = ", ".join(f"{d.device} {human_size(d.done)}/{human_size(d.total)}" for d in disks)
             self._out.info(f"{self._title}: {pct:5.1f}% {human_size(done)}/{human_size(total)} "

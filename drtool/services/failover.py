@@ -183,6 +183,7 @@ class _Run:
         self.dr = reach.shell(vm.dr_host)
         self.layout = TargetLayout(vm.replica_dir)
         self.run_layout = dr_run_layout(vm)
+        self._step_started = time.monotonic()
 
     def save(self, manifest: Manifest, **changes: object) -> None:
         self.manifest = replace(manifest, **changes) if changes else manifest
@@ -192,7 +193,10 @@ class _Run:
         return step in self.manifest.failover.get("steps", ())
 
     def record(self, step: str, **extra: object) -> None:
-        failover = self.manifest.failover | {"steps": [*self.manifest.failover.get("steps", []), step]} | extra
+        took = self.manifest.failover.get("step_seconds", {}) | {step: round(time.monotonic() - self._step_started, 3)}
+        self._step_started = time.monotonic()
+        failover = self.manifest.failover | {"steps": [*self.manifest.failover.get("steps", []), step],
+                                             "step_seconds": took} | extra
         self.save(self.manifest, failover=failover)
         if os.environ.get(FAULT_ENV) == step:
             os.kill(os.getpid(), signal.SIGKILL)

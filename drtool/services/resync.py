@@ -21,6 +21,7 @@ preference:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from drtool.link import link_socket, start_link
 from drtool.locks import VmLock
 from drtool.manifest import Manifest
 from drtool.replication import (
+    QUIET,
+    DiskProgress,
     ProgressCallback,
     add_bitmaps,
     attach_target,
@@ -95,26 +98,38 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
 
 
 def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None) -> int:
-    """Resume paused jobs until they stay up and reach ready; bytes copied meanwhile."""
+    """Resume paused jobs until they have caught up; the bytes they copied meanwhile.
+
+    A resumed job may fail again while QEMU's NBD client is still reconnecting
+    (it backs off up to 16 s between attempts): resume it again. Give up only
+    when nothing has moved for RECONNECT_WAIT seconds.
+    """
     before = {j: s.offset for j, s in query_jobs(qmp, manifest).items()}
-    deadline = time.monotonic() + RECONNECT_WAIT
+    last_offsets, last_progress = dict(before), time.monotonic()
+    quiet_since: float | None = None
     while True:
-        for jid, job in query_jobs(qmp, manifest).items():
+        jobs = query_jobs(qmp, manifest)
+        for jid, job in jobs.items():
             if job.paused:
-                try:
+                with contextlib.suppress(QmpError):  # resumed meanwhile
                     qmp.execute("block-job-resume", {"device": jid})
-                except QmpError:
-                    pass  # resumed meanwhile
-        try:
-            wait_until_ready(qmp, manifest, on_progress, timeout=RECONNECT_WAIT)
-            break
-        except DrtoolError:
-            # The NBD client may not have reconnected yet: the job fails again and pauses.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-    after = query_jobs(qmp, manifest)
-    return sum(max(0, after[j].offset - before.get(j, 0)) for j in after)
+        if on_progress:
+            on_progress([DiskProgress(j.device, j.length, j.offset, j.remaining == 0 and not j.broken)
+                         for j in jobs.values()])
+        offsets = {j: s.offset for j, s in jobs.items()}
+        if offsets != last_offsets:
+            last_offsets, last_progress = offsets, time.monotonic()
+        if all(j.ready and not j.broken and j.remaining == 0 for j in jobs.values()):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= QUIET:
+                return sum(max(0, offsets[j] - before.get(j, 0)) for j in offsets)
+        else:
+            quiet_since = None
+        if time.monotonic() - last_progress > RECONNECT_WAIT:
+            raise DrtoolError(f"replication of {manifest.vm} made no progress for {RECONNECT_WAIT:g} s after "
+                              "resuming", hint=f"check the link to {manifest.dr_host} and the DR target, then "
+                              "run drtool resync again")
+        time.sleep(0.25)
 
 
 def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,

@@ -1,0 +1,55 @@
+"""Mapping the source QEMU's command line to run elsewhere (pure)."""
+
+from pathlib import PurePosixPath
+
+import pytest
+
+from drtool.dr_vm import RunLayout, map_command_line
+from drtool.errors import DrtoolError
+
+SOURCE = [
+    "qemu-system-x86_64", "-M", "pc", "-S", "-nodefaults", "-m", "1024", "-name", "web",
+    "-pidfile", "/run/web.pid",
+    "-blockdev", "driver=qcow2,node-name=vd0-fmt,file.driver=file,file.filename=/srv/web,,a.qcow2",
+    "-device", "virtio-blk-pci,drive=vd0-fmt,id=vd0",
+    "-blockdev", '{"driver": "qcow2", "node-name": "vd1-fmt", "file": {"driver": "file", "filename": "/srv/b.qcow2"}}',
+    "-device", "virtio-blk-pci,drive=vd1-fmt,id=vd1",
+    "-netdev", "tap,id=net0,ifname=tap0", "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
+    "-chardev", "socket,id=drtool,path=/run/drtool/web.qmp,server=on,wait=off", "-mon", "chardev=drtool,mode=control",
+    "-chardev", "socket,id=qga,path=/run/qga/web.sock,server=on,wait=off",
+    "-daemonize",
+]
+DISKS = {"/srv/web,a.qcow2": "/dr/web/vd0.qcow2", "/srv/b.qcow2": "/dr/web/vd1.qcow2"}
+LAYOUT = RunLayout(PurePosixPath("/dr/web/vm"))
+
+
+def mapped(**kw):
+    return map_command_line(SOURCE, DISKS, "/run/drtool/web.qmp", LAYOUT, **kw)
+
+
+def test_disks_sockets_and_pidfile_move_to_the_dr_side():
+    argv = mapped()
+    assert "driver=qcow2,node-name=vd0-fmt,file.driver=file,file.filename=/dr/web/vd0.qcow2" in argv
+    assert any('"filename": "/dr/web/vd1.qcow2"' in a for a in argv)
+    assert "socket,id=drtool,path=/dr/web/vm/drtool.qmp,server=on,wait=off" in argv
+    assert "socket,id=qga,path=/dr/web/vm/web.sock,server=on,wait=off" in argv
+    assert argv[argv.index("-pidfile") + 1] == "/dr/web/vm/qemu.pid"
+    assert argv.count("-daemonize") == 1 and argv[-1] == "-daemonize" and "-S" in argv
+    assert not any("/srv/" in a or "/run/" in a for a in argv)
+
+
+def test_production_failover_keeps_the_network():
+    argv = mapped()
+    assert "tap,id=net0,ifname=tap0" in argv and "none" not in argv
+
+
+def test_a_drill_has_no_network_at_all():
+    argv = mapped(isolate_network=True)
+    assert "-netdev" not in argv and not any("netdev=" in a for a in argv)
+    assert argv[argv.index("-nic") + 1] == "none"
+    assert "virtio-blk-pci,drive=vd0-fmt,id=vd0" in argv  # disks stay
+
+
+def test_an_unreplicated_disk_refuses_to_start():
+    with pytest.raises(DrtoolError, match="/srv/b.qcow2"):
+        map_command_line(SOURCE, {"/srv/web,a.qcow2": "/dr/web/vd0.qcow2"}, "/run/drtool/web.qmp", LAYOUT)
