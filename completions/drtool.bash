@@ -1,0 +1,10 @@
+_drtool_completion() {
+    local IFS=$'
+'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
+                   COMP_CWORD=$COMP_CWORD \
+                   _DRTOOL_COMPLETE=complete_bash $1 ) )
+    return 0
+}
+
+complete -o default -F _drtool_completion drtool
