@@ -1,10 +1,1 @@
-_drtool_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _DRTOOL_COMPLETE=complete_bash $1 ) )
-    return 0
-}
-
-complete -o default -F _drtool_completion drtool
+complete --command drtool --no-files --arguments "(env _DRTOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) drtool)" --condition "env _DRTOOL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) drtool"

@@ -10,12 +10,18 @@ import pytest
 COMPLETIONS = Path(__file__).resolve().parents[2] / "completions"
 
 
-@pytest.mark.parametrize(("shell", "name"), [("bash", "drtool.bash"), ("zsh", "_drtool"), ("fish", "drtool.fish")])
-def test_shipped_scripts_are_current(shell, name):
-    drtool = Path(sys.executable).parent / "drtool"  # the console script: completions name the program
-    generated = subprocess.run([str(drtool), "--show-completion", shell], capture_output=True, text=True, timeout=60)
-    assert generated.returncode == 0, generated.stderr
-    assert generated.stdout == (COMPLETIONS / name).read_text(), f"regenerate: drtool --show-completion {shell}"
+@pytest.mark.parametrize(("shell", "name", "marker"), [
+    ("bash", "drtool.bash", "complete -o default -F"),
+    ("zsh", "_drtool", "#compdef drtool"),
+    ("fish", "drtool.fish", "complete --command drtool"),
+])
+def test_shipped_scripts_are_current(shell, name, marker):
+    """Regenerate with typer's generator (see the script's comment) when this fails."""
+    from typer._completion_shared import get_completion_script
+
+    shipped = (COMPLETIONS / name).read_text()
+    assert marker in shipped
+    assert shipped == get_completion_script(prog_name="drtool", complete_var="_DRTOOL_COMPLETE", shell=shell)
 
 
 def test_bash_completion_offers_the_commands():
