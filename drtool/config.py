@@ -22,6 +22,7 @@ from typing import Any
 
 from drtool.domain import Host, Inventory, ReplicationMode, Transport, Vm
 from drtool.errors import ConfigError
+from drtool.retention import RetentionRule, RetentionRuleError, parse_rule, parse_rules
 
 ENV_VAR = "DRTOOL_CONFIG"
 LOCAL_NAME = "drtool.toml"
@@ -191,6 +192,25 @@ def _disks(value: Any, ctx: _Ctx) -> tuple[str, ...]:
     return tuple(seen)
 
 
+def _retention(value: Any, ctx: _Ctx) -> tuple[RetentionRule, ...]:
+    if not isinstance(value, list):
+        raise _Bad('must be a list of rules like ["hourly for 24h", "daily for 7d"]')
+    if not value:
+        raise _Bad('must list at least one rule, like ["hourly for 24h", "daily for 7d"]; '
+                   "leave the key out for that default")
+    for item in value:
+        if not isinstance(item, str):
+            raise _Bad(f"item {_show(item)} is not a string")
+        try:
+            parse_rule(item)
+        except RetentionRuleError as e:
+            raise _Bad(f"{_show(item)}: {e}") from None
+    try:
+        return parse_rules(value)
+    except RetentionRuleError as e:
+        raise _Bad(str(e)) from None
+
+
 def _mode(value: Any, ctx: _Ctx) -> ReplicationMode:
     choices = [m.value for m in ReplicationMode]
     if not isinstance(value, str) or value not in choices:
@@ -255,6 +275,7 @@ _SECTIONS: dict[str, _Section] = {
             "mode": _Field(_mode),
             "transport": _Field(_transport),
             "source_dir": _Field(_remote_path),
+            "retention": _Field(_retention),
         },
         checks=(_dr_differs,),
     ),

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
+from drtool.retention import DEFAULT_RETENTION, RetentionRule
+
 DEFAULT_SSH_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_COMMAND_TIMEOUT = 60.0
@@ -59,6 +61,7 @@ class Vm:
     mode: ReplicationMode = ReplicationMode.ASYNC
     transport: Transport = Transport.TLS
     source_dir: PurePosixPath | None = None  # drtool's files on the VM's host; default below
+    retention: tuple[RetentionRule, ...] = DEFAULT_RETENTION  # which points checkpoint keeps (retention.py)
 
     @property
     def source_state_dir(self) -> PurePosixPath:

@@ -16,12 +16,14 @@ disk, so a restarted target always exports the true top, never a point.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
 from drtool.dr_target import TargetLayout
-from drtool.errors import DrtoolError
+from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.manifest import Manifest, RecoveryPoint, now
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -79,19 +81,25 @@ def settled(manifest: Manifest) -> Manifest:
     return replace(manifest, disks=disks, points=(*manifest.points, point), pending_point={})
 
 
-def settle_pending(shell: RemoteShell, manifest: Manifest) -> tuple[Manifest, bool]:
+def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | None) -> tuple[Manifest, bool]:
     """Resolve a point left pending by a drtool that died mid-way; (manifest, changed).
 
-    The snapshot transaction is atomic: either every new overlay exists with
-    the old top as its backing file, or none is in use. Only then is the
-    point adopted; otherwise it is dropped (and any stray overlay file removed).
+    The snapshot transaction is atomic: every new overlay is in use, or none.
+    A running target is the witness: the point happened iff it has every new
+    overlay open. (QEMU leaves the file of a refused snapshot behind, so a file
+    with the right backing proves nothing while the target runs.) With the
+    target down, the files decide: every overlay exists with the old top as
+    its backing file. Otherwise the point is dropped and stray files removed.
     """
     pending = manifest.pending_point
     if not pending:
         return manifest, False
-    adopted = all(
-        _backing_of(shell, pending["tops"][d.device]) == d.replica_image for d in manifest.disks
-    )
+    if target_pid is not None:
+        open_files = set(shell.run(["sh", "-c", 'for f in /proc/"$1"/fd/*; do readlink -- "$f"; done', "sh",
+                                    str(target_pid)], check=False, timeout=30).out.splitlines())
+        adopted = all(pending["tops"][d.device] in open_files for d in manifest.disks)
+    else:
+        adopted = all(_backing_of(shell, pending["tops"][d.device]) == d.replica_image for d in manifest.disks)
     if adopted:
         return settled(manifest), True
     shell.run(["rm", "-f", "--", *pending["tops"].values()], timeout=30)
@@ -104,3 +112,174 @@ def _backing_of(shell: RemoteShell, image: str) -> str | None:
         return None
     info = json.loads(result.out)
     return info.get("full-backing-filename") or info.get("backing-filename")
+
+
+# ----------------------------------------------------------------------------- deleting points
+#
+# Each disk's chain on the target is, bottom to top, the images of the points
+# in the order they were taken, then the active top:
+#     P1.images[dev] <- P2.images[dev] <- ... <- Pn.images[dev] <- replica_image
+# A point is deleted in two phases:
+#   1. it leaves the manifest (saved) before any image changes, so a point the
+#      manifest lists never has a modified image; its images become "orphans",
+#      in the chain but no point's;
+#   2. per disk, each run of orphans is merged with the point image right above
+#      it: block-commit of that image into the lowest orphan, on the running
+#      target (an intermediate commit: the export keeps writing to the top). The
+#      lowest orphan then holds exactly the view of the point above, which is
+#      re-pointed to it and saved before the committed files are removed.
+# A commit into a base never changes what the images above it show, so every
+# listed point stays right whatever fails or dies when: a failed commit leaves
+# orphans (space, no harm), merged by the next deletion; a drtool killed between
+# a commit and its manifest save leaves a point naming an image that left the
+# chain but still shows the same data, repaired by the next deletion.
+
+COMMIT_JOB_PREFIX = "drtool-commit"
+COMMIT_TIMEOUT = 3600.0  # s one disk's commit may take (it copies one point's delta)
+SaveManifest = Callable[[Manifest], None]
+
+
+def delete_point(target: QmpSession, shell: RemoteShell, manifest: Manifest, point_id: str, *,
+                 save: SaveManifest) -> Manifest:
+    """Delete one point (not the newest) on the target; save() is called at each consistent step."""
+    return delete_points(target, shell, manifest, [point_id], save=save)
+
+
+def delete_points(target: QmpSession, shell: RemoteShell, manifest: Manifest, point_ids: Sequence[str], *,
+                  save: SaveManifest) -> Manifest:
+    """Delete these points (never the newest); the final manifest, already saved with save().
+
+    save(manifest) must write the manifest atomically to the DR host: it is
+    called once the points leave the manifest, then after each commit. On a
+    failure a DrtoolError is raised; what was saved before it is consistent.
+    """
+    ids = list(dict.fromkeys(point_ids))
+    if not ids:
+        return manifest
+    if manifest.pending_point:
+        raise DrtoolError(f"{manifest.vm} has a point pending; settle it before deleting points")
+    known = {p.id for p in manifest.points}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UsageError(f"{manifest.vm} has no point {unknown[0]}",
+                         hint=f"its points: {', '.join(sorted(known)) or 'none'}")
+    if manifest.points[-1].id in ids:
+        raise Refused(f"{manifest.points[-1].id} is the newest point of {manifest.vm}: it is never deleted",
+                      hint="it holds the base of the replica drtool writes to; take a newer point first")
+    busy = [j["device"] for j in target.execute("query-block-jobs")
+            if str(j.get("device", "")).startswith(COMMIT_JOB_PREFIX)]
+    if busy:
+        raise Refused(f"the replication target of {manifest.vm} is still merging points ({busy[0]})",
+                      hint="an earlier deletion was interrupted; try again when it has finished")
+    manifest = replace(manifest, points=tuple(p for p in manifest.points if p.id not in ids))
+    save(manifest)
+    for i in range(len(manifest.disks)):
+        manifest = merge_orphans(target, shell, manifest, i, save=save)
+    return manifest
+
+
+def backing_chain(shell: RemoteShell, top: str) -> list[str]:
+    """The images of top's chain, bottom (the full image) first, as qemu-img reads them from disk."""
+    result = shell.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", "--", top], timeout=60)
+    try:
+        infos = json.loads(result.out)
+        return [str(info["filename"]) for info in reversed(infos)]
+    except (ValueError, TypeError, KeyError) as err:
+        raise DrtoolError(f"cannot read the backing chain of {top}: {err}") from err
+
+
+def merge_orphans(target: QmpSession, shell: RemoteShell, manifest: Manifest, index: int, *,
+                  save: SaveManifest) -> Manifest:
+    """Merge every image of disk `index`'s chain that no point names into the point image above it."""
+    disk = manifest.disks[index]
+    chain = backing_chain(shell, disk.replica_image)
+    if not chain or chain[-1] != disk.replica_image:
+        raise DrtoolError(f"the chain of {disk.device} does not end at its replica {disk.replica_image}: {chain}")
+    manifest = _repair_detached(shell, manifest, index, chain, save)
+    named = {p.images[disk.device] for p in manifest.points}
+    orphans: list[str] = []
+    for image in list(chain[:-1]):
+        if image not in named:
+            orphans.append(image)
+            continue
+        if orphans:  # chain is re-read and checked after each commit
+            manifest, chain = _commit_into(target, shell, manifest, index, chain, image, orphans[0], save)
+        orphans = []
+    expected = [p.images[disk.device] for p in manifest.points] + [disk.replica_image]
+    if chain != expected:
+        raise DrtoolError(f"the chain of {disk.device} on {manifest.dr_host} is {' <- '.join(chain)}; "
+                          f"its points expect {' <- '.join(expected)}",
+                          hint="nothing more is deleted while they disagree; check the replica directory")
+    return manifest
+
+
+def _commit_into(target: QmpSession, shell: RemoteShell, manifest: Manifest, index: int, chain: list[str],
+                 top: str, base: str, save: SaveManifest) -> tuple[Manifest, list[str]]:
+    """block-commit top (a point's image) and what lies between into base; re-point, save, remove files."""
+    disk = manifest.disks[index]
+    gone = chain[chain.index(base) + 1: chain.index(top) + 1]
+    job = f"{COMMIT_JOB_PREFIX}{index}"
+    with target.subscribe(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"]) as events:
+        target.execute("block-commit", {
+            "job-id": job,
+            "device": node_of_image(target, disk.replica_image),
+            "top-node": node_of_image(target, top),
+            "base-node": node_of_image(target, base),
+            "auto-dismiss": True,
+        })
+        deadline = time.monotonic() + COMMIT_TIMEOUT
+        while True:
+            event = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if event is None:
+                raise DrtoolError(f"merging {top} into {base} did not finish within {COMMIT_TIMEOUT:g} s",
+                                  hint="it goes on in the replication target; the next checkpoint finishes the job")
+            data = event.get("data", {})
+            if data.get("device") != job:
+                continue
+            if event.get("event") == "BLOCK_JOB_CANCELLED" or data.get("error"):
+                raise DrtoolError(f"merging {top} into {base} on {manifest.dr_host} failed: "
+                                  f"{data.get('error') or 'cancelled'}",
+                                  hint="every listed point is intact; the next checkpoint tries again")
+            break
+    expected = [c for c in chain if c not in gone]
+    now_chain = backing_chain(shell, disk.replica_image)
+    if now_chain != expected:
+        raise DrtoolError(f"after merging {top} into {base} the chain of {disk.device} is "
+                          f"{' <- '.join(now_chain)}, not {' <- '.join(expected)}")
+    manifest = _repoint(manifest, disk.device, top, base)
+    save(manifest)
+    shell.run(["rm", "-f", "--", *gone], timeout=60)
+    return manifest, now_chain
+
+
+def _repoint(manifest: Manifest, device: str, old: str, new: str) -> Manifest:
+    points = tuple(replace(p, images=p.images | {device: new}) if p.images.get(device) == old else p
+                   for p in manifest.points)
+    return replace(manifest, points=points)
+
+
+def _repair_detached(shell: RemoteShell, manifest: Manifest, index: int, chain: list[str],
+                     save: SaveManifest) -> Manifest:
+    """Points whose image left the chain: a commit finished but drtool died before saving the manifest.
+
+    The image was committed into the highest chain image of its own backing
+    chain, which now shows the same data: the point is re-pointed there, and
+    the committed files (no longer in the chain) removed.
+    """
+    disk = manifest.disks[index]
+    for point in manifest.points:
+        image = point.images[disk.device]
+        if image in chain:
+            continue
+        own = backing_chain(shell, image)  # raises if the file is gone: then nothing can be repaired
+        into = next((c for c in reversed(own) if c in chain), None)
+        if into is None or any(p.images[disk.device] == into for p in manifest.points):
+            raise DrtoolError(f"point {point.id}'s image {image} of {disk.device} is not in the replica's chain",
+                              hint="the target and its manifest disagree; check the replica directory")
+        manifest = _repoint(manifest, disk.device, image, into)
+        save(manifest)
+        named = {p.images[disk.device] for p in manifest.points}
+        stale = [c for c in own[own.index(into) + 1:] if c not in named]
+        if stale:
+            shell.run(["rm", "-f", "--", *stale], timeout=60)
+    return manifest

@@ -101,13 +101,14 @@ def resync_summary(result: ResyncResult) -> str:
 
 def checkpoint_table(report: CheckpointReport) -> Table:
     table = Table(title="Checkpoints", title_justify="left")
-    for col in ("vm", "point", "quiesced", "paused for", "result"):
+    for col in ("vm", "point", "quiesced", "paused for", "deleted", "result"):
         table.add_column(col, overflow="fold")
     for r in report.results:
         if r.point is None:
-            table.add_row(r.vm, "-", "-", "-", Text(r.error or "skipped", style="red" if r.exit_code else ""))
+            table.add_row(r.vm, "-", "-", "-", "-", Text(r.error or "skipped", style="red" if r.exit_code else ""))
         else:
-            table.add_row(r.vm, r.point.id, r.point.quiesce, f"{r.quiesced_seconds:.3f} s", _mark(True, "ok"))
+            table.add_row(r.vm, r.point.id, r.point.quiesce, f"{r.quiesced_seconds:.3f} s", ", ".join(r.deleted) or "-",
+                          Text(r.error, style="red") if r.error else _mark(True, "ok"))
     return table
 
 

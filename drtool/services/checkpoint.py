@@ -4,7 +4,8 @@ A point is consistent across all of a VM's disks: the source is paused (QMP
 stop: no guest write can be issued), every mirror is waited for until it has
 had nothing to copy for longer than its polling interval, the point is taken
 on the DR target for all disks in one QMP transaction, and the source resumes.
-The pause is measured and reported.
+The pause is measured and reported. Then, still under the VM's lock, the
+points the VM's retention rules no longer keep are deleted (points.py).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
-from drtool.dr_target import TargetLayout
-from drtool.errors import DrtoolError, ExitCode, Refused
+from drtool.dr_target import TargetLayout, target_pid
+from drtool.errors import DrtoolError, ExitCode, QmpError, Refused
 from drtool.locks import VmLock
-from drtool.manifest import Manifest, RecoveryPoint
-from drtool.points import prepare_point, take_point
+from drtool.manifest import Manifest, RecoveryPoint, now
+from drtool.points import delete_points, prepare_point, take_point
 from drtool.replication import job_id, query_jobs, wait_quiet
+from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
@@ -35,6 +38,7 @@ class CheckpointResult:
     quiesced_seconds: float
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
+    deleted: tuple[str, ...] = ()  # points the VM's retention rules let go
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,48 @@ def _checkpoint_one(reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointR
             if skip_unprotected and (manifest is None or manifest.state == "unprotected"):
                 return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
             manifest = require_protected(manifest, vm)
-            with reach.qmp(vm) as qmp, target_session(reach, vm) as target:
-                manifest, seconds = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
-        return CheckpointResult(vm.name, manifest.points[-1], seconds)
+            if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
+                raise Refused(f"the replication target of {vm.name} is not running on {vm.dr_host}",
+                              hint=f"run drtool resync {vm.name}: it restarts the target and catches up")
+            with target_session(reach, vm) as target:
+                with reach.qmp(vm) as qmp:
+                    manifest, seconds = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
+                point = manifest.points[-1]
+                deleted, failure = apply_retention(target, dr, vm, manifest)
+        if failure:
+            # The point stands (it is saved); exit 1 all the same: a retention that keeps
+            # failing fills the DR host until replication itself stops, and cron only sees this.
+            return CheckpointResult(vm.name, point, seconds, f"point {point.id} taken, but {failure}",
+                                    ExitCode.FAILED, deleted)
+        return CheckpointResult(vm.name, point, seconds, deleted=deleted)
     except DrtoolError as err:
         return CheckpointResult(vm.name, None, 0.0, str(err), err.exit_code)
+
+
+def apply_retention(target: QmpSession, dr, vm: Vm, manifest: Manifest,  # noqa: ANN001
+                    now: datetime | None = None) -> tuple[tuple[str, ...], str]:
+    """Delete the points vm.retention does not keep; (ids deleted, what failed or "").
+
+    Only in the plain protected state: never while a failover or drill is
+    recorded, whose VM may be running on a point's images.
+    """
+    if manifest.state != "protected" or manifest.failover:
+        return (), ""
+    doomed = points_to_delete(manifest.points, vm.retention, now or datetime.now(UTC))
+    if not doomed:
+        return (), ""
+    saved: list[Manifest] = []
+
+    def save(m: Manifest) -> None:
+        save_manifest(dr, vm, m)
+        saved.append(m)
+
+    try:
+        delete_points(target, dr, manifest, doomed, save=save)
+    except DrtoolError as err:
+        left = {p.id for p in saved[-1].points} if saved else set(doomed)
+        return tuple(i for i in doomed if i not in left), f"deleting old points failed: {err}"
+    return tuple(doomed), ""
 
 
 def take_consistent_point(qmp: QmpSession, target: QmpSession, manifest: Manifest, vm: Vm, dr,  # noqa: ANN001
@@ -83,24 +124,36 @@ def take_consistent_point(qmp: QmpSession, target: QmpSession, manifest: Manifes
     if broken or len(jobs) < len(manifest.disks):
         raise Refused(f"replication of {vm.name} is broken: a point now would not hold its latest writes",
                       hint=f"run drtool resync {vm.name} first")
+    # Recorded as pending before the pause: the SSH round trip does not lengthen it.
+    pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
+    save_manifest(dr, vm, pending)
     running = qmp.execute("query-status")["status"] == "running"
     started = time.monotonic()
     if running:
         qmp.execute("stop")
     try:
         if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
+            _drop_pending(dr, vm, pending)
             raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; no point taken")
-        pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
-        save_manifest(dr, vm, pending)
-        manifest = take_point(target, pending)
+        try:
+            manifest = take_point(target, pending)
+        except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
+            _drop_pending(dr, vm, pending)
+            raise
+        taken_at = now()
     finally:
         if running:
             qmp.execute("cont")
         paused = time.monotonic() - started
-    point = replace(manifest.points[-1], quiesce_seconds=round(paused, 3))
+    point = replace(manifest.points[-1], time=taken_at, quiesce_seconds=round(paused, 3))
     manifest = replace(manifest, points=(*manifest.points[:-1], point))
     save_manifest(dr, vm, manifest)
     return manifest, paused
+
+
+def _drop_pending(dr, vm: Vm, pending: Manifest) -> None:  # noqa: ANN001
+    dr.run(["rm", "-f", "--", *pending.pending_point["tops"].values()], timeout=30)
+    save_manifest(dr, vm, replace(pending, pending_point={}))
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
 
 def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     """The manifest, with a point a killed drtool left pending resolved (and saved)."""
+    from drtool.dr_target import TargetLayout, target_pid
     from drtool.points import settle_pending
 
     manifest = load_manifest(dr, vm)
-    if manifest is None:
-        return None
-    manifest, changed = settle_pending(dr, manifest)
+    if manifest is None or not manifest.pending_point:
+        return manifest
+    manifest, changed = settle_pending(dr, manifest, target_pid(dr, TargetLayout(vm.replica_dir)))
     if changed:
         save_manifest(dr, vm, manifest)
     return manifest
