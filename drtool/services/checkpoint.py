@@ -97,7 +97,7 @@ def apply_retention(target: QmpSession, dr, vm: Vm, manifest: Manifest,  # noqa:
     Only in the plain protected state: never while a failover or drill is
     recorded, whose VM may be running on a point's images.
     """
-    if manifest.state != "protected" or manifest.failover:
+    if manifest.state != "protected" or manifest.failover or manifest.drill:
         return (), ""
     doomed = points_to_delete(manifest.points, vm.retention, now or datetime.now(UTC))
     if not doomed:
