@@ -223,3 +223,36 @@ def test_a_vm_that_is_not_running_is_refused(lab, tmp_path):
         _nothing_changed(lab, vm, lab.host_dir("site-b") / "replicas" / vm.name)
     finally:
         vm.stop()
+
+
+def test_a_short_link_cut_heals_by_itself(lab, lab_vm, lab_config):
+    """Shorter than the link timeout and reconnect-delay: no resync needed, nothing reported broken."""
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    lab.cut_site_link("site-a", "site-b")
+    try:
+        lab_vm.guest_write("vd0", 9 * MiB, MiB, 0xC1)
+        time.sleep(2)
+    finally:
+        lab.restore_site_link("site-a", "site-b")
+    assert_replicas_identical(lab, lab_vm)
+    assert all(j["io-status"] == "ok" for j in drtool_jobs(lab_vm))
+    assert status_json(lab_config, lab_vm.name)["protection"] == "in sync"
+
+
+def test_no_wait_returns_while_seeding_and_unprotect_keeps_the_replicas(lab, lab_vm, lab_config):
+    lab_vm.guest_write("vd0", 0, 32 * MiB, 0xD1)
+    report = json.loads(drtool_ok(lab_config, "protect", lab_vm.name, "--no-wait", "--json").stdout)
+    assert report["in_sync"] is False
+    assert len(drtool_jobs(lab_vm)) == 1
+    wait_in_sync(lab_vm)
+    # cron's resync sees the initial sync complete and marks the manifest protected
+    assert json.loads(drtool_ok(lab_config, "resync", lab_vm.name, "--json").stdout)["action"] == "none"
+    manifest = replica_path(lab, lab_vm, "vd0").parent / "manifest.json"
+    assert json.loads(manifest.read_text())["state"] == "protected"
+    drtool_ok(lab_config, "unprotect", lab_vm.name)
+    assert drtool_jobs(lab_vm) == []
+    nodes = [n["node-name"] for n in lab_vm.qmp("query-named-block-nodes", flat=True)]
+    assert not [n for n in nodes if n.startswith("drtool-")], nodes
+    assert replica_has(replica_path(lab, lab_vm, "vd0"), 0, 32 * MiB, 0xD1)  # the replica stays, complete
+    assert json.loads(manifest.read_text())["state"] == "unprotected"
+    assert status_json(lab_config, lab_vm.name)["protection"] == "unprotected"
