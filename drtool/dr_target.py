@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 
 from drtool.errors import RemoteCommandError
 from drtool.manifest import Manifest
+from drtool.replication import TLS_PRIORITY
 from drtool.remote import read_file, terminate, write_file
 from drtool.transport.connections import RemoteShell
 
@@ -67,8 +68,8 @@ def target_argv(manifest: Manifest, layout: TargetLayout) -> list[str]:
     tls = manifest.transport == "tls-psk"
     argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(layout.pidfile)]
     if tls:
-        argv += ["--object", json.dumps({"qom-type": "tls-creds-psk", "id": "drtool-tls",
-                                         "endpoint": "server", "dir": str(layout.tls_dir)})]
+        argv += ["--object", json.dumps({"qom-type": "tls-creds-psk", "id": "drtool-tls", "endpoint": "server",
+                                         "dir": str(layout.tls_dir), "priority": TLS_PRIORITY})]
     for i, disk in enumerate(manifest.disks):
         argv += [
             "--blockdev", json.dumps({"driver": "file", "node-name": f"file{i}", "filename": disk.replica_image}),

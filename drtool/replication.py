@@ -25,6 +25,14 @@ from drtool.manifest import Manifest
 from drtool.transport.qmp import QmpSession
 
 TLS_ID = "drtool-tls"
+# TLS 1.3 with a PSK allows only SHA-256 suites; GnuTLS's default order then picks
+# ChaCha20-Poly1305, which runs in plain C, ahead of AES-128-GCM, which uses the
+# CPU's AES instructions: measured on the lab, 1 GiB copied in 10.4 s vs 5.6 s.
+# ChaCha20 stays allowed, last, for hosts without AES hardware.
+TLS_PRIORITY = "NORMAL:-CHACHA20-POLY1305:+CHACHA20-POLY1305"
+# In-flight copy buffer per disk during the initial sync and catch-up (QEMU's
+# default is 16 MiB); 32 MiB took the lab's 1 GiB copy from 5.6 s to 4.6 s.
+MIRROR_BUF_SIZE = 32 << 20
 BITMAP_PREFIX = "drtool-resync-"
 # A ready mirror notices new dirty data on its next iteration, up to 100 ms
 # (BLOCK_JOB_SLICE_TIME) after a write: "nothing to copy" counts only once it
@@ -74,7 +82,7 @@ def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPat
     if manifest.transport == "tls-psk":
         assert tls_dir is not None
         qmp.execute("object-add", {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": "client",
-                                   "dir": str(tls_dir), "username": psk_user})
+                                   "dir": str(tls_dir), "username": psk_user, "priority": TLS_PRIORITY})
     for i, disk in enumerate(manifest.disks):
         args = {
             "driver": "nbd",
@@ -119,6 +127,7 @@ def start_mirrors(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], syn
             "auto-finalize": True,
             "auto-dismiss": False,
             "filter-node-name": filter_node(i),
+            "buf-size": MIRROR_BUF_SIZE,
         })
 
 
@@ -147,7 +156,7 @@ ProgressCallback = Callable[[Sequence[DiskProgress]], None]
 
 
 def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None = None,
-                     timeout: float | None = None, poll: float = 0.25) -> None:
+                     timeout: float | None = None, poll: float = 0.1) -> None:
     """Block until every job is ready (in sync), reporting progress; fail if one breaks."""
     deadline = None if timeout is None else time.monotonic() + timeout
     wanted = [job_id(i) for i in range(len(manifest.disks))]

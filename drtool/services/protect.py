@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class _Undo:
         self._steps: list[Callable[[], object]] = []
 
     def push(self, step: Callable[[], object]) -> None:
-        self._steps.append(step)
+        self._steps.append(step)  # list.append is atomic: setup threads may push concurrently
 
     def run(self) -> None:
         for step in reversed(self._steps):
@@ -99,6 +100,15 @@ def _undo_on_failure() -> Iterator[_Undo]:
     except BaseException:
         undo.run()
         raise
+
+
+def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
+    """Run setup steps concurrently; every undo they pushed stands, the first error is raised."""
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        futures = [pool.submit(step, undo) for step in steps]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
 
 
 def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001
@@ -129,7 +139,11 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
     """protect's work once the lock is held and the VM is not protected yet."""
     devices = _check_source(qmp, vm)
     in_use = sum(d.allocated for d in devices)
-    space = free_space(dr, vm.replica_dir)
+    with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
+        space_f = pool.submit(free_space, dr, vm.replica_dir)
+        port_f = pool.submit(free_nbd_port, dr)
+        hardware_f = pool.submit(read_hardware, src, vm.qmp_socket)
+    space = space_f.result()
     _check_room(vm, space, devices, in_use)
     manifest = Manifest(
         vm=vm.name,
@@ -138,33 +152,40 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         mode=vm.mode.value,
         transport="tls-psk" if vm.transport.value == "tls" else "plain",
         nbd_address=dr_host.replication_address or dr_host.address,
-        nbd_port=free_nbd_port(dr),
+        nbd_port=port_f.result(),
         disks=tuple(
             ReplicaDisk(d.device, d.node_name, d.format, d.virtual_size, d.image,
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=read_hardware(src, vm.qmp_socket) | {"qmp_socket": str(vm.qmp_socket)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
     )
-    with _undo_on_failure() as undo:
+    tls_dir = vm.source_state_dir / "tls"
+    psk = new_psk() if manifest.transport == "tls-psk" else None
+
+    def dr_side(undo: _Undo) -> None:
         if space.measured_on != str(vm.replica_dir):
             make_dirs(dr, vm.replica_dir)
             undo.push(lambda: remove(dr, vm.replica_dir))
         else:
             undo.push(lambda: remove(dr, *(layout.replica_image(d.device) for d in devices), layout.tls_dir))
-        tls_dir = vm.source_state_dir / "tls"
-        if manifest.transport == "tls-psk":
-            psk = new_psk()
+        if psk:
             push_psk(dr, layout.tls_dir, psk)
-            push_psk(src, tls_dir, psk)
-            undo.push(lambda: remove(src, tls_dir))
         create_replicas(dr, manifest)
         save_manifest(dr, vm, manifest.with_state("seeding", "protect started"))
         undo.push(lambda: remove(dr, vm.replica_dir / "manifest.json"))
         start_target(dr, manifest, layout)
         undo.push(lambda: stop_target(dr, layout))
+
+    def source_side(undo: _Undo) -> None:
+        if psk:
+            push_psk(src, tls_dir, psk)
+            undo.push(lambda: remove(src, tls_dir))
         start_link(src, vm, manifest)
         undo.push(lambda: stop_link(src, vm))
+
+    with _undo_on_failure() as undo:
+        _both(undo, dr_side, source_side)  # the hosts' setup is independent: do it at once
         attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
         undo.push(lambda: detach_target(qmp, manifest))
         nodes = [d.node_name for d in devices]
