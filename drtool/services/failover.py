@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
@@ -128,12 +129,11 @@ def _choose_kind(reach: Reach, vm: Vm) -> str:
 
 
 def _age_seconds(point: RecoveryPoint | None) -> float | None:
+    """How old a point is: the RPO of starting from it."""
     if point is None:
         return None
-    from datetime import datetime
-
-    return round((datetime.now(datetime.fromisoformat(point.time).tzinfo) -
-                  datetime.fromisoformat(point.time)).total_seconds(), 1)
+    taken = datetime.fromisoformat(point.time)
+    return round((datetime.now(taken.tzinfo) - taken).total_seconds(), 1)
 
 
 def _plan(vm: Vm, manifest: Manifest, kind: str, point_id: str | None) -> FailoverPlan:
