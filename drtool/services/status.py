@@ -135,7 +135,7 @@ def replication_state(job: JobState | None) -> str:
     if job is None:
         return "broken: no replication job on the source (QEMU restarted or the job ended); run drtool resync"
     if job.io_status != "ok" or job.paused:
-        return f"broken: the DR target failed (job paused, io-status {job.io_status}); run drtool resync"
+        return f"broken: the DR side did not answer (job paused, io-status {job.io_status}); run drtool resync"
     if not job.ready:
         pct = 100.0 * job.offset / job.length if job.length else 0.0
         return f"seeding {pct:.0f}%"
