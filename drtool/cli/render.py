@@ -51,7 +51,7 @@ def _replication_style(state: str) -> str:
 
 def status_table(report: StatusReport) -> Table:
     table = Table(title="VMs", title_justify="left")
-    for col in ("vm", "host", "state", "protection", "disk", "format", "size", "replication", "lag", "image"):
+    for col in ("vm", "host", "state", "protection", "disk", "node", "format", "size", "replication", "lag", "image"):
         table.add_column(col, overflow="fold")
     for vm in report.vms:
         state = _mark(vm.run_state == "running", vm.run_state or "unreachable")
@@ -70,6 +70,7 @@ def status_table(report: StatusReport) -> Table:
             table.add_row(
                 *head,
                 disk.device + ("" if disk.protected else " (not selected)"),
+                disk.node_name,
                 disk.format,
                 human_size(disk.virtual_size),
                 Text(disk.replication, style=_replication_style(disk.replication)),
