@@ -17,14 +17,20 @@ from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
 from drtool.dr_target import TargetLayout, target_pid
-from drtool.errors import DrtoolError, ExitCode, QmpError, Refused
+from drtool.errors import DrtoolError, ExitCode, QmpError, Refused, UsageError
 from drtool.locks import VmLock
 from drtool.manifest import Manifest, RecoveryPoint, now
 from drtool.points import delete_points, prepare_point, take_point
 from drtool.replication import job_id, query_jobs, wait_quiet
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
-from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.services.state import (
+    load_manifest,
+    load_settled_manifest,
+    require_protected,
+    save_manifest,
+    select_vm,
+)
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 
@@ -57,7 +63,7 @@ def target_session(reach: Reach, vm: Vm) -> QmpSession:
 
 def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False) -> CheckpointReport:
     if not names and not all_vms:
-        raise DrtoolError("name a VM or pass --all")
+        raise UsageError("name a VM or pass --all")
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
     if all_vms:
         vms = [inventory.vms[n] for n in sorted(inventory.vms)]
@@ -166,7 +172,8 @@ class PointsReport:
 def list_points(inventory: Inventory, reach: Reach, name: str) -> PointsReport:
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
-    manifest = require_protected(load_settled_manifest(dr, vm), vm)
+    # read-only, without the lock: never settle a pending point here (a checkpoint may be mid-way)
+    manifest = require_protected(load_manifest(dr, vm), vm, during_failover=True)
     images = [img for p in manifest.points for img in p.images.values()]
     sizes = _allocated(dr, images)
     space = {p.id: sum(sizes.get(img, 0) for img in p.images.values()) for p in manifest.points}

@@ -17,7 +17,7 @@ from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.locks import VmLock
 from drtool.manifest import now
-from drtool.remote import remove
+from drtool.remote import create_overlay, remove
 from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 
@@ -62,8 +62,7 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         disks = {}
         for disk in manifest.disks:
             overlay = str(layout.run_dir / f"{disk.device}.qcow2")
-            dr.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", point.images[disk.device], "-F", "qcow2",
-                    "--", overlay], timeout=60)
+            create_overlay(dr, point.images[disk.device], overlay)
             disks[disk.source_image] = overlay
         hardware = manifest.hardware
         argv = map_command_line(hardware["argv"], disks, hardware.get("qmp_socket", str(vm.qmp_socket)), layout,
@@ -87,7 +86,7 @@ def cleanup_test(inventory: Inventory, reach: Reach, name: str) -> DrillCleanup:
     dr = reach.shell(vm.dr_host)
     layout = drill_layout(vm)
     with VmLock(dr, vm.name):
-        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        manifest = require_protected(load_settled_manifest(dr, vm), vm, during_failover=True)
         existed = bool(manifest.drill) or vm_pid(dr, layout) is not None
         kill_vm(dr, layout)
         remove(dr, layout.run_dir)

@@ -45,7 +45,7 @@ from drtool.replication import (
     start_mirrors,
     wait_until_ready,
 )
-from drtool.services.state import load_manifest, save_manifest, select_vm
+from drtool.services.state import load_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 from drtool.units import human_size
@@ -125,8 +125,13 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
 
 
 def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
-    if existing is None or existing.state == "unprotected":
+    if existing is None:
         return
+    if existing.state == "unprotected":
+        # protect would create the replicas anew over the kept ones and their points
+        raise Refused(f"{vm.replica_dir} on {vm.dr_host} still holds the replicas of an earlier protection",
+                      hint=f"delete them (drtool unprotect {vm.name} --delete-replicas) or choose another "
+                           "replica_dir")
     if existing.state in ("failed-over", "failing-over"):
         raise Refused(f"{vm.name} has failed over to {vm.dr_host} ({existing.state}): protecting it from "
                       f"{vm.host} again would overwrite what it wrote there",
@@ -186,11 +191,13 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
 
     with _undo_on_failure() as undo:
         _both(undo, dr_side, source_side)  # the hosts' setup is independent: do it at once
-        attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
-        undo.push(lambda: detach_target(qmp, manifest))
         nodes = [d.node_name for d in devices]
-        start_mirrors(qmp, manifest, nodes)
+        # undo first: these steps may fail half-way, and their undos are idempotent
+        undo.push(lambda: detach_target(qmp, manifest))
+        attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
         undo.push(lambda: cancel_mirrors(qmp, manifest))
+        start_mirrors(qmp, manifest, nodes)
+        undo.push(lambda: remove_bitmaps(qmp, nodes))
         add_bitmaps(qmp, manifest, nodes)
         undo.commit()
     manifest = manifest.with_state("seeding", "protect started")
@@ -250,6 +257,8 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
         manifest = load_manifest(dr, vm)
         if manifest is None:
             raise Refused(f"{vm.name} is not protected: no manifest in {vm.replica_dir} on {vm.dr_host}")
+        if manifest.state != "unprotected":
+            require_protected(manifest, vm)  # never after a failover: the replicas are the DR copy's disks
         try:
             with reach.qmp(vm) as qmp:
                 if query_jobs(qmp, manifest):

@@ -36,9 +36,21 @@ def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     return manifest
 
 
-def require_protected(manifest: Manifest | None, vm: Vm) -> Manifest:
+FAILOVER_STATES = ("failing-over", "failed-over")
+
+
+def require_protected(manifest: Manifest | None, vm: Vm, *, during_failover: bool = False) -> Manifest:
+    """The manifest of a protected VM; refused when unprotected, or (unless allowed) failing/failed over.
+
+    After a failover the replicas are the running VM's disks: replication,
+    points and retention must not touch them, and a returning old source must
+    never be mirrored over them.
+    """
     if manifest is None or manifest.state == "unprotected":
         raise Refused(f"{vm.name} is not protected", hint=f"protect it first: drtool protect {vm.name}")
+    if manifest.state in FAILOVER_STATES and not during_failover:
+        raise Refused(f"{vm.name} is {manifest.state} to {vm.dr_host}: its replicas are the DR copy's disks now",
+                      hint=f"finish it (drtool failover {vm.name}) or undo it (--rollback); see drtool status")
     return manifest
 
 
