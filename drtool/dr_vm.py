@@ -27,6 +27,7 @@ _FLAGS = frozenset({
     "-S", "-nodefaults", "-daemonize", "-no-reboot", "-no-shutdown", "-enable-kvm", "-nographic",
     "-snapshot", "-no-hpet", "-no-acpi", "-no-user-config", "-full-screen", "-alt-grab", "-ctrl-grab",
     "-win2k-hack", "-no-fd-bootchk", "-s", "-old-param", "-only-migratable", "-preconfig",
+    "-mem-prealloc", "-usb", "-enable-fips", "-no-quit", "-semihosting", "-rtc-td-hack", "-no-kvm-pit-reinjection",
 })
 _NETWORK_OPTIONS = frozenset({"-netdev", "-nic", "-net"})
 MONITOR_NAME = "drtool.qmp"
@@ -137,6 +138,14 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
     if unmapped:
         raise DrtoolError(f"the VM uses disk images that are not replicated: {', '.join(unmapped)}",
                           hint="protect every disk (the inventory's disks list), or detach the others")
+    # Fail closed: an option this parser misread must not smuggle a source disk or a NIC through.
+    left = [a for a in out if any(src in a for src in disks)]
+    if left:
+        raise DrtoolError(f"cannot map the VM's command line: {left[0]!r} still names a source disk",
+                          hint="report the QEMU options of this VM to drtool's developers")
+    if isolate_network and any(a in _NETWORK_OPTIONS or "netdev=" in a for a in out):
+        raise DrtoolError("cannot take every network device out of the VM's command line for a drill",
+                          hint="report the QEMU options of this VM to drtool's developers")
     if "-S" not in out:
         out.append("-S")
     if "-pidfile" not in out:
@@ -177,8 +186,9 @@ def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: fl
 
 
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
-    result = shell.run(["sh", "-c", 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && echo "$p"',
-                        "sh", str(layout.pidfile)], check=False, timeout=15)
+    # a pid file outlives a reboot: the pid must still be a QEMU's
+    script = 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q qemu-system "/proc/$p/cmdline" && echo "$p"'
+    result = shell.run(["sh", "-c", script, "sh", str(layout.pidfile)], check=False, timeout=15)
     text = result.out.strip()
     return int(text) if result.ok and re.fullmatch(r"\d+", text) else None
 

@@ -88,3 +88,11 @@ done"""
 def terminate(shell: RemoteShell, pid: int, timeout: float = 20) -> None:
     """SIGTERM a process on the host (QEMU closes its images cleanly), SIGKILL if it lingers."""
     shell.run(["sh", "-c", _TERMINATE_SCRIPT, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)
+
+
+def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_existing: bool = False) -> None:
+    """A qcow2 overlay on a backing image (for a DR copy, a drill, or a fresh replication top)."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", "--", overlay]
+    if keep_existing:
+        argv = ["sh", "-c", 'o=$1; shift; [ -e "$o" ] || exec "$@"', "sh", overlay, *argv]
+    shell.run(argv, timeout=60)

@@ -287,8 +287,8 @@ def failover_command(
     with state.guard(json_mode) as out:
         if cleanup and not test:
             raise UsageError("--cleanup goes with --test")
-        if rollback and (test or force or point):
-            raise UsageError("--rollback takes no --test, --force or --point")
+        if rollback and (test or force or point or dry_run):
+            raise UsageError("--rollback takes no --test, --force, --point or --dry-run")
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
         if test and cleanup:

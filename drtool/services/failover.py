@@ -18,6 +18,7 @@ writable overlays, so the point itself is kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -29,8 +30,10 @@ from pathlib import PurePosixPath
 from drtool.domain import Inventory, Vm
 from drtool.dr_target import TargetLayout, start_target, stop_target, target_pid
 from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
-from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError, UsageError
+from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError, UnreachableError, UsageError
+from drtool.hardware import read_hardware
 from drtool.link import stop_link
+from drtool.remote import create_overlay, make_dirs
 from drtool.locks import VmLock
 from drtool.manifest import Manifest, RecoveryPoint, now
 from drtool.replication import cancel_mirrors, detach_target, query_jobs
@@ -84,7 +87,7 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if manifest is not None and manifest.state == FAILED_OVER:
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
-        manifest = require_protected(manifest, vm)
+        manifest = require_protected(manifest, vm, during_failover=True)
         resuming = manifest.state == FAILING_OVER
         kind = manifest.failover.get("kind") if resuming else _choose_kind(reach, vm)
         if kind == "unplanned" and not force and not resuming:
@@ -93,8 +96,18 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
                 "losing what was not yet replicated",
                 hint="make sure the source VM cannot run (power it off or cut it off), then add --force",
             )
-        if point_id is not None and manifest.point(point_id) is None:
+        if point_id is not None and point_id != LATEST and manifest.point(point_id) is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        if kind == "planned" and point_id is not None:
+            raise UsageError("--point is for an unplanned failover: a planned one keeps every write (RPO 0)")
+        if kind == "unplanned" and not resuming:
+            point_id = point_id or default_start(manifest)
+            if point_id is None:
+                raise Refused(f"{vm.name} has no point to start from and its async replica is not consistent",
+                              hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
+                                   "to start from the replica as it is")
+        if kind == "planned" and not resuming:
+            _require_healthy_replication(reach, vm, manifest)
         plan = _plan(vm, manifest, kind, point_id)
         if dry_run:
             return FailoverResult(vm.name, kind, vm.dr_host, point_id, 0.0, None, "not started", True, plan)
@@ -119,18 +132,59 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
     return FailoverResult(vm.name, kind, vm.dr_host, point, rto, rpo, state, False, plan)
 
 
+LATEST = "latest"  # --point latest: the replicas as the DR target last wrote them
+
+
+def default_start(manifest: Manifest) -> str | None:
+    """Where an unplanned failover starts by default.
+
+    Sync mode: the replicas themselves. Every acknowledged write is on them, in
+    order, so they are crash-consistent and the newest data (RPO 0). Async
+    mode: the newest point. The mirrors copy dirty blocks in no particular
+    order and each disk on its own, so the replicas' latest state need not be
+    consistent; a point is.
+    """
+    if manifest.mode == "sync":
+        return LATEST
+    return manifest.points[-1].id if manifest.points else None
+
+
 def _choose_kind(reach: Reach, vm: Vm) -> str:
+    """Planned if the source QEMU is there; unplanned only if its host does not answer at all.
+
+    A monitor that is merely busy (another QMP client) or slow must never turn
+    a planned failover into an unplanned one: that would start a second copy.
+    """
     try:
-        with reach.qmp(vm) as qmp:
-            qmp.execute("query-status")
-        return "planned"
+        shell = reach.shell(vm.host)
     except UnreachableError:
         return "unplanned"
+    return "planned" if source_qemu_alive(shell, vm) else "unplanned"
+
+
+def source_qemu_alive(shell, vm: Vm) -> bool:  # noqa: ANN001
+    """Whether a QEMU process with the VM's monitor on its command line runs on the source host."""
+    try:
+        read_hardware(shell, vm.qmp_socket)
+        return True
+    except RemoteCommandError as err:
+        if "no QEMU process" in err.message:
+            return False
+        raise
+
+
+def _require_healthy_replication(reach: Reach, vm: Vm, manifest: Manifest) -> None:
+    """A planned failover promises RPO 0: refuse before touching anything if replication is broken."""
+    with reach.qmp(vm) as qmp:
+        jobs = query_jobs(qmp, manifest)
+    if len(jobs) < len(manifest.disks) or any(j.broken for j in jobs.values()):
+        raise Refused(f"replication of {vm.name} is broken: a planned failover now would lose writes",
+                      hint=f"run drtool resync {vm.name} first")
 
 
 def _age_seconds(point: RecoveryPoint | None) -> float | None:
-    """How old a point is: the RPO of starting from it."""
-    if point is None:
+    """How old a point is: the RPO of starting from it (unknown for the replicas' latest state)."""
+    if point is None or point.quiesce == "unplanned-latest":
         return None
     taken = datetime.fromisoformat(point.time)
     return round((datetime.now(taken.tzinfo) - taken).total_seconds(), 1)
@@ -147,29 +201,31 @@ def _plan(vm: Vm, manifest: Manifest, kind: str, point_id: str | None) -> Failov
                            f"of blockdev-snapshot-sync on {len(manifest.disks)} replica(s) (final point)",
             "replication-stopped": f"{vm.host}: QMP block-job-cancel, blockdev-del of the NBD nodes, object-del; "
                                    f"stop the socat link; {vm.dr_host}: stop qemu-storage-daemon ({layout.pidfile})",
-            "source-stopped": f"{vm.host}: QMP quit on {vm.name}",
+            "source-stopped": f"{vm.host}: QMP quit on {vm.name}, then wait until no QEMU process has its monitor",
             "dr-started": f"{vm.dr_host}: start qemu-system from the manifest's command line on the replicas "
                           f"(monitor {run.qmp_socket}), then QMP cont",
         }
         steps = PLANNED_STEPS
         warnings: tuple[str, ...] = ()
     else:
-        newest = manifest.points[-1].id if manifest.points else None
-        chosen = point_id or newest
+        chosen = point_id or manifest.failover.get("point")
+        start = ("the replicas as the DR target last wrote them" if chosen == LATEST else f"point {chosen}")
         described = {
             "replication-stopped": f"{vm.dr_host}: stop qemu-storage-daemon ({layout.pidfile})",
-            "dr-started": f"{vm.dr_host}: qemu-img create overlays on point {chosen}; start qemu-system "
+            "dr-started": f"{vm.dr_host}: qemu-img create overlays on {start}; start qemu-system "
                           f"from the manifest's command line on them (monitor {run.qmp_socket}), then QMP cont",
         }
         steps = UNPLANNED_STEPS
-        age = _age_seconds(manifest.point(chosen)) if chosen else None
+        if chosen == LATEST:
+            lost = ("in sync mode every write the source acknowledged while replication was in sync is there; "
+                    "writes made while it was broken are lost")
+        else:
+            age = _age_seconds(manifest.point(chosen or ""))
+            lost = "writes after the point are lost" + (f" (it is {age:.0f} s old)" if age is not None else "")
         warnings = (
             f"the source {vm.host} does not answer; it must be fenced (powered off or cut off) before this runs",
-            f"last known replication state: {manifest.state} at {manifest.updated_at}; writes after the point "
-            f"are lost" + (f" (point {chosen} is {age:.0f} s old)" if age is not None else ""),
+            f"last known replication state: {manifest.state} at {manifest.updated_at}; starting from {start}: {lost}",
         )
-        if chosen is None:
-            warnings += ("there is no point to start from: take points with drtool checkpoint",)
     for step in steps:
         lines.append(("(done) " if step in done else "") + f"{step}: {described[step]}")
     return FailoverPlan(vm.name, kind, tuple(lines), warnings)
@@ -202,6 +258,17 @@ class _Run:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def planned(self) -> None:
+        try:
+            self._planned_steps()
+        except BaseException:
+            if self.done("source-paused") and not self.done("source-stopped"):
+                # never leave production paused by a failover that could not finish
+                with contextlib.suppress(Exception), self.reach.qmp(self.vm) as qmp:
+                    if self.manifest.failover.get("source_was") == "running":
+                        qmp.execute("cont")
+            raise
+
+    def _planned_steps(self) -> None:
         if not self.done("source-paused"):
             with self.reach.qmp(self.vm) as qmp:
                 was = qmp.execute("query-status")["status"]
@@ -220,41 +287,65 @@ class _Run:
             stop_target(self.dr, self.layout)
             self.record("replication-stopped")
         if not self.done("source-stopped"):
-            try:
-                with self.reach.qmp(self.vm) as qmp:
-                    qmp.execute("quit")
-            except (UnreachableError, QmpError):
-                pass  # gone already: a re-run after the quit
+            self._stop_source()
             self.record("source-stopped")
         if not self.done("dr-started"):
             disks = {d.source_image: d.replica_image for d in self.manifest.disks}
             self._start_on_dr(disks)
             self.record("dr-started")
 
+    def _stop_source(self, timeout: float = 30) -> None:
+        """Quit the source QEMU and see its process gone: only then may the DR copy start."""
+        src = self.reach.shell(self.vm.host)  # unreachable now: stop here, the user decides (--force)
+        with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
+            qmp.execute("quit")  # it may be gone already: a re-run after the quit
+        deadline = time.monotonic() + timeout
+        while source_qemu_alive(src, self.vm):
+            if time.monotonic() > deadline:
+                raise DrtoolError(f"the source QEMU of {self.vm.name} still runs on {self.vm.host} after quit; "
+                                  "the VM was not started on the DR host",
+                                  hint="stop it, then run the same failover again")
+            time.sleep(0.2)
+
     def unplanned(self) -> None:
         if not self.done("replication-stopped"):
             stop_target(self.dr, self.layout)
             self.record("replication-stopped")
         if not self.done("dr-started"):
-            point = self.manifest.point(self.manifest.failover.get("point") or "") or (
-                self.manifest.points[-1] if self.manifest.points else None)
+            chosen = self.manifest.failover.get("point")
+            if chosen == LATEST:
+                point = self._latest_as_point()
+            else:
+                point = self.manifest.point(chosen or "")
             if point is None:
-                raise Refused(f"{self.vm.name} has no point to start from",
-                              hint="an unplanned failover starts from a point: take them with drtool checkpoint")
+                raise Refused(f"{self.vm.name} has no point {chosen!r} to start from")
             overlays = self._overlays(point, self.vm.replica_dir / "failover")
             disks = {d.source_image: overlays[d.device] for d in self.manifest.disks}
             self.save(self.manifest, failover=self.manifest.failover | {"point": point.id})
             self._start_on_dr(disks)
             self.record("dr-started")
 
+    def _latest_as_point(self) -> RecoveryPoint:
+        """The replicas as the (now stopped) target left them, recorded as a point of their own."""
+        existing = next((p for p in self.manifest.points if p.quiesce == "unplanned-latest"), None)
+        if existing is not None:
+            return existing  # a re-run
+        point = RecoveryPoint(f"latest-{now().replace(':', '').replace('-', '')[:15]}", now(), "unplanned-latest",
+                              0.0, {d.device: d.replica_image for d in self.manifest.disks})
+        self.save(self.manifest, points=(*self.manifest.points, point))
+        return point
+
     def _overlays(self, point: RecoveryPoint, directory: PurePosixPath) -> dict[str, str]:
-        """Fresh writable overlays on a point's images (the point itself stays as it is)."""
-        self.dr.run(["mkdir", "-p", "-m", "700", "--", str(directory)], timeout=30)
+        """Writable overlays on a point's images (the point itself stays as it is).
+
+        An overlay that exists already belongs to a DR copy an earlier, killed
+        run started: it is kept, never created anew under a running VM.
+        """
+        make_dirs(self.dr, directory)
         overlays = {}
         for device, image in point.images.items():
             overlay = str(directory / f"{device}.qcow2")
-            self.dr.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", "--", overlay],
-                        timeout=60)
+            create_overlay(self.dr, image, overlay, keep_existing=True)
             overlays[device] = overlay
         return overlays
 
@@ -319,8 +410,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
             # the DR VM wrote into the tops above the final point (the target is stopped by
             # then): start them anew, empty, so the replicas equal the source as it stopped
             for disk in manifest.disks:
-                dr.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", final.images[disk.device], "-F", "qcow2",
-                        "--", disk.replica_image], timeout=60)
+                create_overlay(dr, final.images[disk.device], disk.replica_image)
         if target_pid(dr, run.layout) is None:
             start_target(dr, manifest, run.layout)
         if "source-stopped" in steps and not _source_alive(reach, vm):

@@ -96,8 +96,11 @@ def test_unplanned_failover_needs_force_and_starts_from_the_newest_point(lab, pr
         assert report["kind"] == "unplanned" and report["point"] == point["id"]
         assert report["run_state"] == "running" and report["rpo_seconds"] is not None
         overlay = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
-        same, detail = images_identical(Path(point["images"]["vd0"]), overlay)
-        assert same, detail  # the DR VM starts with the point's data, on an overlay that keeps the point
+        # the DR VM starts with the point's data (written before the checkpoint), on an overlay
+        assert replica_has(overlay, 8 * MiB, MiB, 0x21) and replica_has(overlay, 63 * MiB, MiB, 0x12)
+        assert json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(overlay)],
+                                         capture_output=True, text=True).stdout)["backing-filename"] == \
+            point["images"]["vd0"]  # ... that keeps the point itself as it is
         second = drtool(lab_config, "failover", vm.name, "--force", "--yes")
         assert second.returncode == ExitCode.REFUSED and "already failed over" in second.stderr
     finally:
@@ -215,3 +218,34 @@ def test_failover_of_an_unprotected_vm_is_refused(lab, lab_vm, lab_config):
     result = drtool(lab_config, "failover", lab_vm.name, "--yes")
     assert result.returncode == ExitCode.REFUSED and "not protected" in result.stderr
     assert lab_vm.status() == "running"
+
+
+def test_unplanned_failover_in_sync_mode_keeps_every_acknowledged_write(lab, lab_vm, tmp_path):
+    """No checkpoint at all: a sync-mode replica holds every acknowledged write, in order."""
+    config = lab.write_config(tmp_path / "drtool.toml", {lab_vm.name: {"dr_host": "site-b", "mode": "sync"}})
+    drtool_ok(config, "protect", lab_vm.name)
+    try:
+        lab_vm.guest_write("vd0", 17 * MiB, MiB, 0x51)  # acknowledged: on the replica when it returns
+        lab.isolate("site-a")
+        try:
+            report = json.loads(drtool_ok(config, "failover", lab_vm.name, "--force", "--yes", "--json").stdout)
+        finally:
+            lab.unisolate("site-a")
+        assert report["kind"] == "unplanned" and report["point"].startswith("latest-"), report
+        assert replica_has(replica_dir(lab, lab_vm) / "failover" / "vd0.qcow2", 17 * MiB, MiB, 0x51)
+    finally:
+        stop_started_vms(lab, lab_vm)
+
+
+def test_after_a_failover_nothing_touches_the_replicas(lab, protected, lab_config):
+    vm = protected
+    drtool_ok(lab_config, "failover", vm.name, "--yes")
+    for args in (["resync", vm.name], ["checkpoint", vm.name], ["unprotect", vm.name, "--delete-replicas"],
+                 ["failover", vm.name, "--test"]):
+        result = drtool(lab_config, *args)
+        assert result.returncode == ExitCode.REFUSED and "failed-over" in result.stderr, (args, result.stderr)
+    assert Path(dr_tops(lab, vm)["vd0"]).exists()
+    assert manifest_of(lab, vm)["state"] == "failed-over"
+    dry = drtool(lab_config, "failover", vm.name, "--rollback", "--dry-run")
+    assert dry.returncode == ExitCode.USAGE
+    assert status_json(lab_config, vm.name)["run_state"] == "running"  # the DR copy still runs
