@@ -97,7 +97,10 @@ def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | Non
     if target_pid is not None:
         open_files = set(shell.run(["sh", "-c", 'for f in /proc/"$1"/fd/*; do readlink -- "$f"; done', "sh",
                                     str(target_pid)], check=False, timeout=30).out.splitlines())
-        adopted = all(pending["tops"][d.device] in open_files for d in manifest.disks)
+        tops = [pending["tops"][d.device] for d in manifest.disks]
+        # the fd links are canonical paths; the manifest's may go through a symlink
+        canonical = shell.run(["readlink", "-m", "--", *tops], check=False, timeout=30).out.splitlines()
+        adopted = len(canonical) == len(tops) and all(c in open_files for c in canonical)
     else:
         adopted = all(_backing_of(shell, pending["tops"][d.device]) == d.replica_image for d in manifest.disks)
     if adopted:

@@ -191,14 +191,14 @@ def cancel_mirrors(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> 
         pending = set(jobs)
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
-            pending &= set(_concluded_or_running(qmp))
+            pending &= set(_not_concluded(qmp))
             if pending:
                 events.get(timeout=0.5)
     for jid in jobs:
         _quietly(qmp, "job-dismiss", {"id": jid})
 
 
-def _concluded_or_running(qmp: QmpSession) -> list[str]:
+def _not_concluded(qmp: QmpSession) -> list[str]:
     """Job ids that are not yet concluded."""
     return [j["id"] for j in qmp.execute("query-jobs") if j.get("status") != "concluded"]
 
@@ -252,7 +252,11 @@ def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], ti
     for disk, node in zip(manifest.disks, nodes):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
     if not wait_quiet(qmp, manifest, timeout):
-        return False  # keep every generation: a later rotation tries again
+        # not provably caught up: drop the new generation (the old ones hold all of it
+        # anyway), so a busy VM does not gain a bitmap per cron run; a later rotation retries
+        for node in nodes:
+            _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": name})
+        return False
     remove_bitmaps(qmp, nodes, keep=name)
     return True
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from drtool.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
+from drtool.dr_target import TargetLayout, target_pid
 from drtool.manifest import Manifest
 from drtool.errors import DrtoolError, ExitCode
 from drtool.replication import JobState, job_id, query_jobs
@@ -64,12 +65,16 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
 
 
 def _status_of(reach: Reach, vm: Vm) -> VmStatus:
+    target_running = True
     try:
-        manifest = load_manifest(reach.shell(vm.dr_host), vm)
+        dr = reach.shell(vm.dr_host)
+        manifest = load_manifest(dr, vm)
+        if manifest is not None and manifest.state in ("seeding", "protected"):
+            target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
     except DrtoolError as err:
-        manifest, manifest_error = None, f"unknown: {err}"
+        manifest, manifest_error, manifest_exit = None, f"unknown: {err}", err.exit_code
     else:
-        manifest_error = ""
+        manifest_error, manifest_exit = "", ExitCode.OK
     if manifest is not None and manifest.state == "unprotected":
         manifest = None
     if manifest is not None and manifest.state in ("failed-over", "failing-over"):
@@ -85,7 +90,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
                         mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None)
     replicated = {d.device: i for i, d in enumerate(manifest.disks)} if manifest else {}
     disks = tuple(_disk_status(vm, d, jobs.get(job_id(replicated[d.device])) if d.device in replicated else None,
-                               d.device in replicated) for d in devices)
+                               d.device in replicated, target_running) for d in devices)
     missing = [d for d in vm.disks if d not in {disk.device for disk in disks}]
     error = f"configured disk(s) not attached: {', '.join(missing)}" if missing else ""
     states = [d.replication for d in disks if d.device in replicated]
@@ -95,7 +100,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         mode=manifest.mode if manifest else None,
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
-        exit_code=ExitCode.UNREACHABLE if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
+        exit_code=manifest_exit if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
     )
 
 
@@ -131,7 +136,9 @@ def _worst(states: list[str]) -> str:
     return max(states, key=lambda s: next(i for i, p in enumerate(_SEVERITY) if s.startswith(p)))
 
 
-def replication_state(job: JobState | None) -> str:
+def replication_state(job: JobState | None, target_running: bool = True) -> str:
+    if not target_running:
+        return "broken: the DR target is not running; run drtool resync"
     if job is None:
         return "broken: no replication job on the source (QEMU restarted or the job ended); run drtool resync"
     if job.io_status != "ok" or job.paused:
@@ -142,7 +149,8 @@ def replication_state(job: JobState | None) -> str:
     return "in sync" if job.remaining == 0 else "lagging"
 
 
-def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool) -> DiskStatus:
+def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool,
+                 target_running: bool) -> DiskStatus:
     return DiskStatus(
         device.device,
         device.node_name,
@@ -150,6 +158,6 @@ def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: 
         device.virtual_size,
         device.image,
         protected=not vm.disks or device.device in vm.disks,
-        replication=replication_state(job) if replicated else UNPROTECTED,
+        replication=replication_state(job, target_running) if replicated else UNPROTECTED,
         lag_bytes=(job.remaining if job else None) if replicated else None,
     )

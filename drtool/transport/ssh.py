@@ -123,11 +123,16 @@ class SshConnection:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self.host_key: str | None = None
+        self.locks_held = 0  # drtool VM locks living on this connection (see locks.py)
 
     def connect(self) -> None:
         with self._lock:
             if self._client is not None and self._transport_alive(self._client):
                 return
+            if self._client is not None and self.locks_held:
+                # the VM lock died with the connection: another drtool may start now
+                raise HostUnreachable(f"lost the SSH connection to {self.host.name} while holding a VM's lock; "
+                                      "stopped so that no other drtool works on it at the same time")
             self._client = self._open()
 
     def _known_file(self) -> Path:
@@ -235,8 +240,8 @@ class SshConnection:
             chan.shutdown_write()
             out, err = _collect(chan, time.monotonic() + timeout)
             if out is None:
-                raise RemoteCommandError(
-                    f"{self.host.name}: {shlex.join(argv)} did not finish within {timeout:g} s"
+                raise RemoteCommandError(  # argv[0] only: a command line may hold secrets
+                    f"{self.host.name}: {argv[0]} did not finish within {timeout:g} s"
                 )
             result = CommandResult(argv, chan.recv_exit_status(), out, err or b"")
         finally:
