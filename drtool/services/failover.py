@@ -46,7 +46,10 @@ PLANNED_STEPS = ("source-paused", "final-point", "replication-stopped", "source-
 UNPLANNED_STEPS = ("replication-stopped", "dr-started")
 FAILED_OVER = "failed-over"
 FAILING_OVER = "failing-over"
-FAULT_ENV = "DRTOOL_FAULT_AFTER_STEP"  # test hook: SIGKILL drtool right after this step is recorded
+# Test hook: SIGKILL drtool right after this step is recorded. Armed only together with
+# DRTOOL_TEST_HOOKS=1, so a stray variable in a production environment does nothing.
+FAULT_ENV = "DRTOOL_FAULT_AFTER_STEP"
+HOOKS_ENV = "DRTOOL_TEST_HOOKS"
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ class _Run:
         failover = self.manifest.failover | {"steps": [*self.manifest.failover.get("steps", []), step],
                                              "step_seconds": took} | extra
         self.save(self.manifest, failover=failover)
-        if os.environ.get(FAULT_ENV) == step:
+        if os.environ.get(HOOKS_ENV) == "1" and os.environ.get(FAULT_ENV) == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def planned(self) -> None:

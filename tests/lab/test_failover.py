@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from drtool.errors import ExitCode
-from drtool.services.failover import FAULT_ENV, PLANNED_STEPS
+from drtool.services.failover import FAULT_ENV, HOOKS_ENV, PLANNED_STEPS
 
 from .replication_helpers import (
     assert_replicas_identical,
@@ -112,7 +112,7 @@ def test_failover_killed_after_each_step_finishes_when_run_again(lab, protected,
     vm = protected
     vm.guest_write("vd0", 20 * MiB, MiB, 0x31)
     killed = subprocess.run(
-        [*_drtool_argv(lab_config), "failover", vm.name, "--yes"], env=os.environ | {FAULT_ENV: step},
+        [*_drtool_argv(lab_config), "failover", vm.name, "--yes"], env=os.environ | {FAULT_ENV: step, HOOKS_ENV: "1"},
         capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert manifest_of(lab, vm)["failover"]["steps"][-1] == step
@@ -127,7 +127,7 @@ def test_failover_killed_after_each_step_finishes_when_run_again(lab, protected,
 def test_rollback_after_each_step_leaves_the_source_running_and_protected(lab, protected, lab_config, step):
     vm = protected
     killed = subprocess.run(
-        [*_drtool_argv(lab_config), "failover", vm.name, "--yes"], env=os.environ | {FAULT_ENV: step},
+        [*_drtool_argv(lab_config), "failover", vm.name, "--yes"], env=os.environ | {FAULT_ENV: step, HOOKS_ENV: "1"},
         capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     drtool_ok(lab_config, "failover", vm.name, "--rollback", "--yes")
