@@ -107,7 +107,8 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
     pairs: list[tuple[str, str | None]] = []
     while i < len(argv):
         opt = argv[i]
-        if opt in _FLAGS or not opt.startswith("-") or i + 1 >= len(argv):
+        # an option not known as a flag takes the next word, unless that word is an option itself
+        if opt in _FLAGS or not opt.startswith("-") or i + 1 >= len(argv) or argv[i + 1].startswith("-"):
             pairs.append((opt, None))
             i += 1
         else:

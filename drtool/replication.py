@@ -194,6 +194,9 @@ def cancel_mirrors(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> 
             pending &= set(_not_concluded(qmp))
             if pending:
                 events.get(timeout=0.5)
+    if pending:
+        raise DrtoolError(f"replication job(s) {', '.join(sorted(pending))} of {manifest.vm} did not end within "
+                          f"{timeout:g} s of block-job-cancel", hint="see query-jobs on the source; run it again")
     for jid in jobs:
         _quietly(qmp, "job-dismiss", {"id": jid})
 

@@ -48,6 +48,7 @@ from drtool.replication import (
 from drtool.services.state import load_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
+from drtool.transport.ssh import resolve_endpoint
 from drtool.units import human_size
 
 RUNNING_STATES = ("running", "paused")
@@ -156,7 +157,8 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         dr_host=vm.dr_host,
         mode=vm.mode.value,
         transport="tls-psk" if vm.transport.value == "tls" else "plain",
-        nbd_address=dr_host.replication_address or dr_host.address,
+        # an ~/.ssh/config alias means nothing to the source's socat: use the host name it stands for
+        nbd_address=dr_host.replication_address or resolve_endpoint(dr_host).hostname,
         nbd_port=port_f.result(),
         disks=tuple(
             ReplicaDisk(d.device, d.node_name, d.format, d.virtual_size, d.image,

@@ -53,3 +53,23 @@ def test_a_drill_has_no_network_at_all():
 def test_an_unreplicated_disk_refuses_to_start():
     with pytest.raises(DrtoolError, match="/srv/b.qcow2"):
         map_command_line(SOURCE, {"/srv/web,a.qcow2": "/dr/web/vd0.qcow2"}, "/run/drtool/web.qmp", LAYOUT)
+
+
+def test_an_unknown_flag_does_not_shift_the_options_after_it():
+    argv = [SOURCE[0], "-some-new-flag", *SOURCE[1:]]
+    mapped_argv = map_command_line(argv, DISKS, "/run/drtool/web.qmp", LAYOUT)
+    assert "-some-new-flag" in mapped_argv and not any("/srv/" in a for a in mapped_argv)
+
+
+def test_a_source_disk_named_where_drtool_does_not_map_fails_closed():
+    """A source image reached through an option drtool does not rewrite must not reach the DR copy."""
+    argv = [*SOURCE[:-1], "-fw_cfg", "name=opt/disk,file=/srv/b.qcow2", "-daemonize"]
+    with pytest.raises(DrtoolError, match="still names a source disk"):
+        map_command_line(argv, DISKS, "/run/drtool/web.qmp", LAYOUT)
+
+
+def test_a_drill_refuses_when_a_nic_would_survive():
+    """A network backend wired up through an option drtool does not drop: no drill rather than a leaky one."""
+    argv = [*SOURCE[:-1], "-set", "device.nic9.netdev=net0", "-daemonize"]
+    with pytest.raises(DrtoolError, match="network"):
+        map_command_line(argv, DISKS, "/run/drtool/web.qmp", LAYOUT, isolate_network=True)
