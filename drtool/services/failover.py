@@ -405,6 +405,10 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
         if not confirm(plan):
             raise Refused("rollback not confirmed; nothing was changed")
         run = _Run(reach, vm, manifest)
+        if "source-stopped" in steps and not _source_alive(reach, vm):
+            # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
+            # It starts paused (-S) and runs only once the DR copy is gone.
+            src.run(_relaunch_argv(manifest), timeout=60)
         run_layout = dr_run_layout(vm)
         dr_vm_ran = "dr-started" in steps or vm_pid(dr, run_layout) is not None
         kill_vm(dr, run_layout)
@@ -416,8 +420,6 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
                 create_overlay(dr, final.images[disk.device], disk.replica_image)
         if target_pid(dr, run.layout) is None:
             start_target(dr, manifest, run.layout)
-        if "source-stopped" in steps and not _source_alive(reach, vm):
-            src.run(_relaunch_argv(manifest), timeout=60)
         with reach.qmp(vm) as qmp:
             if qmp.execute("query-status")["status"] != "running" and manifest.failover.get("source_was",
                                                                                               "running") == "running":
@@ -438,6 +440,6 @@ def _source_alive(reach: Reach, vm: Vm) -> bool:
 
 
 def _relaunch_argv(manifest: Manifest) -> list[str]:
-    """The source's own command line, daemonized, to start it again where it ran."""
-    argv = [a for a in manifest.hardware["argv"] if a != "-daemonize"]
-    return argv + ["-daemonize"]
+    """The source's own command line, paused (-S) and daemonized, to start it again where it ran."""
+    argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
+    return argv + ["-S", "-daemonize"]
