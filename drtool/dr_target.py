@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from drtool.errors import RemoteCommandError
 from drtool.manifest import Manifest
 from drtool.replication import TLS_PRIORITY
-from drtool.remote import read_file, terminate, write_file
+from drtool.remote import make_dirs, running_pid, terminate, write_file
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"
@@ -54,7 +54,7 @@ def new_psk() -> str:
 
 
 def push_psk(shell: RemoteShell, tls_dir: PurePosixPath, psk_line: str) -> None:
-    shell.run(["mkdir", "-p", "-m", "700", "--", str(tls_dir)], timeout=30)
+    make_dirs(shell, tls_dir)
     write_file(shell, tls_dir / "keys.psk", psk_line.encode(), mode=0o600)
 
 
@@ -98,13 +98,7 @@ def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
 
 def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:
     """The running target's pid, or None when it is not running."""
-    data = read_file(shell, layout.pidfile)
-    if not data or not data.strip().isdigit():
-        return None
-    pid = int(data.strip())
-    alive = shell.run(["sh", "-c", 'kill -0 "$1" 2>/dev/null && grep -q qemu-storage "/proc/$1/cmdline"', "sh",
-                       str(pid)], check=False, timeout=15)
-    return pid if alive.ok else None
+    return running_pid(shell, layout.pidfile, "qemu-storage")
 
 
 def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, timeout: float = 30) -> int:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import DrtoolError, RemoteCommandError
-from drtool.remote import terminate
+from drtool.remote import make_dirs, running_pid, terminate
 from drtool.transport.connections import RemoteShell
 
 # QEMU options that take no argument (everything else takes exactly one).
@@ -173,7 +172,7 @@ def _map_chardev(value: str, qmp_socket: str, layout: RunLayout) -> str:
 
 def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60) -> None:
     """Start a mapped command line on a host (it daemonizes) and wait for its monitor."""
-    shell.run(["mkdir", "-p", "-m", "700", "--", str(layout.run_dir)], timeout=30)
+    make_dirs(shell, layout.run_dir)
     result = shell.run(argv, check=False, timeout=timeout)
     if not result.ok:
         detail = [line for line in result.err.strip().splitlines() if line.strip()]
@@ -187,11 +186,7 @@ def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: fl
 
 
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
-    # a pid file outlives a reboot: the pid must still be a QEMU's
-    script = 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q qemu-system "/proc/$p/cmdline" && echo "$p"'
-    result = shell.run(["sh", "-c", script, "sh", str(layout.pidfile)], check=False, timeout=15)
-    text = result.out.strip()
-    return int(text) if result.ok and re.fullmatch(r"\d+", text) else None
+    return running_pid(shell, layout.pidfile, "qemu-system")
 
 
 def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:

@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError, UsageError
 from drtool.manifest import Manifest
-from drtool.remote import read_file
+from drtool.remote import make_dirs, running_pid
 from drtool.transport.connections import RemoteShell
 
 LINK_TIMEOUT = 10  # s without an acknowledgement before a link counts as dead
@@ -61,20 +61,14 @@ def socat_argv(vm: Vm, manifest: Manifest) -> list[str]:
 
 
 def link_pid(shell: RemoteShell, vm: Vm) -> int | None:
-    data = read_file(shell, link_pidfile(vm))
-    if not data or not data.strip().isdigit():
-        return None
-    pid = data.strip().decode()
-    alive = shell.run(["sh", "-c", 'kill -0 "$1" 2>/dev/null && grep -q socat "/proc/$1/cmdline"', "sh", pid],
-                      check=False, timeout=15)
-    return int(pid) if alive.ok else None
+    return running_pid(shell, link_pidfile(vm), "socat")
 
 
 def start_link(shell: RemoteShell, vm: Vm, manifest: Manifest) -> None:
     """Start the relay (detached, outliving drtool) unless it already runs."""
     if link_pid(shell, vm) is not None:
         return
-    shell.run(["mkdir", "-p", "-m", "700", "--", str(link_dir(vm))], timeout=30)
+    make_dirs(shell, link_dir(vm))
     # the pid file gets the shell's pid, which exec turns into socat's
     script = 'echo $$ > "$1"; shift; exec "$@" </dev/null >/dev/null 2>&1'
     shell.run(["setsid", "-f", "sh", "-c", script, "sh", str(link_pidfile(vm)), *socat_argv(vm, manifest)],

@@ -68,6 +68,14 @@ def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
     return result.stdout
 
 
+def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str) -> int | None:
+    """The pid in pidfile if that process runs and is `program` (pid files outlive reboots)."""
+    script = 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q -- "$2" "/proc/$p/cmdline" && echo "$p"'
+    result = shell.run(["sh", "-c", script, "sh", str(pidfile), program], check=False, timeout=15)
+    text = result.out.strip()
+    return int(text) if result.ok and text.isdigit() else None
+
+
 def make_dirs(shell: RemoteShell, path: PurePosixPath, mode: int = 0o700) -> None:
     shell.run(["mkdir", "-p", "-m", f"{mode:o}", "--", str(path)], timeout=30)
 

@@ -17,7 +17,7 @@ from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.locks import VmLock
 from drtool.manifest import now
-from drtool.remote import create_overlay, remove
+from drtool.remote import create_overlay, make_dirs, remove
 from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 
@@ -58,7 +58,7 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         if point is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
         save_manifest(dr, vm, replace(manifest, drill={"point": point.id, "started_at": now()}))
-        dr.run(["mkdir", "-p", "-m", "700", "--", str(layout.run_dir)], timeout=30)
+        make_dirs(dr, layout.run_dir)
         disks = {}
         for disk in manifest.disks:
             overlay = str(layout.run_dir / f"{disk.device}.qcow2")

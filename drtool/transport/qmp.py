@@ -69,14 +69,6 @@ class EventSubscription:
         except queue.Empty:
             return None
 
-    def drain(self) -> list[Event]:
-        events = []
-        while True:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                return events
-
 
 class QmpSession:
     """A connected QMP monitor of one VM (or of a qemu-storage-daemon).
@@ -140,9 +132,6 @@ class QmpSession:
             raise VmUnreachable(f"{self.name}: no answer to {command} within {timeout or self.timeout:g} s") from err
         except (StateError, EOFError, ConnectionError) as err:
             raise VmUnreachable(f"{self.name}: the QMP connection was lost during {command}") from err
-
-    def human_monitor_command(self, command_line: str) -> str:
-        return self.execute("human-monitor-command", {"command-line": command_line})
 
     @contextlib.contextmanager
     def subscribe(self, names: Iterable[str] = ()) -> Iterator[EventSubscription]:

@@ -178,7 +178,8 @@ def test_test_failover_changes_nothing_and_cleans_up(lab, protected, lab_config)
     assert len(drtool_jobs(vm)) == 1
     assert _digest(point_image) == before, "the drill changed the point"
     points = json.loads(drtool_ok(lab_config, "points", vm.name, "--json").stdout)["points"]
-    assert [p["tested_at"] is not None for p in points][-1]
+    tested = {p["id"]: p["tested_at"] for p in points}
+    assert tested[point["id"]] is not None, points  # the drilled point carries its tag
     busy = drtool(lab_config, "failover", vm.name, "--test")
     assert busy.returncode == ExitCode.REFUSED and "--cleanup" in busy.stderr
     drtool_ok(lab_config, "failover", vm.name, "--test", "--cleanup")
