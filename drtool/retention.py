@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from drtool.manifest import RecoveryPoint
+from drtool.state.manifest import RecoveryPoint
 
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 NAMED = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400}

@@ -15,7 +15,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from drtool.replication import DiskProgress
+from drtool.mechanics.replication import DiskProgress
 from drtool.units import human_size
 
 from .output import Output

@@ -16,15 +16,15 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
-from drtool.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, QmpError, Refused, UsageError
-from drtool.locks import VmLock
-from drtool.manifest import Manifest, RecoveryPoint, now
-from drtool.points import delete_points, prepare_point, take_point
-from drtool.replication import job_id, query_jobs, wait_quiet
+from drtool.transport.locks import VmLock
+from drtool.state.manifest import Manifest, RecoveryPoint, now
+from drtool.mechanics.points import delete_points, prepare_point, take_point
+from drtool.mechanics.replication import job_id, query_jobs, wait_quiet
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
-from drtool.services.state import (
+from drtool.state.store import (
     load_manifest,
     load_settled_manifest,
     require_protected,

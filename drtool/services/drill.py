@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
-from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.locks import VmLock
-from drtool.manifest import now
-from drtool.remote import create_overlay, make_dirs, remove
-from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.transport.locks import VmLock
+from drtool.state.manifest import now
+from drtool.mechanics.remote import create_overlay, make_dirs, remove
+from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 
 

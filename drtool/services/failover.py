@@ -28,17 +28,17 @@ from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from drtool.domain import Inventory, Vm
-from drtool.dr_target import TargetLayout, start_target, stop_target, target_pid
-from drtool.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_target import TargetLayout, start_target, stop_target, target_pid
+from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError, UnreachableError, UsageError
-from drtool.hardware import read_hardware
-from drtool.link import stop_link
-from drtool.remote import create_overlay, make_dirs
-from drtool.locks import VmLock
-from drtool.manifest import Manifest, RecoveryPoint, now
-from drtool.replication import cancel_mirrors, detach_target, query_jobs
+from drtool.mechanics.hardware import read_hardware
+from drtool.mechanics.link import stop_link
+from drtool.mechanics.remote import create_overlay, make_dirs
+from drtool.transport.locks import VmLock
+from drtool.state.manifest import Manifest, RecoveryPoint, now
+from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
 from drtool.services.checkpoint import take_consistent_point, target_session
-from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 

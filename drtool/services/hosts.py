@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
-from drtool.remote import free_space
+from drtool.mechanics.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
 

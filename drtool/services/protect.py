@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from drtool.blockinfo import BlockDevice, parse_query_block
-from drtool.dr_target import (
+from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
+from drtool.mechanics.dr_target import (
     PSK_USER,
     TargetLayout,
     create_replicas,
@@ -28,12 +28,12 @@ from drtool.dr_target import (
     stop_target,
 )
 from drtool.errors import DrtoolError, Refused
-from drtool.hardware import read_hardware
-from drtool.link import link_socket, start_link, stop_link
-from drtool.locks import VmLock
-from drtool.manifest import Manifest, ReplicaDisk
-from drtool.remote import free_space, make_dirs, remove
-from drtool.replication import (
+from drtool.mechanics.hardware import read_hardware
+from drtool.mechanics.link import link_socket, start_link, stop_link
+from drtool.transport.locks import VmLock
+from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.mechanics.remote import free_space, make_dirs, remove
+from drtool.mechanics.replication import (
     ProgressCallback,
     add_bitmaps,
     attach_target,
@@ -45,7 +45,7 @@ from drtool.replication import (
     start_mirrors,
     wait_until_ready,
 )
-from drtool.services.state import load_manifest, require_protected, save_manifest, select_vm
+from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint

@@ -25,13 +25,13 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from drtool.dr_target import PSK_USER, TargetLayout, start_target, target_pid
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, start_target, target_pid
 from drtool.errors import DrtoolError, QmpError
 from drtool.domain import Vm
-from drtool.link import link_socket, start_link
-from drtool.locks import VmLock
-from drtool.manifest import Manifest
-from drtool.replication import (
+from drtool.mechanics.link import link_socket, start_link
+from drtool.transport.locks import VmLock
+from drtool.state.manifest import Manifest
+from drtool.mechanics.replication import (
     QUIET,
     DiskProgress,
     ProgressCallback,
@@ -48,7 +48,7 @@ from drtool.replication import (
     rotate_bitmaps,
     wait_until_ready,
 )
-from drtool.services.state import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 

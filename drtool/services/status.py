@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drtool.blockinfo import BlockDevice, parse_query_block
+from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
-from drtool.dr_target import TargetLayout, target_pid
-from drtool.manifest import Manifest
+from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.state.manifest import Manifest
 from drtool.errors import DrtoolError, ExitCode
-from drtool.replication import JobState, job_id, query_jobs
+from drtool.mechanics.replication import JobState, job_id, query_jobs
 from drtool.services.concurrent import map_concurrently
-from drtool.services.state import load_manifest, select_vm
+from drtool.state.store import load_manifest, select_vm
 from drtool.transport.connections import Reach
 
 UNPROTECTED = "unprotected"

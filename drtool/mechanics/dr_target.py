@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import RemoteCommandError
-from drtool.manifest import Manifest
-from drtool.replication import TLS_PRIORITY
-from drtool.remote import make_dirs, running_pid, terminate, write_file
+from drtool.state.manifest import Manifest
+from drtool.mechanics.replication import TLS_PRIORITY
+from drtool.mechanics.remote import make_dirs, running_pid, terminate, write_file
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from drtool.blockinfo import parse_query_block
+from drtool.mechanics.blockinfo import parse_query_block
 from drtool.errors import DrtoolError, QmpError
-from drtool.manifest import Manifest
+from drtool.state.manifest import Manifest
 from drtool.transport.qmp import QmpSession
 
 TLS_ID = "drtool-tls"

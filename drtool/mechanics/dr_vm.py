@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import DrtoolError, RemoteCommandError
-from drtool.remote import make_dirs, running_pid, terminate
+from drtool.mechanics.remote import make_dirs, running_pid, terminate
 from drtool.transport.connections import RemoteShell
 
 # QEMU options that take no argument (everything else takes exactly one).

@@ -22,8 +22,8 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError, UsageError
-from drtool.manifest import Manifest
-from drtool.remote import make_dirs, running_pid
+from drtool.state.manifest import Manifest
+from drtool.mechanics.remote import make_dirs, running_pid
 from drtool.transport.connections import RemoteShell
 
 LINK_TIMEOUT = 10  # s without an acknowledgement before a link counts as dead

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UsageError
-from drtool.manifest import Manifest, manifest_path
-from drtool.remote import read_file, write_file
+from drtool.state.manifest import Manifest, manifest_path
+from drtool.mechanics.remote import read_file, write_file
 from drtool.transport.connections import RemoteShell
 
 
@@ -24,8 +24,8 @@ def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
 
 def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     """The manifest, with a point a killed drtool left pending resolved (and saved)."""
-    from drtool.dr_target import TargetLayout, target_pid
-    from drtool.points import settle_pending
+    from drtool.mechanics.dr_target import TargetLayout, target_pid
+    from drtool.mechanics.points import settle_pending
 
     manifest = load_manifest(dr, vm)
     if manifest is None or not manifest.pending_point:

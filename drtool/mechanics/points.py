@@ -22,9 +22,9 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from drtool.dr_target import TargetLayout
+from drtool.mechanics.dr_target import TargetLayout
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.manifest import Manifest, RecoveryPoint, now
+from drtool.state.manifest import Manifest, RecoveryPoint, now
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 
