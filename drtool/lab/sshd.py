@@ -76,8 +76,7 @@ def write_sshd_config(
         "UsePAM no",
         "StrictModes no",
         f"PidFile {_quote(pid_file)}",
-        "MaxSessions 50",
-        "MaxStartups 50:30:100",
+        "MaxStartups 50:30:100",  # MaxSessions stays at its default (10), as on real hosts
         "LogLevel ERROR",
         "PrintMotd no",
         "PrintLastLog no",

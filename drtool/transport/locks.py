@@ -55,13 +55,13 @@ class VmLock:
             if chan.recv_ready():
                 got += chan.recv(64)
         self._chan = chan
-        self._conn.locks_held += 1
+        self._conn.hold_lock(chan, True)
         return self
 
     def release(self) -> None:
         chan, self._chan = self._chan, None
         if chan is not None:
-            self._conn.locks_held -= 1
+            self._conn.hold_lock(chan, False)
             try:
                 chan.shutdown_write()  # cat sees EOF, flock releases
                 chan.close()

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
@@ -114,34 +114,71 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         )
 
 
+CHANNEL_ATTEMPTS = 20
+CHANNELS_PER_CONNECTION = 8  # below OpenSSH's default MaxSessions (10), with room to spare
+
+
+@dataclass
+class _Lane:
+    """One SSH connection (TCP + transport) of an SshConnection, and the channels open on it."""
+
+    client: paramiko.SSHClient
+    channels: list[paramiko.Channel] = field(default_factory=list)
+    locks: list[paramiko.Channel] = field(default_factory=list)  # channels holding a VM lock (locks.py)
+    capacity: int = CHANNELS_PER_CONNECTION  # lowered when the server refuses a channel
+
+    @property
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def open_count(self) -> int:
+        self.channels = [c for c in self.channels if not c.closed]
+        return len(self.channels)
+
+
 class SshConnection:
-    """One SSH session to one host, shared by every command of a run."""
+    """SSH to one host, shared by every command of a run.
+
+    Commands and streams are channels of one SSH connection; a server allows
+    only so many per connection (OpenSSH: MaxSessions, 10 by default), so past
+    CHANNELS_PER_CONNECTION open channels (or when the server refuses one) a
+    further connection to the same host is opened and used alongside.
+    """
 
     def __init__(self, host: Host, endpoint: Endpoint | None = None) -> None:
         self.host = host
         self.endpoint = endpoint or resolve_endpoint(host)
-        self._client: paramiko.SSHClient | None = None
+        self._lanes: list[_Lane] = []
         self._lock = threading.Lock()
         self.host_key: str | None = None
-        self.locks_held = 0  # drtool VM locks living on this connection (see locks.py)
+
+    @property
+    def connections(self) -> int:
+        """How many SSH connections to the host are open now."""
+        with self._lock:
+            return sum(1 for lane in self._lanes if lane.alive)
 
     def connect(self) -> None:
         with self._lock:
-            if self._client is not None and self._transport_alive(self._client):
-                return
-            if self._client is not None and self.locks_held:
-                # the VM lock died with the connection: another drtool may start now
-                raise HostUnreachable(f"lost the SSH connection to {self.host.name} while holding a VM's lock; "
-                                      "stopped so that no other drtool works on it at the same time")
-            self._client = self._open()
+            if not any(lane.alive for lane in self._live_lanes()):
+                self._lanes.append(_Lane(self._open()))
+
+    def _live_lanes(self) -> list[_Lane]:
+        """Drop dead connections; refuse to go on if one of them held a VM's lock."""
+        dead = [lane for lane in self._lanes if not lane.alive]
+        for lane in dead:
+            lane.client.close()
+        # a dead connection that held a lock is kept until the lock's holder lets go of it
+        self._lanes = [lane for lane in self._lanes if lane.alive or lane.locks]
+        if any(lane.locks for lane in dead):
+            # the VM lock died with the connection: another drtool may start now
+            raise HostUnreachable(f"lost the SSH connection to {self.host.name} while holding a VM's lock; "
+                                  "stopped so that no other drtool works on it at the same time")
+        return self._lanes
 
     def _known_file(self) -> Path:
         return self.endpoint.known_hosts[0] if self.endpoint.known_hosts else Path("~/.ssh/known_hosts")
-
-    @staticmethod
-    def _transport_alive(client: paramiko.SSHClient) -> bool:
-        transport = client.get_transport()
-        return transport is not None and transport.is_active()
 
     def _open(self) -> paramiko.SSHClient:
         ep, host = self.endpoint, self.host
@@ -212,14 +249,37 @@ class SshConnection:
         return client
 
     def _session(self) -> paramiko.Channel:
-        self.connect()
-        assert self._client is not None
-        transport = self._client.get_transport()
-        assert transport is not None
-        try:
-            return transport.open_session(timeout=self.host.connect_timeout)
-        except paramiko.SSHException as err:
-            raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+        """A new channel on a connection that has room for it, opening a connection if none has."""
+        for _ in range(CHANNEL_ATTEMPTS):
+            with self._lock:
+                lanes = self._live_lanes()
+                lane = next((ln for ln in lanes if ln.alive and ln.open_count() < ln.capacity), None)
+                if lane is None:
+                    lane = _Lane(self._open())
+                    lanes.append(lane)
+                transport = lane.client.get_transport()
+                assert transport is not None
+                try:
+                    chan = transport.open_session(timeout=self.host.connect_timeout)
+                except paramiko.ChannelException:
+                    # the server allows fewer sessions per connection than we assumed
+                    lane.capacity = max(1, lane.open_count())
+                    continue
+                except paramiko.SSHException as err:
+                    raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+                lane.channels.append(chan)
+                return chan
+        raise HostUnreachable(f"{self.host.name} refused {CHANNEL_ATTEMPTS} SSH channels in a row",
+                              hint="check MaxSessions in its sshd_config")
+
+    def hold_lock(self, chan: paramiko.Channel, held: bool) -> None:
+        """Note that chan carries (or no longer carries) a VM lock: losing its connection must stop us."""
+        with self._lock:
+            for lane in self._lanes:
+                if held and chan in lane.channels:
+                    lane.locks.append(chan)
+                elif not held and chan in lane.locks:
+                    lane.locks.remove(chan)
 
     def run(
         self,
@@ -262,9 +322,9 @@ class SshConnection:
 
     def close(self) -> None:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            lanes, self._lanes = self._lanes, []
+        for lane in lanes:
+            lane.client.close()
 
 
 def _collect(chan: paramiko.Channel, deadline: float) -> tuple[bytes | None, bytes | None]:

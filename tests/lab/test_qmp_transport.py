@@ -183,7 +183,6 @@ def test_one_ssh_connection_per_host_is_reused(conns: Connections, vm: Vm, lab: 
     shell = conns.shell("site-a")
     assert conns.shell("site-a") is shell
     assert conns.shell("site-b") is not shell
-    transport = shell._client.get_transport()  # noqa: SLF001 - the object that is the TCP connection
     first = _ssh_connection_id(conns, "site-a")
     assert first.split()[2] == lab.address("site-a"), first
     for _ in range(3):
@@ -193,7 +192,7 @@ def test_one_ssh_connection_per_host_is_reused(conns: Connections, vm: Vm, lab: 
     with conns.qmp(vm) as session:
         session.execute("query-status")
     assert conns.shell("site-a") is shell
-    assert shell._client.get_transport() is transport  # noqa: SLF001
+    assert shell.connections == 1
     assert _ssh_connection_id(conns, "site-a") == first  # same client port: same TCP connection
 
 
@@ -220,6 +219,34 @@ def test_concurrent_commands_share_one_connection(ssh_conns: Connections) -> Non
     assert {i: o[0] for i, o in outs.items()} == {i: str(i) for i in range(8)}
     assert len({o[1] for o in outs.values()}) == 1  # all on one SSH connection
     assert elapsed < 1.6, elapsed  # they ran side by side, not one after another (8 x 0.2 s)
+
+
+def test_more_channels_than_sshd_allows_per_connection(ssh_conns: Connections) -> None:
+    """The lab's sshd keeps OpenSSH's default MaxSessions (10): 24 commands at once still all run."""
+    shell = ssh_conns.shell("site-a")
+    streams = [shell.open_stream(["sleep", "30"]) for _ in range(12)]  # long-lived, as QMP bridges are
+    try:
+        results: dict[int, object] = {}
+
+        def work(i: int) -> None:
+            try:
+                results[i] = shell.run(["sh", "-c", 'sleep 0.3; echo "$1 $SSH_CONNECTION"', "sh", str(i)])
+            except Exception as err:  # noqa: BLE001 - reported by the assertion below
+                results[i] = err
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        failures = {i: r for i, r in results.items() if isinstance(r, Exception)}
+        assert not failures and len(results) == 12, failures
+        connections = {r.out.split(maxsplit=1)[1] for r in results.values()}  # type: ignore[union-attr]
+        assert 2 <= shell.connections <= 4, shell.connections  # 24 channels, 8 a connection at most
+        assert len(connections) >= 2
+    finally:
+        for chan in streams:
+            chan.close()
 
 
 def test_argv_with_metacharacters_is_passed_intact(ssh_conns: Connections, lab: Lab, tmp_path: Path) -> None:
