@@ -261,6 +261,7 @@ _SECTIONS: dict[str, _Section] = {
             "connect_timeout": _Field(_seconds),
             "command_timeout": _Field(_seconds),
             "replication_address": _Field(_word),
+            "drtool_dir": _Field(_remote_path),
         },
     ),
     "vms": _Section(

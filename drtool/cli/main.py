@@ -36,6 +36,8 @@ app = typer.Typer(
 )
 hosts_app = typer.Typer(help="Inspect the hypervisor hosts of the inventory.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
+inventory_app = typer.Typer(help="Work with the inventory itself.", no_args_is_help=True)
+app.add_typer(inventory_app, name="inventory")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -52,12 +54,21 @@ class AppState:
 
         return load_inventory(find_config_path(self.config))
 
-    def call(self, service: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a service with the inventory and this run's connections (closed after)."""
+    def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, **kwargs: Any) -> T:
+        """Run a service with the inventory and this run's connections (closed after).
+
+        An inventory of DR hosts alone (no [vms]) is completed with the VMs
+        those hosts keep entries for, unless kept_vms is false.
+        """
         from drtool.transport.connections import Connections
 
         inventory = self.inventory()
         with Connections(inventory) as conns:
+            if kept_vms and not inventory.vms:
+                from drtool.services.dr_inventory import adopt_kept_entries
+
+                inventory = adopt_kept_entries(inventory, conns)
+                conns.adopt(inventory)
             return service(inventory, conns, *args, **kwargs)
 
     @contextlib.contextmanager
@@ -129,6 +140,24 @@ def _state(ctx: typer.Context) -> AppState:
     return ctx.find_object(AppState)
 
 
+@inventory_app.command("export")
+def inventory_export(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the rebuilt drtool.toml.",
+                                         dir_okay=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """Rebuild a full inventory from the entries the inventory's (DR) hosts keep beside the replicas."""
+    from drtool.services.dr_inventory import export_inventory
+
+    from .render import export_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        out.render(state.call(export_inventory, output, overwrite=overwrite, kept_vms=False), export_summary)
+
+
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
@@ -142,7 +171,7 @@ def hosts_check(
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        report = state.call(check_hosts, hosts or [])
+        report = state.call(check_hosts, hosts or [], kept_vms=False)
         out.render({"hosts": report.hosts}, lambda _: hosts_table(report))
         out.errors((h.name, h.error) for h in report.hosts if not h.ok)
     raise typer.Exit(int(report.exit_code))

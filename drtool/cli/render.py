@@ -6,6 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 from drtool.services.checkpoint import CheckpointReport, PointsReport
+from drtool.services.dr_inventory import ExportResult
 from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
@@ -91,6 +92,11 @@ def protect_summary(result: ProtectResult) -> str:
 def unprotect_summary(result: UnprotectResult) -> str:
     kept = "deleted" if result.replicas_deleted else f"kept in {result.replica_dir}"
     return f"{result.vm}: replication stopped; replicas {kept}"
+
+
+def export_summary(result: ExportResult) -> str:
+    return (f"wrote {result.path} ({len(result.vms)} VM(s): {', '.join(result.vms)}; "
+            f"{len(result.hosts)} host(s)) and its host keys in {result.known_hosts}")
 
 
 def resync_summary(result: ResyncResult) -> str:

@@ -610,6 +610,7 @@ class Lab:
                 "identity_file": str(self.identity_file), "known_hosts": str(self.known_hosts),
                 # NBD between sites goes over the site link, not the management network
                 "replication_address": self.peer_address(self._next_host(host), host),
+                "drtool_dir": str(self.host_dir(host) / "drtool"),  # hosts share one filesystem here
             }  # fmt: skip
         for name, settings in vms.items():
             if name not in self.vms:

@@ -24,6 +24,7 @@ from drtool.mechanics.points import delete_points, prepare_point, take_point
 from drtool.mechanics.replication import job_id, query_jobs, wait_quiet
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
+from drtool.state.kept import keep_entry
 from drtool.state.store import (
     load_manifest,
     load_settled_manifest,
@@ -67,10 +68,10 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
     if all_vms:
         vms = [inventory.vms[n] for n in sorted(inventory.vms)]
-    return CheckpointReport(tuple(map_concurrently(lambda vm: _checkpoint_one(reach, vm, all_vms), vms)))
+    return CheckpointReport(tuple(map_concurrently(lambda vm: _checkpoint_one(inventory, reach, vm, all_vms), vms)))
 
 
-def _checkpoint_one(reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointResult:
+def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointResult:
     try:
         dr = reach.shell(vm.dr_host)
         with VmLock(dr, vm.name):
@@ -78,6 +79,7 @@ def _checkpoint_one(reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointR
             if skip_unprotected and (manifest is None or manifest.state == "unprotected"):
                 return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
             manifest = require_protected(manifest, vm)
+            keep_entry(inventory, reach, vm)  # refreshed, so it follows the inventory
             if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
                 raise Refused(f"the replication target of {vm.name} is not running on {vm.dr_host}",
                               hint=f"run drtool resync {vm.name}: it restarts the target and catches up")

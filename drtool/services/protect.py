@@ -45,6 +45,7 @@ from drtool.mechanics.replication import (
     start_mirrors,
     wait_until_ready,
 )
+from drtool.state.kept import forget_entry, keep_entry
 from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
@@ -122,7 +123,9 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
     with VmLock(dr, vm.name):
         _check_not_protected(load_manifest(dr, vm), vm)
         with reach.qmp(vm) as qmp:
-            return _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started)
+            result = _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started)
+        keep_entry(inventory, reach, vm)  # the DR site describes itself (failover from it alone)
+    return result
 
 
 def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
@@ -276,6 +279,7 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
             remove(src, vm.source_state_dir / "tls")
         stop_target(dr, layout)
         if delete_replicas:
+            forget_entry(inventory, dr, vm)
             remove(dr, vm.replica_dir)
         else:
             save_manifest(dr, vm, manifest.with_state("unprotected", "unprotect"))

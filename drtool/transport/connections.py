@@ -12,7 +12,7 @@ from typing import Protocol
 from drtool.domain import Inventory, Vm
 from drtool.transport.bridge import StreamBridge, relay_argv
 from drtool.transport.qmp import QmpSession
-from drtool.transport.ssh import CommandResult, SshConnection, SshPool
+from drtool.transport.ssh import CommandResult, Endpoint, SshConnection, SshPool
 
 
 class RemoteShell(Protocol):
@@ -20,6 +20,12 @@ class RemoteShell(Protocol):
 
     @property
     def host_key(self) -> str | None: ...
+
+    @property
+    def host_key_line(self) -> str | None: ...
+
+    @property
+    def endpoint(self) -> Endpoint | None: ...
 
     def run(
         self, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None, check: bool = True
@@ -68,6 +74,11 @@ class Connections:
 
     def qmp(self, vm: Vm) -> QmpSession:
         return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+
+    def adopt(self, inventory: Inventory) -> None:
+        """Reach the hosts of a completed inventory too (see services/dr_inventory.py)."""
+        self.inventory = inventory
+        self.pool.add_hosts(inventory.hosts)
 
     def close(self) -> None:
         self.pool.close()

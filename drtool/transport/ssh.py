@@ -152,6 +152,7 @@ class SshConnection:
         self._lanes: list[_Lane] = []
         self._lock = threading.Lock()
         self.host_key: str | None = None
+        self.host_key_line: str | None = None  # the verified key as a known_hosts line
 
     @property
     def connections(self) -> int:
@@ -245,7 +246,10 @@ class SshConnection:
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
-        self.host_key = key_fingerprint(transport.get_remote_server_key())
+        key = transport.get_remote_server_key()
+        self.host_key = key_fingerprint(key)
+        name = ep.hostname if ep.port == DEFAULT_SSH_PORT else f"[{ep.hostname}]:{ep.port}"
+        self.host_key_line = f"{name} {key.get_name()} {key.get_base64()}"
         return client
 
     def _session(self) -> paramiko.Channel:
@@ -358,6 +362,11 @@ class SshPool:
                 conn = self._conns[name] = SshConnection(self._hosts[name])
         conn.connect()
         return conn
+
+    def add_hosts(self, hosts: dict[str, Host]) -> None:
+        """Make more hosts reachable (hosts learned during the run, e.g. from a DR host)."""
+        with self._lock:
+            self._hosts = {**hosts, **self._hosts}
 
     def close(self) -> None:
         with self._lock:

@@ -12,12 +12,14 @@ from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import HostUnreachable, QmpError
-from drtool.transport.ssh import CommandResult
+from drtool.transport.ssh import CommandResult, Endpoint
 
 
 @dataclass
 class FakeShell:
     host_key: str | None = "ssh-ed25519 SHA256:fake"
+    host_key_line: str | None = "fake.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFAKE"
+    endpoint: Endpoint | None = None
     # argv[0] -> (rc, out, err), or a function of argv giving that
     answers: dict[str, Any] = field(default_factory=dict)
     ran: list[tuple[str, ...]] = field(default_factory=list)
