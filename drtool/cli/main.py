@@ -25,6 +25,12 @@ from .output import Output
 
 T = TypeVar("T")
 
+EXIT_CODES_HELP = """\b
+Exit codes: 0 all worked; 1 the work failed (a check found a problem);
+2 usage or configuration error, nothing contacted; 3 a host or VM could not be
+reached; 4 refused by the state, nothing changed; 130 interrupted.
+See README.md and man drtool."""
+
 app = typer.Typer(
     name="drtool",
     help="Disaster recovery for QEMU/KVM virtual machines: replicate, fail over, recover, check.",
@@ -32,7 +38,9 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # plain help: [VM]... stays as written, no <bool> metavars, and a faster start
     context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_HELP,
 )
 hosts_app = typer.Typer(help="Inspect the hypervisor hosts of the inventory.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
@@ -83,7 +91,10 @@ class AppState:
         except DrtoolError as err:
             if self.verbose:
                 self.output.traceback()
-            self.output.error(str(err))
+            if self.output.json_mode:
+                self.output.json_error(int(err.exit_code), err.message, err.hint)
+            else:
+                self.output.error(str(err))
             raise typer.Exit(int(err.exit_code)) from None
         except KeyboardInterrupt:
             self.output.error("interrupted")
@@ -122,10 +133,12 @@ def main(
     config: Annotated[
         Optional[Path],
         typer.Option("--config", "-c", help="Inventory file (else $DRTOOL_CONFIG, ./drtool.toml, "
-                     "~/.config/drtool/drtool.toml).", envvar=None, dir_okay=False),
+                     "~/.config/drtool/drtool.toml).", envvar=None, dir_okay=False, metavar="PATH"),
     ] = None,
     json_mode: JsonOption = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show causes and tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (for cron: "
+                                        "mail only when something is wrong).")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -133,22 +146,30 @@ def main(
     _configure_logging(verbose)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
-    ctx.obj = AppState(config, json_mode, verbose, Output(json_mode=json_mode, verbose=verbose))
+    ctx.obj = AppState(config, json_mode, verbose, Output(json_mode=json_mode, verbose=verbose, quiet=quiet))
 
 
 def _state(ctx: typer.Context) -> AppState:
-    return ctx.find_object(AppState)
+    state = ctx.find_object(AppState)
+    assert state is not None  # set by main() for every command
+    state.output.command = ctx.command_path.partition(" ")[2]
+    return state
 
 
 @inventory_app.command("export")
 def inventory_export(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the rebuilt drtool.toml.",
-                                         dir_okay=False)],
+                                         dir_okay=False, metavar="FILE")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Rebuild a full inventory from the entries the inventory's (DR) hosts keep beside the replicas."""
+    """Rebuild a full inventory from the entries the inventory's (DR) hosts keep beside the replicas.
+
+    \b
+    Example, on a new machine that knows only the DR host:
+      drtool --config dr-only.toml inventory export -o drtool.toml
+    """
     from drtool.services.dr_inventory import export_inventory
 
     from .render import export_summary
@@ -161,10 +182,16 @@ def inventory_export(
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).")] = None,
+    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
     json_mode: JsonOption = False,
 ) -> None:
-    """Check SSH reachability, host keys, QEMU tools and free space for replicas."""
+    """Check SSH reachability, host keys, QEMU tools and free space for replicas.
+
+    \b
+    Examples:
+      drtool hosts check
+      drtool hosts check kvm2 --json
+    """
     from drtool.services.hosts import check_hosts
 
     from .render import hosts_table
@@ -180,10 +207,16 @@ def hosts_check(
 @app.command("status")
 def status(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).")] = None,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
     json_mode: JsonOption = False,
 ) -> None:
-    """Show each VM's host, run state, disks and protection state."""
+    """Show each VM's host, run state, disks and protection state.
+
+    \b
+    Examples:
+      drtool status
+      drtool status web --json
+    """
     from drtool.services.status import vm_status
 
     from .render import status_table
@@ -199,31 +232,45 @@ def status(
 @app.command("protect")
 def protect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).")],
+    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).", metavar="VM")],
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once replication has started.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Start replicating a running VM's disks to its DR host; wait for the initial sync."""
+    """Start replicating a running VM's disks to its DR host; wait for the initial sync.
+
+    \b
+    Examples:
+      drtool protect web
+      drtool protect web --no-wait
+    """
     from drtool.services.protect import protect
 
     from .progress import SyncProgress
     from .render import protect_summary
 
     state = _state(ctx)
-    with state.guard(json_mode) as out, SyncProgress(out, "seeding") as progress:
-        out.render(state.call(protect, vm, wait=not no_wait, on_progress=progress), protect_summary)
+    with state.guard(json_mode) as out:
+        with SyncProgress(out, "seeding") as progress:
+            result = state.call(protect, vm, wait=not no_wait, on_progress=progress)
+        out.render(result, protect_summary)  # after the bars stopped: nothing redraws over it
 
 
 @app.command("unprotect")
 def unprotect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.")],
+    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.", metavar="VM")],
     delete_replicas: Annotated[
         bool, typer.Option("--delete-replicas", help="Also delete the replicas and the manifest on the DR host.")
     ] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """End replication: jobs, NBD nodes and the DR target; replicas stay unless --delete-replicas."""
+    """End replication: jobs, NBD nodes and the DR target; replicas stay unless --delete-replicas.
+
+    \b
+    Examples:
+      drtool unprotect web
+      drtool unprotect web --delete-replicas
+    """
     from drtool.services.protect import unprotect
 
     from .render import unprotect_summary
@@ -236,28 +283,41 @@ def unprotect_command(
 @app.command("resync")
 def resync_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.", metavar="VM")],
     json_mode: JsonOption = False,
 ) -> None:
-    """Bring a broken replica up to date, sending only what changed; does nothing when all is well."""
+    """Bring a broken replica up to date, sending only what changed; does nothing when all is well.
+
+    \b
+    Example (cron):
+      */5 * * * * /usr/local/bin/drtool resync web
+    """
     from drtool.services.resync import resync
 
     from .progress import SyncProgress
     from .render import resync_summary
 
     state = _state(ctx)
-    with state.guard(json_mode) as out, SyncProgress(out, "resync") as progress:
-        out.render(state.call(resync, vm, on_progress=progress), resync_summary)
+    with state.guard(json_mode) as out:
+        with SyncProgress(out, "resync") as progress:
+            result = state.call(resync, vm, on_progress=progress)
+        out.render(result, resync_summary)
 
 
 @app.command("checkpoint")
 def checkpoint_command(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.")] = None,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Take a point in time on the DR side, consistent across each VM's disks."""
+    """Take a point in time on the DR side, consistent across each VM's disks.
+
+    \b
+    Examples:
+      drtool checkpoint web
+      drtool checkpoint --all       (cron: every protected VM, retention applied)
+    """
     from drtool.errors import UsageError
     from drtool.services.checkpoint import checkpoint
 
@@ -276,10 +336,15 @@ def checkpoint_command(
 @app.command("points")
 def points_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.", metavar="VM")],
     json_mode: JsonOption = False,
 ) -> None:
-    """List a VM's points in time: id, time, how it was quiesced, tested-at, space used."""
+    """List a VM's points in time: id, time, how it was quiesced, tested-at, space used.
+
+    \b
+    Example:
+      drtool points web
+    """
     from drtool.services.checkpoint import list_points
 
     from .render import points_table
@@ -292,10 +357,10 @@ def points_command(
 @app.command("failover")
 def failover_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.")],
+    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.", metavar="VM")],
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
                                         "fail over from the newest point anyway.")] = False,
-    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).")] = None,
+    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).", metavar="ID")] = None,
     test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
                                        "replication goes on.")] = False,
     cleanup: Annotated[bool, typer.Option("--cleanup", help="With --test: remove the test VM.")] = False,
@@ -305,7 +370,21 @@ def failover_command(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (also DRTOOL_YES=1).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Fail a VM over to its DR host: planned, unplanned (--force), or a drill (--test)."""
+    """Fail a VM over to its DR host: planned, unplanned (--force), or a drill (--test).
+
+    A failover that changes something asks for the VM's name on a terminal
+    first; scripts pass --yes (or set DRTOOL_YES=1). Run the same command again
+    to finish one that was interrupted.
+
+    \b
+    Examples:
+      drtool failover web --dry-run          what would be done
+      drtool failover web                    planned: the source answers, RPO 0
+      drtool failover web --force --yes      unplanned: the source is gone and fenced
+      drtool failover web --test             a drill on the newest point
+      drtool failover web --test --cleanup   end the drill
+      drtool failover web --rollback         undo a planned failover
+    """
     from drtool.errors import UsageError
     from drtool.services import drill, failover
 
@@ -332,6 +411,28 @@ def failover_command(
             out.render(result, render.failover_summary)
 
 
+def _usage_error_class() -> type[Exception]:
+    """Click's UsageError, wherever this typer keeps click (recent typers vendor it)."""
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError  # type: ignore[no-redef]
+    return UsageError
+
+
 def run() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors too are one line and exit 2."""
+    import sys
+
+    usage_error = _usage_error_class()
+    try:
+        code = app(standalone_mode=False, prog_name="drtool")
+    except usage_error as err:  # unknown option or command, missing or bad argument
+        where = err.ctx.command_path if err.ctx is not None else "drtool"
+        message = err.format_message().replace("\n", " ").rstrip(".")
+        sys.stderr.write(f"drtool: error: {message}; see {where} --help\n")
+        sys.exit(int(ExitCode.USAGE))
+    except typer.Abort:  # end of input at a prompt
+        sys.stderr.write("drtool: error: interrupted\n")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -15,6 +15,7 @@ from pathlib import PurePath
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 
 def to_jsonable(value: Any) -> Any:
@@ -40,23 +41,41 @@ def _console(stderr: bool) -> Console:
     return console
 
 
+JSON_SCHEMA_VERSION = 1  # of every --json document: bump on an incompatible change (see docs/json.md)
+
+
 class Output:
-    def __init__(self, *, json_mode: bool = False, verbose: bool = False,
+    """stdout and stderr for one run: tables or JSON, errors, and nothing but errors under --quiet."""
+
+    def __init__(self, *, json_mode: bool = False, verbose: bool = False, quiet: bool = False,
                  stdout: Console | None = None, stderr: Console | None = None) -> None:
         self.json_mode = json_mode
         self.verbose = verbose
+        self.quiet = quiet
+        self.command = ""  # e.g. "status", "hosts check": named in every JSON document
         self.stdout = stdout or _console(stderr=False)
         self.stderr = stderr or _console(stderr=True)
+
+    def envelope(self, **fields: Any) -> dict[str, Any]:
+        """What every JSON document starts with, so scripts can check what they read."""
+        return {"schema_version": JSON_SCHEMA_VERSION, "command": self.command, **fields}
 
     @property
     def is_terminal(self) -> bool:
         return self.stdout.is_terminal
 
     def json(self, data: Any) -> None:
-        self.stdout.file.write(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+        document = to_jsonable(data)
+        if not isinstance(document, dict):
+            document = {"result": document}
+        self.stdout.file.write(json.dumps(self.envelope(**document), indent=2, sort_keys=False) + "\n")
         self.stdout.file.flush()
 
     def show(self, renderable: Any) -> None:
+        if self.quiet:
+            return
+        if isinstance(renderable, Table) and not self.stdout.is_terminal:
+            renderable.box = None  # plain columns for pipes, logs and mail: no box drawing
         self.stdout.print(renderable)
 
     def render(self, result: Any, human: Callable[[Any], Any]) -> None:
@@ -74,8 +93,15 @@ class Output:
     def error(self, message: str) -> None:
         self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)
 
+    def json_error(self, exit_code: int, message: str, hint: str | None) -> None:
+        """The error of a --json run, as JSON on stderr (stdout stays empty)."""
+        document = self.envelope(exit_code=exit_code, error=message, hint=hint)
+        self.stderr.file.write(json.dumps(document, indent=2) + "\n")
+        self.stderr.file.flush()
+
     def info(self, message: str) -> None:
-        self.stderr.print(message, markup=False, highlight=False)
+        if not self.quiet:
+            self.stderr.print(message, markup=False, highlight=False)
 
     def traceback(self) -> None:
         exc = sys.exc_info()[1]

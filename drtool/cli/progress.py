@@ -29,7 +29,7 @@ class SyncProgress:
     def __init__(self, output: Output, title: str) -> None:
         self._out = output
         self._title = title
-        self._rich = output.stderr.is_terminal and not output.json_mode
+        self._rich = output.stderr.is_terminal and not output.json_mode and not output.quiet
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
         self._last_plain = 0.0
@@ -62,11 +62,13 @@ class SyncProgress:
             self._last_plain = now
             self._finished_said = finished
             first_time, first_done = self._first
-            rate = (done - first_done) / max(now - first_time, 1e-6)
+            elapsed = now - first_time
+            # no rate before there is one to tell (the first line would say "0 B/s")
+            rate = f" at {human_size((done - first_done) / elapsed)}/s" if elapsed >= 1.0 else ""
             pct = 100.0 * done / total if total else 100.0
             per_disk = ", ".join(f"{d.device} {human_size(d.done)}/{human_size(d.total)}" for d in disks)
-            self._out.info(f"{self._title}: {pct:5.1f}% {human_size(done)}/{human_size(total)} "
-                           f"at {human_size(rate)}/s ({per_disk})" + (" in sync" if finished else ""))
+            self._out.info(f"{self._title}: {pct:5.1f}% {human_size(done)}/{human_size(total)}"
+                           f"{rate} ({per_disk})" + (" in sync" if finished else ""))
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
