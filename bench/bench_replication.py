@@ -50,15 +50,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from drtool.lab import Lab, LabVm  # noqa: E402
-from drtool.link import CONNECT_TIMEOUT, LINK_TIMEOUT, SOL_TCP, TCP_USER_TIMEOUT  # noqa: E402
-from drtool.replication import TLS_PRIORITY  # noqa: E402
+from drtool.mechanics.link import CONNECT_TIMEOUT, LINK_TIMEOUT, SOL_TCP, TCP_USER_TIMEOUT  # noqa: E402
+from drtool.mechanics.replication import TLS_PRIORITY  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SEED_PATTERN = 0x5A
 PSK_USER = "drtool"
 REF_PORT = 10990  # in drtool's NBD port range's top, away from what protect picks (lowest free from 10809)
 DEFAULT_JSON = REPO / "bench" / "results" / "replication.json"
-QUIET = 0.35  # as drtool.replication.QUIET: "nothing left to copy" must hold this long
+QUIET = 0.35  # as drtool.mechanics.replication.QUIET: "nothing left to copy" must hold this long
 
 
 # --------------------------------------------------------------------------- small helpers
