@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.errors import DrtoolError, RemoteCommandError
 from drtool.mechanics.remote import make_dirs, running_pid, terminate
-from drtool.transport.connections import RemoteShell
+from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.qmp import QmpSession
 
 # QEMU options that take no argument (everything else takes exactly one).
 _FLAGS = frozenset({
@@ -194,3 +196,13 @@ def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:
     pid = vm_pid(shell, layout)
     if pid is not None:
         terminate(shell, pid, timeout)
+
+
+def dr_run_layout(replica_dir: PurePosixPath) -> RunLayout:
+    """Where the failed-over VM runs on its DR host."""
+    return RunLayout(replica_dir / "vm")
+
+
+def dr_vm_session(reach: Reach, vm: Vm) -> QmpSession:
+    """A QMP session to the failed-over VM on its DR host."""
+    return reach.qmp_at(vm.dr_host, dr_run_layout(vm.replica_dir).qmp_socket, f"{vm.name} (failed over)")
