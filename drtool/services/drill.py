@@ -50,7 +50,7 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
     layout = drill_layout(vm)
     with reach.lock(vm):
         manifest = require_protected(load_settled_manifest(dr, vm), vm)
-        if manifest.drill is not None:
+        if manifest.drill is not None and vm_pid(dr, layout) is not None:
             raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.point})",
                           hint=f"remove it first: drtool failover {vm.name} --test --cleanup")
         if not manifest.points:
@@ -58,6 +58,7 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         point = manifest.point(point_id) if point_id else manifest.points[-1]
         if point is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        # recorded first: a drill killed before its VM runs is started again by the same command
         save_manifest(dr, vm, replace(manifest, drill=DrillRecord(point.id, now())))
         make_dirs(dr, layout.run_dir)
         disks = {}
