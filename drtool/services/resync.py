@@ -37,6 +37,7 @@ from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
     QUIET,
     DiskProgress,
+    JobState,
     ProgressCallback,
     add_bitmaps,
     attach_target,
@@ -155,7 +156,7 @@ def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback |
         time.sleep(0.25)
 
 
-def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs: dict[str, object],
+def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs: dict[str, JobState],
                          on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
     qmp, vm = run.qmp, run.vm
     if jobs:  # some but not all jobs survived: start over together

@@ -16,8 +16,9 @@ Killed (a BaseException no handler of drtool's catches), until `revive()`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,7 @@ from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
+from drtool.transport.qmp import EventSubscription, QmpSession
 from drtool.transport.ssh import CommandResult
 
 SRC, DR = "kvm1", "kvm2"
@@ -55,18 +57,6 @@ class Killed(BaseException):
 
 class Channel(RemoteCommandError):
     """The SSH channel dropped."""
-
-
-@dataclass
-class Events:
-    def get(self, timeout: float | None = None) -> None:
-        return None
-
-    def __enter__(self) -> Events:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 @dataclass
@@ -167,8 +157,6 @@ class World:
     def _dr_script(self, script: str, args: list[str], stdin: bytes | None) -> tuple[int, str, str]:
         if script == remote._WRITE_SCRIPT:
             path, size, digest = args[0], int(args[2]), args[3]
-            import hashlib
-
             if stdin is None or len(stdin) != size or hashlib.sha256(stdin).hexdigest() != digest:
                 return 65, "", "short write"
             if args[4] == "keep" and path in self.files:
@@ -328,18 +316,22 @@ class WorldShell:
         return result
 
 
-@dataclass
-class WorldQmp:
-    world: World
-    handler: Callable[[str, dict[str, Any]], Any]
+class WorldQmp(QmpSession):
+    """A monitor of the world: the real session class with its I/O replaced by the model."""
+
+    def __init__(self, world: World, handler: Callable[[str, dict[str, Any]], Any]) -> None:  # noqa: D107
+        self.name = handler.__name__
+        self.world = world
+        self.handler = handler
 
     def execute(self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         self.world.alive()
         self.world.log.append(command)
         return self.handler(command, args or {})
 
-    def subscribe(self, names: object = ()) -> Events:
-        return Events()
+    @contextlib.contextmanager
+    def subscribe(self, names: Iterable[str] = ()) -> Iterator[EventSubscription]:
+        yield EventSubscription()  # the model finishes jobs at once: no event is ever waited for
 
     def __enter__(self) -> WorldQmp:
         return self

@@ -75,6 +75,7 @@ def plan(vm: Vm, manifest: Manifest, kind: FailoverKind, point_id: str | None, s
     layout, run = TargetLayout(vm.replica_dir), dr_run_layout(vm.replica_dir)
     done = set(manifest.failover.steps) if manifest.failover is not None and manifest.failover.kind is kind else set()
     warnings: tuple[str, ...] = ()
+    steps: tuple[Step, ...]
     if kind is FailoverKind.PLANNED:
         described = {
             Step.SOURCE_PAUSED: f"{vm.host}: QMP stop on {vm.name}",
