@@ -86,6 +86,10 @@ class Manifest:
         entry = {"time": stamp, "state": state.value} | ({"note": note} if note else {})
         return replace(self, state=state, updated_at=stamp, history=(*self.history, entry)[-50:])
 
+    def with_state(self, state: Protection | str, note: str = "") -> Manifest:
+        """The name before typed states: the same guarded transition, the state given by its value."""
+        return self.transition(Protection(state), note)
+
     def to_json(self) -> bytes:
         data = asdict(self)
         data["version"] = FORMAT_VERSION

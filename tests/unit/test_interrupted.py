@@ -287,3 +287,38 @@ def test_a_forbidden_transition_is_never_written() -> None:
     with pytest.raises(DrtoolError, match="cannot become"):
         world.manifest.transition(Protection.FAILED_OVER)
     assert world.files["/dr/web/manifest.json"] == before
+
+
+def test_a_failure_while_stopping_replication_keeps_the_source_paused_and_says_so() -> None:
+    world, reach, inv = protected_world()
+    world.qmp_faults["blockdev-del"] = "drop"  # the mirrors are cancelled; the source's monitor then drops
+    with pytest.raises(DrtoolError, match="stays paused") as err:
+        failover.failover(inv, reach, "web")
+    assert "--rollback" in (err.value.hint or "")
+    assert world.source_status == "paused" and not world.jobs, "it would run unreplicated"
+    failover.failover(inv, reach, "web")
+    assert_failed_over_with_every_write(world)
+
+
+def test_a_pause_recorded_by_a_killed_failover_is_taken_for_drtools_own() -> None:
+    world, reach, inv = protected_world()
+    original = world.source_qmp
+    calls = {"stops": 0}
+
+    def stop_then_die(command: str, args: dict[str, Any]) -> Any:
+        """Killed after the pause record and the stop, before the step is recorded."""
+        result = original(command, args)
+        if command == "stop":
+            calls["stops"] += 1
+            world.killed = True
+            raise Killed()
+        return result
+
+    world.source_qmp = stop_then_die  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        failover.failover(inv, reach, "web")
+    world.source_qmp = original  # type: ignore[method-assign]
+    world.revive()
+    assert world.source_status == "paused" and world.manifest.source_pause is not None
+    failover.rollback(inv, reach, "web")
+    assert world.source_status == "running" and calls["stops"] == 1

@@ -42,6 +42,13 @@ class PlannedFailover(FailoverSteps):
             try:
                 self._pause_and_final_point()
                 self._stop_replication()
+            except DrtoolError as err:
+                if self._give_back_source():
+                    raise
+                raise DrtoolError(f"{err.message}; {self.vm.name} stays paused on {self.vm.host}: replication was "
+                                  "being stopped, and it must not run unreplicated",
+                                  hint=f"run drtool failover {self.vm.name} again to finish, or --rollback to "
+                                       "resume it") from err
             except BaseException:
                 self._give_back_source()
                 raise
@@ -69,7 +76,9 @@ class PlannedFailover(FailoverSteps):
             if paused_now:
                 self._pause(qmp)
             elif not self.done(Step.SOURCE_PAUSED):
-                self.record_step(Step.SOURCE_PAUSED, source_was=status)  # paused by someone else: left so
+                # paused by an earlier run killed before it recorded the step, or by someone else (left so)
+                was = "running" if self.manifest.source_pause is not None else status
+                self.record_step(Step.SOURCE_PAUSED, source_was=was)
             if paused_now or not self.done(Step.FINAL_POINT):
                 with target_session(self.reach, self.vm) as target:
                     manifest, _ = take_consistent_point(self.reach, qmp, target, self.manifest, self.vm, self.dr,
@@ -101,20 +110,21 @@ class PlannedFailover(FailoverSteps):
         stop_target(self.dr, self.layout)
         self.record_step(Step.REPLICATION_STOPPED)
 
-    def _give_back_source(self) -> None:
+    def _give_back_source(self) -> bool:
         """After a failure before the point of no return: resume the source, and forget the pause and final point.
 
         Only while every mirror job still exists (they track what the guest
         writes from now on); with replication half-stopped the source stays
-        paused, and a re-run or --rollback decides.
+        paused (False), and a re-run or --rollback decides.
         """
         with contextlib.suppress(DrtoolError, OSError):
             with self.reach.qmp(self.vm) as qmp:
                 if len(query_jobs(qmp, self.manifest)) < len(self.manifest.disks):
-                    return
+                    return False
             if self.record.source_was == "running" or self.manifest.source_pause is not None:
                 resume_source(self.reach, self.vm)
             self.save_record(self.record.without(Step.SOURCE_PAUSED, Step.FINAL_POINT), source_pause=None)
+        return True
 
     def _stop_source(self) -> None:
         """Quit the source QEMU and see its process gone: only then may the DR copy start."""
