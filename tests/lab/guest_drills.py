@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from drtool.lab import Lab, LabVm
@@ -35,6 +36,7 @@ class DrillOutcome:
     report: VerifyReport  # what the DR guest found
     rto_seconds: float
     drtool_report: dict  # `drtool failover --json`
+    lost_at: float  # time.time() when the source was lost (planned: when the failover began)
 
     @property
     def rpo_records(self) -> int:
@@ -74,27 +76,30 @@ def protect_guest(lab: Lab, vm: LabVm, config: Path, min_acks: int = 20) -> None
     vm.console.wait_acks(seen + min_acks, timeout=120)  # the writer goes on under protection
 
 
-def run_failover(config: Path, *args: str, liar: bool = False) -> dict:
-    prog = [sys.executable, str(LIAR)] if liar else [sys.executable, "-m", "drtool"]
-    result = subprocess.run([*prog, "--config", str(config), "failover", *args, "--yes", "--json"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"drtool failover {' '.join(args)} exited {result.returncode}: {result.stderr}"
-    return json.loads(result.stdout)
+def run_drtool(config: Path, *args: str, lie: str | None = None) -> subprocess.CompletedProcess:
+    """drtool, or with `lie` the lying variant of tests/lab/lying_drtool.py."""
+    prog = [sys.executable, str(LIAR)] if lie else [sys.executable, "-m", "drtool"]
+    env = {**os.environ, "DRTOOL_LIE": lie} if lie else None
+    result = subprocess.run([*prog, "--config", str(config), *args], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0, f"drtool {' '.join(args)} exited {result.returncode}: {result.stderr}"
+    return result
 
 
-def fail_over_and_verify(lab: Lab, vm: LabVm, config: Path, name: str, *args: str, liar: bool = False,
+def fail_over_and_verify(lab: Lab, vm: LabVm, config: Path, name: str, *args: str, lie: str | None = None,
                          disaster: bool = True) -> DrillOutcome:
     """Lose the source (SIGKILL, site link cut) unless planned, fail over, wait for the DR guest's report."""
+    lost_at = time.time()
     if disaster:
         vm.kill()
         lab.cut_site_link("site-a", "site-b")
     started = time.monotonic()
-    report = run_failover(config, *args, liar=liar)
+    report = json.loads(run_drtool(config, "failover", *args, "--yes", "--json", lie=lie).stdout)
     if not disaster:
         vm.process.wait(30)  # a planned failover quits the source
     found = lab.dr_console(vm.name).wait_verify(timeout=180)
     rto = time.monotonic() - started
-    outcome = DrillOutcome(name, vm.console.last_ack(), found, round(rto, 2), report)
+    outcome = DrillOutcome(name, vm.console.last_ack(), found, round(rto, 2), report, lost_at)
     print("\n" + outcome.line(), flush=True)
     return outcome
 
@@ -111,10 +116,7 @@ def stop_dr_copy(lab: Lab, vm: LabVm) -> None:
     vm.kill()
 
 
-def point_age_at(config_dir: Path, lab: Lab, vm: LabVm, when: float) -> float:
-    """How old the newest point was at wall-clock time `when` (the source's loss)."""
-    from datetime import datetime
-
+def newest_point_age(lab: Lab, vm: LabVm, at: float) -> float:
+    """How old the VM's newest point was at wall-clock time `at` (time.time())."""
     manifest = json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())
-    taken = datetime.fromisoformat(manifest["points"][-1]["time"])
-    return when - taken.timestamp()
+    return at - datetime.fromisoformat(manifest["points"][-1]["time"]).timestamp()

@@ -7,13 +7,20 @@ The round trip (failover, reprotect, failback) waits for `drtool recover` (issue
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
+import time
 
 import pytest
 
 from drtool.lab.guest import build_guest
 
-from .guest_drills import fail_over_and_verify, protect_guest, start_guest_vm, stop_dr_copy
+from .guest_drills import (
+    fail_over_and_verify,
+    newest_point_age,
+    protect_guest,
+    run_drtool,
+    start_guest_vm,
+    stop_dr_copy,
+)
 
 pytestmark = pytest.mark.lab
 _numbers = itertools.count(1)
@@ -44,3 +51,62 @@ def test_sync_unplanned_failover_keeps_every_acknowledged_record(lab, guest_vm):
     assert outcome.report.problems() == []
     assert outcome.lost_acknowledged() == []
     assert outcome.rpo_records == 0 and outcome.rto_seconds < RTO_BOUND
+
+
+def checkpoints_while_writing(vm, config, count: int, every: float = 3.0) -> int:
+    """Take `count` points `every` s apart while the guest writes; the last ack before the newest point began."""
+    before_last = 0
+    for _ in range(count):
+        time.sleep(every)
+        before_last = vm.console.last_ack().n
+        run_drtool(config, "checkpoint", vm.name)
+    return before_last
+
+
+@pytest.mark.inventory(mode="async")
+def test_async_unplanned_failover_loses_at_most_the_points_age_in_write_order(lab, guest_vm):
+    vm, config = guest_vm
+    protect_guest(lab, vm, config)
+    acked_before_point = checkpoints_while_writing(vm, config, 3)
+    vm.console.wait_acks(len(vm.console.acks()) + 30)  # writes after the newest point: they will be lost
+    outcome = fail_over_and_verify(lab, vm, config, "async-unplanned", vm.name, "--force")
+    age = newest_point_age(lab, vm, outcome.lost_at)
+    print(f"newest point {age:.1f} s old when the source was lost", flush=True)
+    assert outcome.report.problems() == [], "not a gap-free prefix in write order"
+    assert outcome.report.b.max >= acked_before_point, "the point lacks records acknowledged before it was taken"
+    assert 0 < outcome.rpo_records and outcome.rpo_seconds <= age + 0.5
+    assert outcome.rto_seconds < RTO_BOUND
+
+
+def test_planned_failover_loses_nothing_and_the_writer_goes_on_at_the_dr_site(lab, guest_vm):
+    vm, config = guest_vm
+    protect_guest(lab, vm, config)
+    outcome = fail_over_and_verify(lab, vm, config, "planned", vm.name, disaster=False)
+    assert outcome.drtool_report["kind"] == "planned"
+    assert outcome.report.problems() == [] and outcome.lost_acknowledged() == []
+    dr = lab.dr_console(vm.name)
+    first = dr.wait_acks(5)[0]
+    assert first.n == outcome.report.next == outcome.report.b.max + 1 > outcome.last_ack.n
+    assert outcome.rto_seconds < RTO_BOUND
+
+
+# ---------------------------------------------------------------- the drills catch a lying drtool
+
+
+@pytest.mark.inventory(mode="sync")
+def test_a_sync_failover_that_starts_from_a_point_is_caught(lab, guest_vm):
+    vm, config = guest_vm
+    protect_guest(lab, vm, config)
+    run_drtool(config, "checkpoint", vm.name)
+    vm.console.wait_acks(len(vm.console.acks()) + 20)
+    outcome = fail_over_and_verify(lab, vm, config, "liar-point-not-latest", vm.name, "--force",
+                                   lie="point-not-latest")
+    assert outcome.rpo_records >= 20
+    assert outcome.lost_acknowledged(), "the drill did not notice lost acknowledged records"
+
+
+def test_a_planned_failover_that_does_not_pause_the_source_is_caught(lab, guest_vm):
+    vm, config = guest_vm
+    protect_guest(lab, vm, config)
+    outcome = fail_over_and_verify(lab, vm, config, "liar-no-pause", vm.name, disaster=False, lie="no-pause")
+    assert outcome.lost_acknowledged(), "the drill did not notice lost acknowledged records"
