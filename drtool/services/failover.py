@@ -33,6 +33,7 @@ from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_v
 from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError, UnreachableError, UsageError
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import stop_link
+from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.transport.locks import VmLock
 from drtool.state.manifest import Manifest, RecoveryPoint, now
@@ -67,10 +68,14 @@ class FailoverResult:
     dr_host: str
     point: str | None
     rto_seconds: float  # command start to the VM running on the DR host
-    rpo_seconds: float | None  # 0 for planned; the point's age when unplanned
+    rpo_seconds: float | None  # 0 for planned; see rpo_bound and rpo_reason
     run_state: str
     dry_run: bool = False
     plan: FailoverPlan | None = None
+    rpo_bound: str = "unknown"  # exact | upper bound | unknown
+    rpo_reason: str = ""
+    rto_guest_seconds: float | None = None  # command start to the guest answering (needs a guest agent)
+    rto_guest_reason: str = ""
 
 
 Confirm = Callable[[FailoverPlan], bool]
@@ -117,8 +122,11 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if not confirm(plan):
             raise Refused("failover not confirmed; nothing was changed")
         if not resuming:
+            # what the DR host saw of the source, read before the target stops: the evidence for the RPO
+            seen = observe_source(dr, manifest) if kind == "unplanned" else None
             manifest = replace(manifest.with_state(FAILING_OVER, f"{kind} failover started"),
-                               failover={"kind": kind, "started_at": now(), "steps": [], "point": point_id})
+                               failover={"kind": kind, "started_at": now(), "steps": [], "point": point_id,
+                                         "source_seen": seen.to_record() if seen else None})
             save_manifest(dr, vm, manifest)
         run = _Run(reach, vm, manifest)
         if kind == "planned":
@@ -127,12 +135,14 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             run.unplanned()
         state = run.verify()
         point = run.manifest.failover.get("point")
-        rpo = 0.0 if kind == "planned" else _age_seconds(run.manifest.point(point)) if point else None
-        rto = time.monotonic() - started
+        seen = SourceSeen.from_record(run.manifest.failover.get("source_seen"))
+        goals = recovery_objectives(run.manifest, kind, run.manifest.point(point or ""), seen,
+                                    time.monotonic() - started)
         run.save(run.manifest.with_state(FAILED_OVER, f"{kind} failover done"),
-                 failover=run.manifest.failover | {"rto_seconds": round(rto, 3), "rpo_seconds": rpo,
-                                                   "finished_at": now()})
-    return FailoverResult(vm.name, kind, vm.dr_host, point, rto, rpo, state, False, plan)
+                 failover=run.manifest.failover | {"rto_seconds": goals.rto_seconds, "rpo_seconds": goals.rpo_seconds,
+                                                   "rpo_bound": goals.rpo_bound, "finished_at": now()})
+    return FailoverResult(vm.name, kind, vm.dr_host, point, goals.rto_seconds, goals.rpo_seconds, state, False, plan,
+                          goals.rpo_bound, goals.rpo_reason, goals.rto_guest_seconds, goals.rto_guest_reason)
 
 
 LATEST = "latest"  # --point latest: the replicas as the DR target last wrote them

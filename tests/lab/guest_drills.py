@@ -92,6 +92,7 @@ def fail_over_and_verify(lab: Lab, vm: LabVm, config: Path, name: str, *args: st
     lost_at = time.time()
     if disaster:
         vm.kill()
+        time.sleep(0.3)  # the source is lost first, then the link: the DR host may see the source go
         lab.cut_site_link("site-a", "site-b")
     started = time.monotonic()
     report = json.loads(run_drtool(config, "failover", *args, "--yes", "--json", lie=lie).stdout)
@@ -116,7 +117,11 @@ def stop_dr_copy(lab: Lab, vm: LabVm) -> None:
     vm.kill()
 
 
+def manifest_of(lab: Lab, vm: LabVm) -> dict:
+    return json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())
+
+
 def newest_point_age(lab: Lab, vm: LabVm, at: float) -> float:
     """How old the VM's newest point was at wall-clock time `at` (time.time())."""
-    manifest = json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())
+    manifest = manifest_of(lab, vm)
     return at - datetime.fromisoformat(manifest["points"][-1]["time"]).timestamp()

@@ -15,6 +15,7 @@ from drtool.lab.guest import build_guest
 
 from .guest_drills import (
     fail_over_and_verify,
+    manifest_of,
     newest_point_age,
     protect_guest,
     run_drtool,
@@ -51,6 +52,28 @@ def test_sync_unplanned_failover_keeps_every_acknowledged_record(lab, guest_vm):
     assert outcome.report.problems() == []
     assert outcome.lost_acknowledged() == []
     assert outcome.rpo_records == 0 and outcome.rto_seconds < RTO_BOUND
+    said = outcome.drtool_report
+    assert (said["rpo_seconds"], said["rpo_bound"]) == (0, "exact"), said["rpo_reason"]
+    assert said["rto_seconds"] < outcome.rto_seconds and "no guest agent" in said["rto_guest_reason"]
+
+
+@pytest.mark.inventory(mode="sync")
+def test_sync_failover_after_the_link_failed_first_says_since_when_and_not_rpo_0(lab, guest_vm):
+    vm, config = guest_vm
+    protect_guest(lab, vm, config)
+    cut_at = time.time()
+    lab.cut_site_link("site-a", "site-b")
+    acked_at_cut = vm.console.last_ack().n
+    # sync mode waits for the DR side up to the link timeout, then the guest writes on unreplicated
+    vm.console.wait_for("writes after the cut", lambda: vm.console.last_ack().n > acked_at_cut + 10, timeout=120)
+    outcome = fail_over_and_verify(lab, vm, config, "sync-link-first", vm.name, "--force")
+    assert outcome.report.problems() == []
+    assert outcome.rpo_records > 10  # the guest saw it: what it wrote after the cut is gone
+    said = outcome.drtool_report
+    assert said["rpo_bound"] == "unknown" and said["rpo_seconds"] is None and "last heard" in said["rpo_reason"]
+    seen = manifest_of(lab, vm)["failover"]["source_seen"]
+    heard_at = seen["observed_at"] - seen["heard_ago"]
+    assert abs(heard_at - cut_at) < 3, f"the DR host last heard the source at {heard_at}, the link was cut at {cut_at}"
 
 
 def checkpoints_while_writing(vm, config, count: int, every: float = 3.0) -> int:
@@ -75,6 +98,10 @@ def test_async_unplanned_failover_loses_at_most_the_points_age_in_write_order(la
     assert outcome.report.problems() == [], "not a gap-free prefix in write order"
     assert outcome.report.b.max >= acked_before_point, "the point lacks records acknowledged before it was taken"
     assert 0 < outcome.rpo_records and outcome.rpo_seconds <= age + 0.5
+    said = outcome.drtool_report
+    print(f"drtool: RPO {said['rpo_bound']} {said['rpo_seconds']} s: {said['rpo_reason']}", flush=True)
+    # an upper bound of what the guest lost (its clock stops while a point pauses it), not the age at the end
+    assert said["rpo_bound"] == "upper bound" and outcome.rpo_seconds - 0.25 <= said["rpo_seconds"] <= age + 1.0
     assert outcome.rto_seconds < RTO_BOUND
 
 
