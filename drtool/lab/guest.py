@@ -215,7 +215,7 @@ _ACK_RE = re.compile(r"^ACK (\d+) t=(\d+)\s*$")
 _DISK_RE = re.compile(r"^VERIFY disk=(\w+) max=(\d+) count=(\d+) gaps=(\d+) first_gap=(\d+) garbage=(\d+) "
                       r"last_t=(\d+) last_boot=(\d+)\s*$")
 _DONE_RE = re.compile(r"^VERIFY done b_ahead=(\d+) next=(\d+)\s*$")
-_BENCH_RE = re.compile(r"^BENCH mib=(\d+) cs=(\d+)\s*$")
+_BENCH_RE = re.compile(r"^BENCH round=(\d+) mib=(\d+) cs=(\d+)\s*$")
 
 
 class GuestConsole:
@@ -251,12 +251,10 @@ class GuestConsole:
                 return VerifyReport(disks["vda"], disks["vdb"], int(m.group(1)), int(m.group(2)))
         return None
 
-    def bench(self) -> tuple[int, float] | None:
-        """(MiB, seconds) of the guest's own timed dd, once it has said it."""
-        for line in self.lines():
-            if m := _BENCH_RE.match(line):
-                return int(m.group(1)), int(m.group(2)) / 100
-        return None
+    def bench_results(self) -> dict[int, tuple[int, float]]:
+        """round -> (MiB, seconds) of the guest's own timed dd (drguest.mode=bench)."""
+        return {int(m.group(1)): (int(m.group(2)), int(m.group(3)) / 100)
+                for line in self.lines() if (m := _BENCH_RE.match(line))}
 
     def wait_for(self, what: str, check, timeout: float = 60.0, poll: float = 0.05):  # noqa: ANN001, ANN201
         """Poll until check() returns something truthy; return it. Raise LabError with the console's tail."""

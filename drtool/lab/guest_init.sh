@@ -49,11 +49,23 @@ while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
 done
 
 if [ "$mode" = bench ]; then
-    t0=$(uptime_cs)
-    dd if=/dev/zero of=/dev/vda bs=1M count=$bench_mib oflag=direct conv=fsync 2>/dev/null
-    t1=$(uptime_cs)
-    echo "BENCH mib=$bench_mib cs=$((t1 - t0))"
-    while true; do sleep 3600; done
+    # Round k starts when the host has written byte k into sector 0 of disk B
+    # (GuestConsole.bench_round does, through the device); it writes bench_mib
+    # MiB of zeros at a fresh place on disk A with O_DIRECT and fsync, timed here.
+    echo "BENCH ready"
+    round=1
+    while true; do
+        go=$(( $(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | od -An -tu1 -N1) + 0 ))
+        if [ "$go" -eq "$round" ]; then
+            t0=$(uptime_cs)
+            dd if=/dev/zero of=/dev/vda bs=1M seek=$(( (round - 1) * bench_mib )) count=$bench_mib \
+                oflag=direct conv=fsync 2>/dev/null || echo "GUEST error: bench write failed"
+            t1=$(uptime_cs)
+            echo "BENCH round=$round mib=$bench_mib cs=$((t1 - t0))"
+            round=$((round + 1))
+        fi
+        usleep 100000
+    done
 fi
 
 verify() {

@@ -581,6 +581,7 @@ class Lab:
         *,
         guest: GuestImage | None = None,
         guest_args: str = "",
+        iothread: bool = False,
     ) -> LabVm:
         """Create images and start a VM on `host` (running, or in prelaunch if not start).
 
@@ -595,7 +596,8 @@ class Lab:
         h = self._host(host)
         if guest is not None and len(disks or {}) < 2:
             raise LabError("a lab guest writes its records to two disks: give at least two")
-        vm = LabVm(name, host, h.namespace, h.dir / "vms" / name, disks or {"vd0": "64M"}, guest, guest_args)
+        vm = LabVm(name, host, h.namespace, h.dir / "vms" / name, disks or {"vd0": "64M"}, guest, guest_args,
+                  iothread)
         vm.create_images()
         self.vms[name] = vm
         vm.launch(start=start)

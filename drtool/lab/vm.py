@@ -107,6 +107,7 @@ class LabVm:
         disks: Mapping[str, str | int],
         guest: GuestImage | None = None,
         guest_args: str = "",
+        iothread: bool = False,
     ) -> None:
         self.name = name
         self.host = host
@@ -121,6 +122,7 @@ class LabVm:
         self.disks: dict[str, Path] = {dev: vm_dir / f"{dev}.qcow2" for dev in self.disk_sizes}
         self.guest = guest  # None: no OS (writes through HMP qemu-io); else a real Linux guest (guest.py)
         self.guest_args = guest_args
+        self.iothread = iothread  # the disks' I/O in an iothread of their own instead of QEMU's main loop
         self.console = GuestConsole(vm_dir / CONSOLE_NAME)
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp_lock = threading.Lock()
@@ -151,12 +153,14 @@ class LabVm:
         ]  # fmt: skip
         if self.guest is not None:
             argv += self.guest.qemu_args(self.console.path, self.guest_args)
+        if self.iothread:
+            argv += ["-object", "iothread,id=io0"]
         for dev, image in self.disks.items():
             argv += [
                 "-blockdev",
                 f"driver=qcow2,node-name={dev}-fmt,file.driver=file,file.filename={qemu_opt(image)}",
                 "-device",
-                f"virtio-blk-pci,drive={dev}-fmt,id={dev}",
+                f"virtio-blk-pci,drive={dev}-fmt,id={dev}" + (",iothread=io0" if self.iothread else ""),
             ]
         for chardev, path in (("drtool", self.qmp_socket), ("lab", self.lab_qmp_socket)):
             argv += [
