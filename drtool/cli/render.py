@@ -138,10 +138,17 @@ def failover_summary(result: FailoverResult) -> str:
         lines += [f"  {step}" for step in result.plan.steps]
         lines += [f"  warning: {w}" for w in result.plan.warnings]
         return "\n".join(lines)
-    rpo = "unknown" if result.rpo_seconds is None else f"{result.rpo_seconds:g} s"
+    if result.rpo_seconds is None:
+        rpo = "unknown"
+    else:
+        rpo = ("at most " if result.rpo_bound == "upper bound" else "") + f"{result.rpo_seconds:g} s"
     point = f" from point {result.point}" if result.point else ""
     lines = [f"{result.vm}: {result.kind} failover done{point}: {result.run_state} on {result.dr_host}; "
-             f"RTO {result.rto_seconds:.1f} s, RPO {rpo}"]
+             f"RTO {result.rto_seconds:.1f} s (to the VM running), RPO {rpo}"]
+    if result.rpo_reason:
+        lines.append(f"  RPO: {result.rpo_reason}")
+    if result.rto_guest_reason:
+        lines.append(f"  RTO to the guest answering: {result.rto_guest_reason}")
     if result.start_reason:
         lines.append(f"  started from {result.point}: {result.start_reason}")
     return "\n".join([*lines, *(f"  note: {n}" for n in result.notes)])

@@ -2,8 +2,9 @@
 
 The manifest holds the source QEMU's command line. To run the VM on the DR
 host (or to relaunch it at the source on rollback) drtool maps that command
-line: disk images to their replicas (or to overlays of a point), sockets and
-pid file into a run directory of drtool's, -S added (drtool resumes the VM
+line: disk images to their replicas (or to overlays of a point), sockets,
+console files (`-chardev file,path=`, `-serial file:`) and pid file into a run
+directory of drtool's, -S added (drtool resumes the VM
 itself once it has checked it), -daemonize added (the VM outlives the SSH
 session). For a test failover every network device is dropped and `-nic none`
 added: a drill must never reach the production network.
@@ -136,6 +137,8 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
         elif opt in ("-qmp", "-monitor", "-serial") and value.startswith("unix:"):
             path, sep, rest = value[5:].partition(",")
             value = f"unix:{_run_path(path, qmp_socket, layout)}{sep}{rest}"
+        elif opt in ("-serial", "-monitor") and value.startswith("file:"):
+            value = f"file:{_run_path(value[5:], qmp_socket, layout)}"  # a console log: the DR copy writes its own
         out += [opt, value]
     if unmapped:
         raise DrtoolError(f"the VM uses disk images that are not replicated: {', '.join(unmapped)}",

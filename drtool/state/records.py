@@ -44,8 +44,10 @@ class FailoverRecord:
     state_before: str | None = None  # the protection state when the failover began (were the replicas in sync?)
     converted_from: tuple[Step, ...] | None = None  # an interrupted planned failover's steps, made unplanned
     step_seconds: dict[str, float] = field(default_factory=dict)
+    source_seen: dict[str, Any] | None = None  # unplanned: what the DR host saw of the source (recovery_objectives)
     rto_seconds: float | None = None
     rpo_seconds: float | None = None
+    rpo_bound: str | None = None  # exact | upper bound | unknown
     finished_at: str | None = None
 
     def done(self, step: Step) -> bool:
@@ -72,8 +74,10 @@ class FailoverRecord:
             state_before=raw.get("state_before"),
             converted_from=tuple(Step(s) for s in raw["converted_from"]) if raw.get("converted_from") else None,
             step_seconds={str(k): float(v) for k, v in raw.get("step_seconds", {}).items()},
+            source_seen=raw.get("source_seen"),
             rto_seconds=raw.get("rto_seconds"),
             rpo_seconds=raw.get("rpo_seconds"),
+            rpo_bound=raw.get("rpo_bound"),
             finished_at=raw.get("finished_at"),
         )
 

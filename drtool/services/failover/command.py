@@ -17,6 +17,7 @@ from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.pausing import resume_own_pause
+from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import query_jobs
 from drtool.state.manifest import Manifest, now
@@ -25,7 +26,7 @@ from drtool.state.records import FailoverKind, FailoverRecord, Step
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 
-from .plan import FailoverPlan, age_seconds, default_start, plan
+from .plan import FailoverPlan, default_start, plan
 from .planned import PlannedFailover
 from .unplanned import LATEST, UnplannedFailover
 
@@ -37,10 +38,14 @@ class FailoverResult:
     dr_host: str
     point: str | None
     rto_seconds: float  # command start to the VM running on the DR host
-    rpo_seconds: float | None  # 0 for planned; the point's age when unplanned
+    rpo_seconds: float | None  # 0 for planned; see rpo_bound and rpo_reason
     run_state: str
     dry_run: bool = False
     plan: FailoverPlan | None = None
+    rpo_bound: str = "unknown"  # exact | upper bound | unknown
+    rpo_reason: str = ""
+    rto_guest_seconds: float | None = None  # command start to the guest answering (needs a guest agent)
+    rto_guest_reason: str = ""
     start_reason: str = ""  # unplanned: where it started and why
     notes: tuple[str, ...] = ()  # what else drtool did on the way
 
@@ -73,10 +78,14 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         the_plan = plan(vm, manifest, record.kind, record.point, reason)
         if dry_run:
             return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, 0.0, None, "not started",
-                                  True, the_plan, the_plan.start_reason, notes)
+                                  True, the_plan, start_reason=the_plan.start_reason, notes=notes)
         if not confirm(the_plan):
             raise Refused("failover not confirmed; nothing was changed")
         if manifest.failover is not record:
+            if record.kind is FailoverKind.UNPLANNED:
+                # what the DR host saw of the source, read before the target stops: the evidence for the RPO
+                seen = observe_source(dr, manifest)
+                record = replace(record, source_seen=seen.to_record() if seen else None)
             if manifest.state is not Protection.FAILING_OVER:
                 manifest = manifest.transition(Protection.FAILING_OVER, f"{record.kind.value} failover started")
             manifest = replace(manifest, failover=record)
@@ -85,13 +94,15 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         run.run()
         state = run.verify()
         record = run.record
-        rpo = 0.0 if record.kind is FailoverKind.PLANNED else age_seconds(run.manifest.point(record.point or ""))
-        rto = time.monotonic() - started
-        record = replace(record, rto_seconds=round(rto, 3), rpo_seconds=rpo, finished_at=now())
+        goals = recovery_objectives(run.manifest, record.kind.value, run.manifest.point(record.point or ""),
+                                    SourceSeen.from_record(record.source_seen), time.monotonic() - started)
+        record = replace(record, rto_seconds=goals.rto_seconds, rpo_seconds=goals.rpo_seconds,
+                         rpo_bound=goals.rpo_bound, finished_at=now())
         run.save(replace(run.manifest.transition(Protection.FAILED_OVER, f"{record.kind.value} failover done"),
                          failover=record))
-    return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, rto, rpo, state, False, the_plan,
-                          the_plan.start_reason, notes)
+    return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, goals.rto_seconds, goals.rpo_seconds,
+                          state, False, the_plan, goals.rpo_bound, goals.rpo_reason, goals.rto_guest_seconds,
+                          goals.rto_guest_reason, the_plan.start_reason, notes)
 
 
 def _new_record(reach: Reach, vm: Vm, manifest: Manifest, kind: FailoverKind, force: bool,
