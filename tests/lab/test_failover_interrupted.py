@@ -141,3 +141,33 @@ def test_defect3_a_checkpoint_killed_while_the_source_is_paused_is_resumed_by_th
     assert any(f"resumed {lab_vm.name}" in note for note in result["notes"]), result
     assert manifest_of(lab, lab_vm)["source_pause"] is None
     assert status_json(lab_config, lab_vm.name)["protection"] == "in sync"
+
+
+def test_defect1_with_a_real_guest_writing_records_no_acknowledged_record_is_lost(
+        lab: Lab, tmp_path: Path) -> None:
+    """The issue's reproduction: the first run fails at the DR target, the guest writes on, the re-run finishes."""
+    from drtool.lab.guest import build_guest
+
+    from .guest_drills import fail_over_and_verify, protect_guest, start_guest_vm, stop_dr_copy
+
+    vm = start_guest_vm(lab, build_guest(), "g-defect1")
+    try:
+        config = lab.write_config(tmp_path / "drtool.toml", {vm.name: {"dr_host": "site-b"}})
+        protect_guest(lab, vm, config)
+        monitor = lab.replica_dir(vm.name) / "target.qmp"
+        away = monitor.with_name("target.qmp.away")
+        monitor.rename(away)
+        try:
+            failed = drtool(config, "failover", vm.name, "--yes", timeout=300)
+            assert failed.returncode != 0, failed.stdout
+        finally:
+            away.rename(monitor)
+        acked = vm.console.last_ack()
+        assert acked is not None
+        vm.console.wait_acks(acked.n + 50, timeout=120)  # the guest goes on: 50 more acknowledged records
+        outcome = fail_over_and_verify(lab, vm, config, "planned-rerun", vm.name, disaster=False)
+        assert outcome.report.problems() == []
+        assert outcome.lost_acknowledged() == [], outcome.line()
+        assert outcome.drtool_report["rpo_seconds"] == 0
+    finally:
+        stop_dr_copy(lab, vm)
