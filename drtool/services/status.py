@@ -109,6 +109,10 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         reason = next((d.reason for d in replicating if d.replication is protection), "")
         if manifest.state is Protection.RESYNCING and protection.ok:
             reason = f"in sync, but a resync was interrupted: run drtool resync {vm.name}"
+        pause = manifest.source_pause
+        if pause is not None and run_state != "running":
+            reason = "; ".join(filter(None, (reason, f"paused by an interrupted drtool {pause.by} since {pause.at}: "
+                                                     f"drtool resync {vm.name} resumes it")))
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
         mode=manifest.mode if manifest else None,

@@ -322,3 +322,17 @@ def test_a_pause_recorded_by_a_killed_failover_is_taken_for_drtools_own() -> Non
     assert world.source_status == "paused" and world.manifest.source_pause is not None
     failover.rollback(inv, reach, "web")
     assert world.source_status == "running" and calls["stops"] == 1
+
+
+def test_status_says_when_the_source_is_left_paused_by_drtool() -> None:
+    from dataclasses import replace
+
+    from drtool.services.status import vm_status
+    from drtool.state.records import SourcePause
+    from drtool.state.store import save_manifest
+
+    world, reach, inv = protected_world()
+    world.source_status = "paused"
+    save_manifest(reach.shell("kvm2"), inv.vm("web"), replace(world.manifest, source_pause=SourcePause("resync", "t")))
+    [web] = vm_status(inv, reach, ["web"]).vms
+    assert web.run_state == "paused" and "interrupted drtool resync" in web.reason and "drtool resync web" in web.reason

@@ -54,8 +54,8 @@ class PlannedFailover(FailoverSteps):
                 raise
         if not self.done(Step.SOURCE_STOPPED):
             self._stop_source()
-            self.record_step(Step.SOURCE_STOPPED, source_was=self.record.source_was)
-            self.save(replace(self.manifest, source_pause=None))
+            self.manifest = replace(self.manifest, source_pause=None)  # saved with the step: nothing to resume
+            self.record_step(Step.SOURCE_STOPPED)
         if not self.done(Step.DR_STARTED):
             self.start_on_dr({d.source_image: d.replica_image for d in self.manifest.disks})
             self.record_step(Step.DR_STARTED)
