@@ -43,10 +43,10 @@ class PlannedFailover(FailoverSteps):
                 self._pause_and_final_point()
                 self._stop_replication()
             except DrtoolError as err:
-                if self._give_back_source():
+                paused = self._give_back_source()
+                if not paused:
                     raise
-                raise DrtoolError(f"{err.message}; {self.vm.name} stays paused on {self.vm.host}: replication was "
-                                  "being stopped, and it must not run unreplicated",
+                raise DrtoolError(f"{err.message}; {self.vm.name} stays paused on {self.vm.host}: {paused}",
                                   hint=f"run drtool failover {self.vm.name} again to finish, or --rollback to "
                                        "resume it") from err
             except BaseException:
@@ -88,11 +88,10 @@ class PlannedFailover(FailoverSteps):
 
     def _pause(self, qmp: QmpSession) -> None:
         """Record the pause, then pause: if drtool dies in between, the record makes it resumed or finished."""
-        source_was = self.record.source_was if self.done(Step.SOURCE_PAUSED) else "running"
         self.save_record(self.record.without(Step.SOURCE_PAUSED, Step.FINAL_POINT),
                          source_pause=SourcePause("failover", now()))
         qmp.execute("stop")
-        self.record_step(Step.SOURCE_PAUSED, source_was=source_was)
+        self.record_step(Step.SOURCE_PAUSED, source_was="running")
 
     def _require_final_point_stands(self, status: str) -> None:
         """An earlier run began stopping replication: go on only if nothing was written since its final point."""
@@ -110,21 +109,25 @@ class PlannedFailover(FailoverSteps):
         stop_target(self.dr, self.layout)
         self.record_step(Step.REPLICATION_STOPPED)
 
-    def _give_back_source(self) -> bool:
+    def _give_back_source(self) -> str:
         """After a failure before the point of no return: resume the source, and forget the pause and final point.
 
         Only while every mirror job still exists (they track what the guest
         writes from now on); with replication half-stopped the source stays
-        paused (False), and a re-run or --rollback decides.
+        paused, and a re-run or --rollback decides. "" when the source runs
+        (or was not paused by drtool), else why it stays paused.
         """
-        with contextlib.suppress(DrtoolError, OSError):
+        try:
             with self.reach.qmp(self.vm) as qmp:
                 if len(query_jobs(qmp, self.manifest)) < len(self.manifest.disks):
-                    return False
+                    return "replication was being stopped, and it must not run unreplicated"
             if self.record.source_was == "running" or self.manifest.source_pause is not None:
                 resume_source(self.reach, self.vm)
+        except (DrtoolError, OSError) as err:
+            return f"it could not be resumed ({err})"
+        with contextlib.suppress(DrtoolError, OSError):  # if this fails, the next run finds the source running
             self.save_record(self.record.without(Step.SOURCE_PAUSED, Step.FINAL_POINT), source_pause=None)
-        return True
+        return ""
 
     def _stop_source(self) -> None:
         """Quit the source QEMU and see its process gone: only then may the DR copy start."""
