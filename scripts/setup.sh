@@ -14,7 +14,8 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-system-common qemu-utils \
     openssh-server openssh-client iproute2 socat procps \
-    python3 python3-venv python3-pip ca-certificates
+    python3 python3-venv python3-pip ca-certificates \
+    busybox-static
 
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
@@ -24,3 +25,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "setup.sh: drtool installed in $(pwd)/.venv"
+# The lab's Linux guest: Debian's cloud kernel (apt-get download, cached under
+# /var/cache/drtool-lab/guest) and busybox-static in an initramfs, built now so
+# that the first test or demo does not wait for it.
+.venv/bin/drtool-lab guest

@@ -387,9 +387,11 @@ def failover_command(
     """
     from drtool.errors import UsageError
     from drtool.services import drill, failover
+    from drtool.services.resync import resync
 
     from . import render
     from .confirm import confirmer
+    from .progress import SyncProgress
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
@@ -404,7 +406,11 @@ def failover_command(
         elif test:
             out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
         elif rollback:
-            out.render(state.call(failover.rollback, vm, confirm=confirmer(out, yes)), render.rollback_summary)
+            undone = state.call(failover.rollback, vm, confirm=confirmer(out, yes))
+            # replication catches up from the final point: the resync command's own work
+            with SyncProgress(out, "resync") as progress:
+                caught_up = state.call(resync, vm, on_progress=progress)
+            out.render(render.RolledBack(undone, caught_up), render.rolled_back_summary)
         else:
             result = state.call(failover.failover, vm, force=force, point_id=point, dry_run=dry_run,
                                 confirm=confirmer(out, yes))

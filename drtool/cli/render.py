@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.table import Table
 from rich.text import Text
 
@@ -13,6 +15,7 @@ from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
+from drtool.state.protection import Health
 from drtool.units import human_size
 
 
@@ -42,12 +45,16 @@ def hosts_table(report: HostsReport) -> Table:
     return table
 
 
-def _replication_style(state: str) -> str:
-    if state.startswith("in sync"):
-        return "green"
-    if state.startswith(("broken", "unknown")):
-        return "red"
-    return "yellow" if state != "unprotected" else ""
+_STYLES = {Health.IN_SYNC: "green", Health.BROKEN: "red", Health.UNKNOWN: "red", Health.UNPROTECTED: "",
+           Health.FAILED_OVER: "green"}
+
+
+def _replication_style(health: Health) -> str:
+    return _STYLES.get(health, "yellow")
+
+
+def _health_text(health: Health, reason: str) -> str:
+    return f"{health.value}: {reason}" if reason else health.value
 
 
 def status_table(report: StatusReport) -> Table:
@@ -56,7 +63,7 @@ def status_table(report: StatusReport) -> Table:
         table.add_column(col, overflow="fold")
     for vm in report.vms:
         state = _mark(vm.run_state == "running", vm.run_state or "unreachable")
-        protection = vm.protection
+        protection = _health_text(vm.protection, vm.reason)
         if vm.mode:
             protection += f"\n{vm.mode} to {vm.dr_host}\n{vm.transport}"
             if vm.transport == "plain":
@@ -74,7 +81,7 @@ def status_table(report: StatusReport) -> Table:
                 disk.node_name,
                 disk.format,
                 human_size(disk.virtual_size),
-                Text(disk.replication, style=_replication_style(disk.replication)),
+                Text(_health_text(disk.replication, disk.reason), style=_replication_style(disk.replication)),
                 human_size(disk.lag_bytes) if disk.lag_bytes is not None else "-",
                 disk.image,
             )
@@ -100,10 +107,11 @@ def export_summary(result: ExportResult) -> str:
 
 
 def resync_summary(result: ResyncResult) -> str:
+    notes = "".join(f"\n  note: {n}" for n in result.notes)
     if result.action == "none":
-        return f"{result.vm}: in sync, nothing to do"
+        return f"{result.vm}: in sync, nothing to do" + notes
     return (f"{result.vm}: resynced ({result.action}), {human_size(result.bytes_sent)} sent in "
-            f"{result.seconds:.1f} s" + (f"; {result.detail}" if result.detail else ""))
+            f"{result.seconds:.1f} s" + (f"; {result.detail}" if result.detail else "") + notes)
 
 
 def checkpoint_table(report: CheckpointReport) -> Table:
@@ -114,8 +122,9 @@ def checkpoint_table(report: CheckpointReport) -> Table:
         if r.point is None:
             table.add_row(r.vm, "-", "-", "-", "-", Text(r.error or "skipped", style="red" if r.exit_code else ""))
         else:
+            result = Text(r.error, style="red") if r.error else _mark(True, "ok")
             table.add_row(r.vm, r.point.id, r.point.quiesce, f"{r.quiesced_seconds:.3f} s", ", ".join(r.deleted) or "-",
-                          Text(r.error, style="red") if r.error else _mark(True, "ok"))
+                          Text.assemble(result, *(f"\nnote: {n}" for n in r.notes)))
     return table
 
 
@@ -135,15 +144,34 @@ def failover_summary(result: FailoverResult) -> str:
         lines += [f"  {step}" for step in result.plan.steps]
         lines += [f"  warning: {w}" for w in result.plan.warnings]
         return "\n".join(lines)
-    rpo = "unknown" if result.rpo_seconds is None else f"{result.rpo_seconds:g} s"
+    if result.rpo_seconds is None:
+        rpo = "unknown"
+    else:
+        rpo = ("at most " if result.rpo_bound == "upper bound" else "") + f"{result.rpo_seconds:g} s"
     point = f" from point {result.point}" if result.point else ""
-    return (f"{result.vm}: {result.kind} failover done{point}: {result.run_state} on {result.dr_host}; "
-            f"RTO {result.rto_seconds:.1f} s, RPO {rpo}")
+    lines = [f"{result.vm}: {result.kind} failover done{point}: {result.run_state} on {result.dr_host}; "
+             f"RTO {result.rto_seconds:.1f} s (to the VM running), RPO {rpo}"]
+    if result.rpo_reason:
+        lines.append(f"  RPO: {result.rpo_reason}")
+    if result.rto_guest_reason:
+        lines.append(f"  RTO to the guest answering: {result.rto_guest_reason}")
+    if result.start_reason:
+        lines.append(f"  started from {result.point}: {result.start_reason}")
+    return "\n".join([*lines, *(f"  note: {n}" for n in result.notes)])
 
 
-def rollback_summary(result: RollbackResult) -> str:
-    return f"{result.vm}: failover rolled back ({', '.join(result.undone) or 'nothing done yet'}); " \
-           f"source {result.source_state}, protected"
+@dataclass(frozen=True)
+class RolledBack:
+    """`failover --rollback`: the rollback, then the resync that catches replication up."""
+
+    rollback: RollbackResult
+    resync: ResyncResult
+
+
+def rolled_back_summary(result: RolledBack) -> str:
+    undone = result.rollback
+    return (f"{undone.vm}: failover rolled back ({', '.join(undone.undone) or 'nothing done yet'}); "
+            f"source {undone.source_state}, protected\n" + resync_summary(result.resync))
 
 
 def drill_summary(result: DrillResult) -> str:

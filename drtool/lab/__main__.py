@@ -1,4 +1,4 @@
-"""drtool-lab demo | up [--dir D] [--vm NAME ...] | down --dir D
+"""drtool-lab demo | up [--dir D] [--vm NAME ...] | down --dir D | guest
 
 `demo` runs drtool's main job on a lab it starts and tears down (README's first command).
 
@@ -6,6 +6,7 @@
 "demo" with disks vd0 64M and vd1 32M), writes D/drtool.toml replicating them
 to site-b, prints where things are, and exits leaving the lab running.
 `down` tears it down from the state file in D.
+`guest` builds (or finds in its cache) the lab's Linux guest and prints its files.
 """
 
 from __future__ import annotations
@@ -60,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--vm", action="append", metavar="NAME", help="a VM to create on site-a (repeatable)")
     down = sub.add_parser("down", help="tear down the lab in --dir")
     down.add_argument("--dir", type=Path, required=True)
+    sub.add_parser("guest", help="build the lab's Linux guest (kernel from apt, busybox initramfs) and print it")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             from drtool.lab.demo import run_demo
 
             return run_demo()
+        if args.command == "guest":
+            from drtool.lab.guest import build_guest
+
+            image = build_guest()
+            print(f"guest kernel {image.version}: {image.kernel}\ninitramfs: {image.initrd}")
+            return 0
         return _up(args) if args.command == "up" else _down(args)
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from drtool.lab import netns
+from drtool.lab.guest import GuestConsole, GuestImage, console_in
 from drtool.lab.netns import LabError, netns_exec_argv
 from drtool.lab.sshd import Sshd, generate_key, write_known_hosts, write_sshd_config
 from drtool.lab.vm import LabVm
@@ -577,14 +578,26 @@ class Lab:
         host: str,
         disks: Mapping[str, str | int] | None = None,
         start: bool = True,
+        *,
+        guest: GuestImage | None = None,
+        guest_args: str = "",
+        iothread: bool = False,
     ) -> LabVm:
-        """Create images and start a VM on `host` (running, or in prelaunch if not start)."""
+        """Create images and start a VM on `host` (running, or in prelaunch if not start).
+
+        With `guest` (guest.build_guest()) the VM boots that Linux guest, its kernel
+        command line extended by guest_args (guest.kernel_args()), its serial
+        console in vm.console; the guest wants two disks (A, B: the first two).
+        """
         if not name or name in (".", "..") or "/" in name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
             raise LabError(f"invalid VM name {name!r}")
         if name in self.vms:
             raise LabError(f"VM {name!r} already exists in the lab")
         h = self._host(host)
-        vm = LabVm(name, host, h.namespace, h.dir / "vms" / name, disks or {"vd0": "64M"})
+        if guest is not None and len(disks or {}) < 2:
+            raise LabError("a lab guest writes its records to two disks: give at least two")
+        vm = LabVm(name, host, h.namespace, h.dir / "vms" / name, disks or {"vd0": "64M"}, guest, guest_args,
+                  iothread)
         vm.create_images()
         self.vms[name] = vm
         vm.launch(start=start)
@@ -622,7 +635,7 @@ class Lab:
                 "host": vm.host,
                 "qmp_socket": str(vm.qmp_socket),
                 "dr_host": dr_host,
-                "replica_dir": str(self.host_dir(dr_host) / "replicas" / name),
+                "replica_dir": str(self.replica_dir(name, dr_host)),
                 "source_dir": str(self.host_dir(vm.host) / "drtool" / name),
             }
             entry.update({k: v for k, v in settings.items() if k != "dr_host"})
@@ -633,6 +646,14 @@ class Lab:
             self._state["entries"].append(path.name)
             self._save_state()
         return path
+
+    def replica_dir(self, name: str, dr_host: str = "site-b") -> Path:
+        """Where write_config puts a VM's replicas on its DR host unless told otherwise."""
+        return self.host_dir(dr_host) / "replicas" / name
+
+    def dr_console(self, name: str, dr_host: str = "site-b") -> GuestConsole:
+        """The console of a lab guest drtool started on its DR host (failover maps it into its run dir)."""
+        return console_in(self.replica_dir(name, dr_host) / "vm")
 
     def _next_host(self, host: str) -> str:
         names = self._host_names

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from drtool.lab.guest import CONSOLE_NAME, MEMORY, GuestConsole, GuestImage
 from drtool.lab.netns import LabError, netns_exec_argv
 
 QEMU = "qemu-system-x86_64"
@@ -104,6 +105,9 @@ class LabVm:
         namespace: str,
         vm_dir: Path,
         disks: Mapping[str, str | int],
+        guest: GuestImage | None = None,
+        guest_args: str = "",
+        iothread: bool = False,
     ) -> None:
         self.name = name
         self.host = host
@@ -116,6 +120,10 @@ class LabVm:
         self.out = vm_dir / "qemu.out"  # QEMU's stdout: where HMP qemu-io prints its results
         self.disk_sizes = {check_devid(dev): str(size) for dev, size in disks.items()}
         self.disks: dict[str, Path] = {dev: vm_dir / f"{dev}.qcow2" for dev in self.disk_sizes}
+        self.guest = guest  # None: no OS (writes through HMP qemu-io); else a real Linux guest (guest.py)
+        self.guest_args = guest_args
+        self.iothread = iothread  # the disks' I/O in an iothread of their own instead of QEMU's main loop
+        self.console = GuestConsole(vm_dir / CONSOLE_NAME)
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp_lock = threading.Lock()
         self._io_lock = threading.Lock()
@@ -139,16 +147,20 @@ class LabVm:
 
     def argv(self) -> list[str]:
         argv = [
-            QEMU, "-M", "pc", "-S", "-nodefaults", "-display", "none", "-m", "64",
+            QEMU, "-M", "pc", "-S", "-nodefaults", "-display", "none", "-m", MEMORY if self.guest else "64",
             "-name", qemu_opt(self.name),
             "-pidfile", str(self.pid_file),
         ]  # fmt: skip
+        if self.guest is not None:
+            argv += self.guest.qemu_args(self.console.path, self.guest_args)
+        if self.iothread:
+            argv += ["-object", "iothread,id=io0"]
         for dev, image in self.disks.items():
             argv += [
                 "-blockdev",
                 f"driver=qcow2,node-name={dev}-fmt,file.driver=file,file.filename={qemu_opt(image)}",
                 "-device",
-                f"virtio-blk-pci,drive={dev}-fmt,id={dev}",
+                f"virtio-blk-pci,drive={dev}-fmt,id={dev}" + (",iothread=io0" if self.iothread else ""),
             ]
         for chardev, path in (("drtool", self.qmp_socket), ("lab", self.lab_qmp_socket)):
             argv += [
@@ -163,6 +175,7 @@ class LabVm:
             raise LabError(f"VM {self.name} is already running (pid {self.pid})")
         for sock in (self.qmp_socket, self.lab_qmp_socket):
             sock.unlink(missing_ok=True)
+        self.console.path.unlink(missing_ok=True)  # QEMU truncates it, but only once it opens it
         with open(self.out, "ab") as out, open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 netns_exec_argv(self.namespace, self.argv()),

@@ -2,8 +2,9 @@
 
 The manifest holds the source QEMU's command line. To run the VM on the DR
 host (or to relaunch it at the source on rollback) drtool maps that command
-line: disk images to their replicas (or to overlays of a point), sockets and
-pid file into a run directory of drtool's, -S added (drtool resumes the VM
+line: disk images to their replicas (or to overlays of a point), sockets,
+console files (`-chardev file,path=`, `-serial file:`) and pid file into a run
+directory of drtool's, -S added (drtool resumes the VM
 itself once it has checked it), -daemonize added (the VM outlives the SSH
 session). For a test failover every network device is dropped and `-nic none`
 added: a drill must never reach the production network.
@@ -17,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.errors import DrtoolError, RemoteCommandError
 from drtool.mechanics.remote import make_dirs, running_pid, terminate
-from drtool.transport.connections import RemoteShell
+from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.qmp import QmpSession
 
 # QEMU options that take no argument (everything else takes exactly one).
 _FLAGS = frozenset({
@@ -134,6 +137,8 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
         elif opt in ("-qmp", "-monitor", "-serial") and value.startswith("unix:"):
             path, sep, rest = value[5:].partition(",")
             value = f"unix:{_run_path(path, qmp_socket, layout)}{sep}{rest}"
+        elif opt in ("-serial", "-monitor") and value.startswith("file:"):
+            value = f"file:{_run_path(value[5:], qmp_socket, layout)}"  # a console log: the DR copy writes its own
         out += [opt, value]
     if unmapped:
         raise DrtoolError(f"the VM uses disk images that are not replicated: {', '.join(unmapped)}",
@@ -194,3 +199,13 @@ def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:
     pid = vm_pid(shell, layout)
     if pid is not None:
         terminate(shell, pid, timeout)
+
+
+def dr_run_layout(replica_dir: PurePosixPath) -> RunLayout:
+    """Where the failed-over VM runs on its DR host."""
+    return RunLayout(replica_dir / "vm")
+
+
+def dr_vm_session(reach: Reach, vm: Vm) -> QmpSession:
+    """A QMP session to the failed-over VM on its DR host."""
+    return reach.qmp_at(vm.dr_host, dr_run_layout(vm.replica_dir).qmp_socket, f"{vm.name} (failed over)")

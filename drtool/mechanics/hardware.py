@@ -48,3 +48,14 @@ def read_hardware(shell: RemoteShell, qmp_socket: PurePosixPath) -> dict[str, An
     found = json.loads(result.out)
     found["read_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return found
+
+
+def source_qemu_alive(shell: RemoteShell, qmp_socket: PurePosixPath) -> bool:
+    """Whether a QEMU process with this monitor on its command line runs on the host."""
+    try:
+        read_hardware(shell, qmp_socket)
+        return True
+    except RemoteCommandError as err:
+        if "no QEMU process" in err.message:
+            return False
+        raise

@@ -18,13 +18,17 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.errors import DrtoolError, Refused, UsageError
+from drtool.domain import Vm
+from drtool.mechanics.dr_target import target_pid
 from drtool.state.manifest import Manifest, RecoveryPoint, now
+from drtool.state.records import PendingPoint
+from drtool.state.store import load_manifest, save_manifest
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -53,18 +57,20 @@ def prepare_point(manifest: Manifest, layout: TargetLayout, quiesce: str, quiesc
     point = RecoveryPoint(point_id, now(), quiesce, round(quiesce_seconds, 3),
                           {d.device: d.replica_image for d in manifest.disks})
     tops = {d.device: str(overlay_path(layout, d.device, point_id)) for d in manifest.disks}
-    return replace(manifest, pending_point={"point": asdict(point), "tops": tops})
+    return replace(manifest, pending_point=PendingPoint(point, tops))
 
 
 def take_point(target: QmpSession, manifest: Manifest) -> Manifest:
     """Run the pending point's snapshot transaction on the target; the settled manifest."""
     pending = manifest.pending_point
-    point_id = pending["point"]["id"]
+    if pending is None:
+        raise DrtoolError(f"{manifest.vm} has no pending point to take")
+    point_id = pending.point.id
     actions = []
     for i, disk in enumerate(manifest.disks):
         actions.append({"type": "blockdev-snapshot-sync", "data": {
             "node-name": node_of_image(target, disk.replica_image),
-            "snapshot-file": pending["tops"][disk.device],
+            "snapshot-file": pending.tops[disk.device],
             "snapshot-node-name": f"d{i}-{point_id}",
             "format": "qcow2",
             "mode": "absolute-paths",
@@ -76,9 +82,10 @@ def take_point(target: QmpSession, manifest: Manifest) -> Manifest:
 def settled(manifest: Manifest) -> Manifest:
     """The manifest with its pending point made real: new tops, point listed."""
     pending = manifest.pending_point
-    point = RecoveryPoint(**pending["point"])
-    disks = tuple(replace(d, replica_image=pending["tops"][d.device]) for d in manifest.disks)
-    return replace(manifest, disks=disks, points=(*manifest.points, point), pending_point={})
+    if pending is None:
+        return manifest
+    disks = tuple(replace(d, replica_image=pending.tops[d.device]) for d in manifest.disks)
+    return replace(manifest, disks=disks, points=(*manifest.points, pending.point), pending_point=None)
 
 
 def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | None) -> tuple[Manifest, bool]:
@@ -92,21 +99,32 @@ def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | Non
     its backing file. Otherwise the point is dropped and stray files removed.
     """
     pending = manifest.pending_point
-    if not pending:
+    if pending is None:
         return manifest, False
     if target_pid is not None:
         open_files = set(shell.run(["sh", "-c", 'for f in /proc/"$1"/fd/*; do readlink -- "$f"; done', "sh",
                                     str(target_pid)], check=False, timeout=30).out.splitlines())
-        tops = [pending["tops"][d.device] for d in manifest.disks]
+        tops = [pending.tops[d.device] for d in manifest.disks]
         # the fd links are canonical paths; the manifest's may go through a symlink
         canonical = shell.run(["readlink", "-m", "--", *tops], check=False, timeout=30).out.splitlines()
         adopted = len(canonical) == len(tops) and all(c in open_files for c in canonical)
     else:
-        adopted = all(_backing_of(shell, pending["tops"][d.device]) == d.replica_image for d in manifest.disks)
+        adopted = all(_backing_of(shell, pending.tops[d.device]) == d.replica_image for d in manifest.disks)
     if adopted:
         return settled(manifest), True
-    shell.run(["rm", "-f", "--", *pending["tops"].values()], timeout=30)
-    return replace(manifest, pending_point={}), True
+    shell.run(["rm", "-f", "--", *pending.tops.values()], timeout=30)
+    return replace(manifest, pending_point=None), True
+
+
+def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
+    """The manifest, with a point a killed drtool left pending resolved (and saved). Under the VM's lock only."""
+    manifest = load_manifest(dr, vm)
+    if manifest is None or manifest.pending_point is None:
+        return manifest
+    manifest, changed = settle_pending(dr, manifest, target_pid(dr, TargetLayout(vm.replica_dir)))
+    if changed:
+        save_manifest(dr, vm, manifest)
+    return manifest
 
 
 def _backing_of(shell: RemoteShell, image: str) -> str | None:
@@ -159,7 +177,7 @@ def delete_points(target: QmpSession, shell: RemoteShell, manifest: Manifest, po
     ids = list(dict.fromkeys(point_ids))
     if not ids:
         return manifest
-    if manifest.pending_point:
+    if manifest.pending_point is not None:
         raise DrtoolError(f"{manifest.vm} has a point pending; settle it before deleting points")
     known = {p.id for p in manifest.points}
     unknown = [i for i in ids if i not in known]

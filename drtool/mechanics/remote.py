@@ -6,6 +6,7 @@ The small POSIX sh scripts below are constants; paths and modes reach them as
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -20,13 +21,23 @@ echo "$p"
 if [ -d "$p" ] && [ -w "$p" ]; then echo writable-dir; else echo not-writable-dir; fi
 df -P -B1 -- "$p" | tail -n 1"""
 
-# Write stdin to $1 atomically: temp file, fsync, rename, fsync the directory.
+# Write stdin to $1 atomically: temp file, check its size ($3) and sha256 ($4) (an
+# SSH channel that closes mid-write gives `cat` an early EOF, and cat exits 0),
+# fsync, keep the old file as $1.prev when $5 is "keep", rename, fsync the directory.
 _WRITE_SCRIPT = """set -e
 umask 077
 tmp="$1.tmp.$$"
 cat > "$tmp"
+size=$(wc -c < "$tmp")
+sum=$(sha256sum < "$tmp")
+if [ "$size" -ne "$3" ] || [ "${sum%% *}" != "$4" ]; then
+  rm -f -- "$tmp"
+  echo "received $size of $3 bytes or another checksum: $1 left as it was" >&2
+  exit 65
+fi
 chmod "$2" "$tmp"
 sync "$tmp"
+if [ "$5" = keep ] && [ -e "$1" ]; then ln -f -- "$1" "$1.prev"; fi
 mv -f "$tmp" "$1"
 sync "$(dirname -- "$1")\""""
 
@@ -52,9 +63,18 @@ def free_space(shell: RemoteShell, path: PurePosixPath | str) -> Space:
     return Space(str(path), lines[0], lines[1] == "writable-dir", available)
 
 
-def write_file(shell: RemoteShell, path: PurePosixPath, data: bytes, mode: int = 0o600) -> None:
-    """Replace path with data so that a crash leaves the old or the new file, never half."""
-    shell.run(["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}"], stdin=data, timeout=60)
+def write_file(shell: RemoteShell, path: PurePosixPath, data: bytes, mode: int = 0o600, *,
+               keep_previous: bool = False) -> None:
+    """Replace path with data so that a crash or a cut channel leaves the old or the new file, never half.
+
+    With keep_previous, the file it replaces stays as path.prev (the last good one).
+    """
+    argv = ["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}", str(len(data)), hashlib.sha256(data).hexdigest(),
+            "keep" if keep_previous else "replace"]
+    result = shell.run(argv, stdin=data, timeout=60, check=False)
+    if not result.ok:
+        raise RemoteCommandError(f"cannot write {path}: {result.err.strip() or f'exit {result.exit_status}'}",
+                                 hint="the previous version is in place; run the command again")
 
 
 def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:

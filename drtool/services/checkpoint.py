@@ -10,32 +10,23 @@ points the VM's retention rules no longer keep are deleted (points.py).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.errors import DrtoolError, ExitCode, QmpError, Refused, UsageError
-from drtool.transport.locks import VmLock
-from drtool.state.manifest import Manifest, RecoveryPoint, now
-from drtool.mechanics.points import delete_points, prepare_point, take_point
-from drtool.mechanics.replication import job_id, query_jobs, wait_quiet
+from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
+from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
+from drtool.mechanics.points import delete_points, load_settled_manifest
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.state.kept import keep_entry
-from drtool.state.store import (
-    load_manifest,
-    load_settled_manifest,
-    require_protected,
-    save_manifest,
-    select_vm,
-)
-from drtool.transport.connections import Reach
+from drtool.state.manifest import Manifest, RecoveryPoint
+from drtool.state.protection import Protection
+from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
-
-DRAIN_TIMEOUT = 30.0  # s the mirrors get to send what they hold while the source is paused
 
 
 @dataclass(frozen=True)
@@ -46,6 +37,7 @@ class CheckpointResult:
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
     deleted: tuple[str, ...] = ()  # points the VM's retention rules let go
+    notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
 
 
 @dataclass(frozen=True)
@@ -55,11 +47,6 @@ class CheckpointReport:
     @property
     def exit_code(self) -> ExitCode:
         return max((r.exit_code for r in self.results), default=ExitCode.OK)
-
-
-def target_session(reach: Reach, vm: Vm) -> QmpSession:
-    """drtool's QMP session to the VM's replication target on the DR host."""
-    return reach.qmp_at(vm.dr_host, TargetLayout(vm.replica_dir).qmp_socket, f"{vm.name} replication target")
 
 
 def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False) -> CheckpointReport:
@@ -74,38 +61,41 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
 def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointResult:
     try:
         dr = reach.shell(vm.dr_host)
-        with VmLock(dr, vm.name):
+        with reach.lock(vm):
             manifest = load_settled_manifest(dr, vm)
-            if skip_unprotected and (manifest is None or manifest.state == "unprotected"):
+            if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
                 return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
             manifest = require_protected(manifest, vm)
+            manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
+            notes = (resumed,) if resumed else ()
             keep_entry(inventory, reach, vm)  # refreshed, so it follows the inventory
             if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
                 raise Refused(f"the replication target of {vm.name} is not running on {vm.dr_host}",
                               hint=f"run drtool resync {vm.name}: it restarts the target and catches up")
             with target_session(reach, vm) as target:
                 with reach.qmp(vm) as qmp:
-                    manifest, seconds = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
+                    manifest, seconds = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused",
+                                                              "checkpoint")
                 point = manifest.points[-1]
                 deleted, failure = apply_retention(target, dr, vm, manifest)
         if failure:
             # The point stands (it is saved); exit 1 all the same: a retention that keeps
             # failing fills the DR host until replication itself stops, and cron only sees this.
             return CheckpointResult(vm.name, point, seconds, f"point {point.id} taken, but {failure}",
-                                    ExitCode.FAILED, deleted)
-        return CheckpointResult(vm.name, point, seconds, deleted=deleted)
+                                    ExitCode.FAILED, deleted, notes)
+        return CheckpointResult(vm.name, point, seconds, deleted=deleted, notes=notes)
     except DrtoolError as err:
         return CheckpointResult(vm.name, None, 0.0, str(err), err.exit_code)
 
 
-def apply_retention(target: QmpSession, dr, vm: Vm, manifest: Manifest,  # noqa: ANN001
+def apply_retention(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest,
                     now: datetime | None = None) -> tuple[tuple[str, ...], str]:
     """Delete the points vm.retention does not keep; (ids deleted, what failed or "").
 
     Only in the plain protected state: never while a failover or drill is
     recorded, whose VM may be running on a point's images.
     """
-    if manifest.state != "protected" or manifest.failover or manifest.drill:
+    if manifest.state is not Protection.PROTECTED or manifest.failover is not None or manifest.drill is not None:
         return (), ""
     doomed = points_to_delete(manifest.points, vm.retention, now or datetime.now(UTC))
     if not doomed:
@@ -122,46 +112,6 @@ def apply_retention(target: QmpSession, dr, vm: Vm, manifest: Manifest,  # noqa:
         left = {p.id for p in saved[-1].points} if saved else set(doomed)
         return tuple(i for i in doomed if i not in left), f"deleting old points failed: {err}"
     return tuple(doomed), ""
-
-
-def take_consistent_point(qmp: QmpSession, target: QmpSession, manifest: Manifest, vm: Vm, dr,  # noqa: ANN001
-                          quiesce: str) -> tuple[Manifest, float]:
-    """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s)."""
-    jobs = query_jobs(qmp, manifest)
-    broken = [j for i, _ in enumerate(manifest.disks) if (j := jobs.get(job_id(i))) is None or j.broken]
-    if broken or len(jobs) < len(manifest.disks):
-        raise Refused(f"replication of {vm.name} is broken: a point now would not hold its latest writes",
-                      hint=f"run drtool resync {vm.name} first")
-    # Recorded as pending before the pause: the SSH round trip does not lengthen it.
-    pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
-    save_manifest(dr, vm, pending)
-    running = qmp.execute("query-status")["status"] == "running"
-    started = time.monotonic()
-    if running:
-        qmp.execute("stop")
-    try:
-        if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
-            _drop_pending(dr, vm, pending)
-            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; no point taken")
-        try:
-            manifest = take_point(target, pending)
-        except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
-            _drop_pending(dr, vm, pending)
-            raise
-        taken_at = now()
-    finally:
-        if running:
-            qmp.execute("cont")
-        paused = time.monotonic() - started
-    point = replace(manifest.points[-1], time=taken_at, quiesce_seconds=round(paused, 3))
-    manifest = replace(manifest, points=(*manifest.points[:-1], point))
-    save_manifest(dr, vm, manifest)
-    return manifest, paused
-
-
-def _drop_pending(dr, vm: Vm, pending: Manifest) -> None:  # noqa: ANN001
-    dr.run(["rm", "-f", "--", *pending.pending_point["tops"].values()], timeout=30)
-    save_manifest(dr, vm, replace(pending, pending_point={}))
 
 
 @dataclass(frozen=True)
@@ -182,7 +132,7 @@ def list_points(inventory: Inventory, reach: Reach, name: str) -> PointsReport:
     return PointsReport(vm.name, manifest.points, space)
 
 
-def _allocated(dr, images: list[str]) -> dict[str, int]:  # noqa: ANN001
+def _allocated(dr: RemoteShell, images: list[str]) -> dict[str, int]:
     """Bytes each file takes on disk (du), the frozen image of a point being its own delta."""
     if not images:
         return {}

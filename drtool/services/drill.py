@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from drtool.domain import Inventory, Vm
 from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.transport.locks import VmLock
-from drtool.state.manifest import now
+from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
-from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
+from drtool.state.manifest import now
+from drtool.state.records import DrillRecord
+from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 
 
@@ -47,17 +48,18 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
     layout = drill_layout(vm)
-    with VmLock(dr, vm.name):
+    with reach.lock(vm):
         manifest = require_protected(load_settled_manifest(dr, vm), vm)
-        if manifest.drill:
-            raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.get('point')})",
+        if manifest.drill is not None and vm_pid(dr, layout) is not None:
+            raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.point})",
                           hint=f"remove it first: drtool failover {vm.name} --test --cleanup")
         if not manifest.points:
             raise Refused(f"{vm.name} has no point to test", hint=f"take one: drtool checkpoint {vm.name}")
         point = manifest.point(point_id) if point_id else manifest.points[-1]
         if point is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
-        save_manifest(dr, vm, replace(manifest, drill={"point": point.id, "started_at": now()}))
+        # recorded first: a drill killed before its VM runs is started again by the same command
+        save_manifest(dr, vm, replace(manifest, drill=DrillRecord(point.id, now())))
         make_dirs(dr, layout.run_dir)
         disks = {}
         for disk in manifest.disks:
@@ -74,10 +76,10 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         seconds = time.monotonic() - started
         if state != "running":
             raise DrtoolError(f"the test VM of {vm.name} started but is {state!r}, not running")
-        manifest = load_settled_manifest(dr, vm)
+        manifest = require_protected(load_settled_manifest(dr, vm), vm)
         points = tuple(replace(p, tested_at=now()) if p.id == point.id else p for p in manifest.points)
-        save_manifest(dr, vm, replace(manifest, points=points,
-                                      drill=manifest.drill | {"seconds": round(seconds, 3), "state": state}))
+        drill = DrillRecord(point.id, manifest.drill.started_at if manifest.drill else now(), round(seconds, 3), state)
+        save_manifest(dr, vm, replace(manifest, points=points, drill=drill))
     return DrillResult(vm.name, point.id, True, seconds, state, str(layout.qmp_socket))
 
 
@@ -85,11 +87,11 @@ def cleanup_test(inventory: Inventory, reach: Reach, name: str) -> DrillCleanup:
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
     layout = drill_layout(vm)
-    with VmLock(dr, vm.name):
+    with reach.lock(vm):
         manifest = require_protected(load_settled_manifest(dr, vm), vm, during_failover=True)
-        existed = bool(manifest.drill) or vm_pid(dr, layout) is not None
+        existed = manifest.drill is not None or vm_pid(dr, layout) is not None
         kill_vm(dr, layout)
         remove(dr, layout.run_dir)
-        if manifest.drill:
-            save_manifest(dr, vm, replace(manifest, drill={}))
+        if manifest.drill is not None:
+            save_manifest(dr, vm, replace(manifest, drill=None))
     return DrillCleanup(vm.name, existed)

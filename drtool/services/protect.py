@@ -30,8 +30,8 @@ from drtool.mechanics.dr_target import (
 from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import link_socket, start_link, stop_link
-from drtool.transport.locks import VmLock
 from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.state.protection import Protection
 from drtool.mechanics.remote import free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
@@ -120,7 +120,7 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
     dr_host = inventory.hosts[vm.dr_host]
     src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
-    with VmLock(dr, vm.name):
+    with reach.lock(vm):
         _check_not_protected(load_manifest(dr, vm), vm)
         with reach.qmp(vm) as qmp:
             result = _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started)
@@ -131,16 +131,16 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
 def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
     if existing is None:
         return
-    if existing.state == "unprotected":
+    if existing.state is Protection.UNPROTECTED:
         # protect would create the replicas anew over the kept ones and their points
         raise Refused(f"{vm.replica_dir} on {vm.dr_host} still holds the replicas of an earlier protection",
                       hint=f"delete them (drtool unprotect {vm.name} --delete-replicas) or choose another "
                            "replica_dir")
-    if existing.state in ("failed-over", "failing-over"):
-        raise Refused(f"{vm.name} has failed over to {vm.dr_host} ({existing.state}): protecting it from "
+    if existing.state.failing_over:
+        raise Refused(f"{vm.name} has failed over to {vm.dr_host} ({existing.state.value}): protecting it from "
                       f"{vm.host} again would overwrite what it wrote there",
                       hint=f"see drtool status {vm.name}")
-    raise Refused(f"{vm.name} is already protected (state {existing.state!r} in its manifest on "
+    raise Refused(f"{vm.name} is already protected (state {existing.state.value!r} in its manifest on "
                   f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
 
 
@@ -182,7 +182,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         if psk:
             push_psk(dr, layout.tls_dir, psk)
         create_replicas(dr, manifest)
-        save_manifest(dr, vm, manifest.with_state("seeding", "protect started"))
+        save_manifest(dr, vm, manifest.transition(Protection.SEEDING, "protect started"))
         undo.push(lambda: remove(dr, vm.replica_dir / "manifest.json"))
         start_target(dr, manifest, layout)
         undo.push(lambda: stop_target(dr, layout))
@@ -205,10 +205,10 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         undo.push(lambda: remove_bitmaps(qmp, nodes))
         add_bitmaps(qmp, manifest, nodes)
         undo.commit()
-    manifest = manifest.with_state("seeding", "protect started")
+    manifest = manifest.transition(Protection.SEEDING, "protect started")
     if wait:
         wait_until_ready(qmp, manifest, on_progress)
-        save_manifest(dr, vm, manifest.with_state("protected", "initial sync complete"))
+        save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
                          time.monotonic() - started, in_use)
 
@@ -258,11 +258,11 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
     vm = select_vm(inventory, vm_name)
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
-    with VmLock(dr, vm.name):
+    with reach.lock(vm):
         manifest = load_manifest(dr, vm)
         if manifest is None:
             raise Refused(f"{vm.name} is not protected: no manifest in {vm.replica_dir} on {vm.dr_host}")
-        if manifest.state != "unprotected":
+        if manifest.state is not Protection.UNPROTECTED:
             require_protected(manifest, vm)  # never after a failover: the replicas are the DR copy's disks
         try:
             with reach.qmp(vm) as qmp:
@@ -282,5 +282,5 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
             forget_entry(inventory, dr, vm)
             remove(dr, vm.replica_dir)
         else:
-            save_manifest(dr, vm, manifest.with_state("unprotected", "unprotect"))
+            save_manifest(dr, vm, manifest.transition(Protection.UNPROTECTED, "unprotect"))
     return UnprotectResult(vm.name, delete_replicas, str(vm.replica_dir))

@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout, start_target, target_pid
+from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError
-from drtool.domain import Vm
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, start_target, target_pid
 from drtool.mechanics.link import link_socket, start_link
-from drtool.transport.locks import VmLock
-from drtool.state.manifest import Manifest
+from drtool.mechanics.pausing import resume_own_pause, resume_source
+from drtool.mechanics.points import load_settled_manifest
+from drtool.state.manifest import Manifest, now
+from drtool.state.protection import Protection
+from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
     QUIET,
     DiskProgress,
+    JobState,
     ProgressCallback,
     add_bitmaps,
     attach_target,
@@ -48,8 +52,8 @@ from drtool.mechanics.replication import (
     rotate_bitmaps,
     wait_until_ready,
 )
-from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach
+from drtool.state.store import require_protected, save_manifest, select_vm
+from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
 RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted target
@@ -64,15 +68,19 @@ class ResyncResult:
     paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
     target_restarted: bool = False
     detail: str = ""
+    notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
 
 
-def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback | None = None) -> ResyncResult:  # noqa: ANN001
+def resync(inventory: Inventory, reach: Reach, vm_name: str,
+           on_progress: ProgressCallback | None = None) -> ResyncResult:
     started = time.monotonic()
     vm = select_vm(inventory, vm_name)
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
-    with VmLock(dr, vm.name):
+    with reach.lock(vm):
         manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
+        notes = (resumed,) if resumed else ()
         restarted = False
         if target_pid(dr, layout) is None:
             start_target(dr, manifest, layout)
@@ -84,17 +92,33 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
             healthy = all(j in jobs and jobs[j].ready and not jobs[j].broken for j in wanted)
             if healthy and not restarted:
                 rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
-                if manifest.state != "protected":
-                    save_manifest(dr, vm, manifest.with_state("protected", "in sync at resync"))
-                return ResyncResult(vm.name, "none", 0, time.monotonic() - started)
+                if manifest.state is not Protection.PROTECTED:
+                    save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, "in sync at resync"))
+                return ResyncResult(vm.name, "none", 0, time.monotonic() - started, notes=notes)
+            # the replicas are being copied into from here on: not a consistent image until in sync
+            seeding = manifest.state is Protection.SEEDING
+            if not seeding:
+                manifest = manifest.transition(Protection.RESYNCING, "resync started")
+                save_manifest(dr, vm, manifest)
             if all(j in jobs for j in wanted):
                 sent = _resume(qmp, manifest, on_progress)
                 rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
             else:
-                result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted)
-        save_manifest(dr, vm, manifest.with_state("protected", f"resync: {result.action}"))
-    return result
+                result = _restart_replication(_Catchup(reach, dr, vm, qmp), manifest, seeding, jobs, on_progress,
+                                              started, restarted)
+        save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, f"resync: {result.action}"))
+    return replace(result, notes=notes)
+
+
+@dataclass(frozen=True)
+class _Catchup:
+    """What a resync that restarts replication works with."""
+
+    reach: Reach
+    dr: RemoteShell
+    vm: Vm
+    qmp: QmpSession
 
 
 def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None) -> int:
@@ -132,20 +156,21 @@ def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback |
         time.sleep(0.25)
 
 
-def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,
+def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs: dict[str, JobState],
                          on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
+    qmp, vm = run.qmp, run.vm
     if jobs:  # some but not all jobs survived: start over together
         cancel_mirrors(qmp, manifest)
     nodes = current_nodes(qmp, manifest)
     _ensure_target_nodes(qmp, manifest, vm)
-    bitmap = merged_bitmap(qmp, nodes) if manifest.state == "protected" else None
+    bitmap = None if seeding else merged_bitmap(qmp, nodes)
     if bitmap is not None:
-        sent, paused = _bitmap_catch_up(qmp, manifest, nodes, bitmap)
+        sent, paused = _bitmap_catch_up(run, manifest, nodes, bitmap)
         wait_until_ready(qmp, manifest, on_progress)
         rotate_bitmaps(qmp, manifest, nodes)
         return ResyncResult(manifest.vm, "bitmap", sent, time.monotonic() - started, paused, restarted,
                             "replication jobs were gone; sent the blocks drtool's persistent bitmap recorded")
-    why = ("the initial sync never completed" if manifest.state != "protected" else
+    why = ("the initial sync never completed" if seeding else
            "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost")
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
@@ -164,10 +189,13 @@ def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
     attach_target(qmp, manifest, link_socket(vm), vm.source_state_dir / "tls", PSK_USER)
 
 
-def _bitmap_catch_up(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:
+def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:
     """Copy the bitmap's blocks while the VM runs, then once more paused, then mirror from now on."""
+    qmp = run.qmp
     sent = _bitmap_backup_round(qmp, manifest, nodes, bitmap)
     was_running = qmp.execute("query-status")["status"] == "running"
+    if was_running:  # recorded first: if drtool dies paused, the next command resumes the VM
+        save_manifest(run.dr, run.vm, replace(manifest, source_pause=SourcePause("resync", now())))
     paused_at = time.monotonic()
     if was_running:
         qmp.execute("stop")
@@ -176,7 +204,8 @@ def _bitmap_catch_up(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitm
         start_mirrors(qmp, manifest, nodes, sync="none")
     finally:
         if was_running:
-            qmp.execute("cont")
+            resume_source(run.reach, run.vm, qmp)
+            save_manifest(run.dr, run.vm, manifest)
     return sent, time.monotonic() - paused_at
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
-from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.state.manifest import Manifest
 from drtool.errors import DrtoolError, ExitCode
+from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
+from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_vm import dr_vm_session
 from drtool.mechanics.replication import JobState, job_id, query_jobs
 from drtool.services.concurrent import map_concurrently
+from drtool.state.manifest import Manifest
+from drtool.state.protection import Health, Protection, worst
 from drtool.state.store import load_manifest, select_vm
 from drtool.transport.connections import Reach
-
-UNPROTECTED = "unprotected"
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class DiskStatus:
     virtual_size: int
     image: str
     protected: bool  # selected for protection by the inventory (all disks when none are named)
-    replication: str = UNPROTECTED  # unprotected | seeding N% | in sync | lagging | broken: why
+    replication: Health = Health.UNPROTECTED
     lag_bytes: int | None = None  # bytes the replica is behind (the job's len - offset)
+    reason: str = ""  # why, in words: how far seeding is, what broke and what to do
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,14 @@ class VmStatus:
     host: str
     dr_host: str
     run_state: str | None  # QMP query-status "status": running, paused, prelaunch, ...
-    protection: str  # the worst of its disks' replication states
+    protection: Health  # the worst of its disks' replication states, or the failover's
     disks: tuple[DiskStatus, ...] = ()
     mode: str | None = None
     transport: str | None = None  # tls-psk, or plain when the inventory opted out of TLS
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
+    reason: str = ""  # the protection in words
+    state: Protection | None = None  # the manifest's protection state (None: no manifest)
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,16 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
     try:
         dr = reach.shell(vm.dr_host)
         manifest = load_manifest(dr, vm)
-        if manifest is not None and manifest.state in ("seeding", "protected"):
+        if manifest is not None and manifest.state.replicating:
             target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
     except DrtoolError as err:
-        manifest, manifest_error, manifest_exit = None, f"unknown: {err}", err.exit_code
+        manifest, manifest_error, manifest_exit = None, f"manifest unreadable: {err}", err.exit_code
     else:
         manifest_error, manifest_exit = "", ExitCode.OK
-    if manifest is not None and manifest.state == "unprotected":
+    state = manifest.state if manifest is not None else None
+    if manifest is not None and manifest.state is Protection.UNPROTECTED:
         manifest = None
-    if manifest is not None and manifest.state in ("failed-over", "failing-over"):
+    if manifest is not None and manifest.state.failing_over:
         return _failed_over_status(reach, vm, manifest)
     try:
         with reach.qmp(vm) as qmp:
@@ -85,72 +89,83 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
             devices = parse_query_block(qmp.execute("query-block"))
             jobs = query_jobs(qmp, manifest) if manifest else {}
     except DrtoolError as err:
-        protection = manifest_error or (f"{manifest.state}: source unreachable" if manifest else UNPROTECTED)
-        return VmStatus(vm.name, vm.host, vm.dr_host, None, protection, error=str(err), exit_code=err.exit_code,
-                        mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None)
+        health = Health.UNKNOWN if manifest_error or manifest else Health.UNPROTECTED
+        reason = manifest_error or (f"{manifest.state.value}: source unreachable" if manifest else "")
+        return VmStatus(vm.name, vm.host, vm.dr_host, None, health, error=str(err), exit_code=err.exit_code,
+                        mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None,
+                        reason=reason, state=state)
     replicated = {d.device: i for i, d in enumerate(manifest.disks)} if manifest else {}
     disks = tuple(_disk_status(vm, d, jobs.get(job_id(replicated[d.device])) if d.device in replicated else None,
                                d.device in replicated, target_running) for d in devices)
     missing = [d for d in vm.disks if d not in {disk.device for disk in disks}]
     error = f"configured disk(s) not attached: {', '.join(missing)}" if missing else ""
-    states = [d.replication for d in disks if d.device in replicated]
-    protection = manifest_error or (_worst(states) if manifest else UNPROTECTED)
+    replicating = [d for d in disks if d.device in replicated]
+    if manifest_error:
+        protection, reason = Health.UNKNOWN, manifest_error
+    elif manifest is None:
+        protection, reason = Health.UNPROTECTED, ""
+    else:
+        protection = worst([d.replication for d in replicating])
+        reason = next((d.reason for d in replicating if d.replication is protection), "")
+        if manifest.state is Protection.RESYNCING and protection.ok:
+            reason = f"in sync, but a resync was interrupted: run drtool resync {vm.name}"
+        pause = manifest.source_pause
+        if pause is not None and run_state != "running":
+            reason = "; ".join(filter(None, (reason, f"paused by an interrupted drtool {pause.by} since {pause.at}: "
+                                                     f"drtool resync {vm.name} resumes it")))
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
         mode=manifest.mode if manifest else None,
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
         exit_code=manifest_exit if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
+        reason=reason, state=state,
     )
 
 
 def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
     """A VM that runs (or is being started) on its DR host: report it from there."""
-    from drtool.services.failover import dr_vm_session
-
-    steps = manifest.failover.get("steps", [])
-    if manifest.state == "failing-over":
-        protection = (f"failing over ({manifest.failover.get('kind')}; done: {', '.join(steps) or 'nothing'}): "
-                      f"run drtool failover {vm.name} again to finish, or --rollback")
+    record = manifest.failover
+    if manifest.state is Protection.FAILING_OVER:
+        done = ", ".join(s.value for s in record.steps) if record else ""
+        kind = record.kind.value if record else "?"
+        protection = Health.FAILING_OVER
+        reason = (f"failing over ({kind}; done: {done or 'nothing'}): "
+                  f"run drtool failover {vm.name} again to finish, or --rollback")
     else:
-        protection = f"failed over to {vm.dr_host} at {manifest.failover.get('finished_at', '?')}"
+        protection = Health.FAILED_OVER
+        reason = f"failed over to {vm.dr_host} at {record.finished_at if record else '?'}"
     try:
         with dr_vm_session(reach, vm) as qmp:
             run_state = qmp.execute("query-status")["status"]
             devices = parse_query_block(qmp.execute("query-block"))
     except DrtoolError as err:
         return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, protection, error=str(err), exit_code=err.exit_code,
-                        mode=manifest.mode, transport=manifest.transport)
-    disks = tuple(DiskStatus(d.device, d.node_name, d.format, d.virtual_size, d.image, True, "failed over", None)
-                  for d in devices)
+                        mode=manifest.mode, transport=manifest.transport, reason=reason, state=manifest.state)
+    disks = tuple(DiskStatus(d.device, d.node_name, d.format, d.virtual_size, d.image, True, Health.FAILED_OVER,
+                             None, "runs on the DR host") for d in devices)
     return VmStatus(vm.name, vm.dr_host, vm.dr_host, run_state, protection, disks, mode=manifest.mode,
-                    transport=manifest.transport)
+                    transport=manifest.transport, reason=reason, state=manifest.state)
 
 
-_SEVERITY = ("in sync", "lagging", "seeding", "broken")
-
-
-def _worst(states: list[str]) -> str:
-    if not states:
-        return UNPROTECTED
-    return max(states, key=lambda s: next(i for i, p in enumerate(_SEVERITY) if s.startswith(p)))
-
-
-def replication_state(job: JobState | None, target_running: bool = True) -> str:
+def replication_health(job: JobState | None, target_running: bool = True) -> tuple[Health, str]:
+    """One disk's replication health, and why in words."""
     if not target_running:
-        return "broken: the DR target is not running; run drtool resync"
+        return Health.BROKEN, "the DR target is not running; run drtool resync"
     if job is None:
-        return "broken: no replication job on the source (QEMU restarted or the job ended); run drtool resync"
+        return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
     if job.io_status != "ok" or job.paused:
-        return f"broken: the DR side did not answer (job paused, io-status {job.io_status}); run drtool resync"
+        return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "
+                               "run drtool resync")
     if not job.ready:
         pct = 100.0 * job.offset / job.length if job.length else 0.0
-        return f"seeding {pct:.0f}%"
-    return "in sync" if job.remaining == 0 else "lagging"
+        return Health.SEEDING, f"{pct:.0f}% copied"
+    return (Health.IN_SYNC, "") if job.remaining == 0 else (Health.LAGGING, f"{job.remaining} bytes behind")
 
 
 def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool,
                  target_running: bool) -> DiskStatus:
+    health, reason = replication_health(job, target_running) if replicated else (Health.UNPROTECTED, "")
     return DiskStatus(
         device.device,
         device.node_name,
@@ -158,6 +173,7 @@ def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: 
         device.virtual_size,
         device.image,
         protected=not vm.disks or device.device in vm.disks,
-        replication=replication_state(job, target_running) if replicated else UNPROTECTED,
+        replication=health,
         lag_bytes=(job.remaining if job else None) if replicated else None,
+        reason=reason,
     )

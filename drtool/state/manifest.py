@@ -4,6 +4,10 @@ It lives at <replica_dir>/manifest.json on the DR host and is rewritten
 atomically at every step, so that with the primary site and drtool's own
 machine both gone, the DR host still describes the VM: its disks, where their
 replicas are, how to start it, and what state protection was in.
+
+Format 2 (this drtool) stores the typed records of records.py, absent ones as
+null; format 1 (earlier drtools) stored them as dicts, empty when absent. Both
+load.
 """
 
 from __future__ import annotations
@@ -15,9 +19,20 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.errors import DrtoolError
+from drtool.state.protection import Protection, check_transition
+from drtool.state.records import (
+    DrillRecord,
+    FailoverRecord,
+    PendingPoint,
+    RecoveryPoint,
+    SourcePause,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+PREVIOUS_SUFFIX = ".prev"  # the manifest before the last write: read when the current one is damaged
+
+__all__ = ["FORMAT_VERSION", "Manifest", "ManifestError", "RecoveryPoint", "ReplicaDisk", "manifest_path", "now"]
 
 
 def now() -> str:
@@ -40,22 +55,6 @@ class ReplicaDisk:
 
 
 @dataclass(frozen=True)
-class RecoveryPoint:
-    """A point in time on the DR side, consistent across all the VM's disks.
-
-    Its images are the frozen tops of each replica's chain when it was taken:
-    read-only from then on, since replication writes to the overlay above.
-    """
-
-    id: str
-    time: str
-    quiesce: str  # frozen (guest agent fsfreeze) | paused (QMP stop) | final (failover)
-    quiesce_seconds: float
-    images: dict[str, str]  # device id -> the point's image on the DR host
-    tested_at: str | None = None
-
-
-@dataclass(frozen=True)
 class Manifest:
     vm: str
     source_host: str
@@ -66,26 +65,35 @@ class Manifest:
     nbd_port: int
     disks: tuple[ReplicaDisk, ...]
     hardware: dict[str, Any] = field(default_factory=dict)  # source QEMU argv and what maps it
-    state: str = "seeding"  # seeding | protected | unprotected
+    state: Protection = Protection.SEEDING
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
     history: tuple[dict[str, str], ...] = ()
     points: tuple[RecoveryPoint, ...] = ()
-    pending_point: dict[str, Any] = field(default_factory=dict)  # see points.py: written before the snapshot
-    failover: dict[str, Any] = field(default_factory=dict)  # the failover under way or done, step by step
-    drill: dict[str, Any] = field(default_factory=dict)  # a test failover that is running
+    pending_point: PendingPoint | None = None  # see points.py: written before the snapshot
+    failover: FailoverRecord | None = None  # the failover under way or done, step by step
+    drill: DrillRecord | None = None  # a test failover that is running
+    source_pause: SourcePause | None = None  # drtool paused the source and has not resumed it yet
     version: int = FORMAT_VERSION
 
     def point(self, point_id: str) -> RecoveryPoint | None:
         return next((p for p in self.points if p.id == point_id), None)
 
-    def with_state(self, state: str, note: str = "") -> Manifest:
+    def transition(self, state: Protection, note: str = "") -> Manifest:
+        """The manifest in `state`; raises ForbiddenTransition on an edge protection.ALLOWED does not list."""
+        check_transition(self.state, state, self.vm)
         stamp = now()
-        entry = {"time": stamp, "state": state} | ({"note": note} if note else {})
+        entry = {"time": stamp, "state": state.value} | ({"note": note} if note else {})
         return replace(self, state=state, updated_at=stamp, history=(*self.history, entry)[-50:])
 
+    def with_state(self, state: Protection | str, note: str = "") -> Manifest:
+        """The name before typed states: the same guarded transition, the state given by its value."""
+        return self.transition(Protection(state), note)
+
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+        data = asdict(self)
+        data["version"] = FORMAT_VERSION
+        return (json.dumps(data, indent=2) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
@@ -96,9 +104,15 @@ class Manifest:
                     f"{where} was written by a newer drtool (format {raw['version']})",
                     hint="upgrade drtool on this machine",
                 )
+            raw["state"] = Protection(raw.get("state", Protection.SEEDING.value))
             raw["disks"] = tuple(ReplicaDisk(**d) for d in raw["disks"])
             raw["history"] = tuple(raw.get("history", ()))
             raw["points"] = tuple(RecoveryPoint(**p) for p in raw.get("points", ()))
+            # format 1 wrote {} for an absent record
+            raw["pending_point"] = PendingPoint.load(raw["pending_point"]) if raw.get("pending_point") else None
+            raw["failover"] = FailoverRecord.load(raw["failover"]) if raw.get("failover") else None
+            raw["drill"] = DrillRecord.load(raw["drill"]) if raw.get("drill") else None
+            raw["source_pause"] = SourcePause.load(raw["source_pause"]) if raw.get("source_pause") else None
             return cls(**raw)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ManifestError(f"{where} is not a drtool manifest: {err}") from err

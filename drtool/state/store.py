@@ -1,11 +1,14 @@
-"""What services share about a VM's protection: its manifest on the DR host."""
+"""What services share about a VM's protection: its manifest on the DR host, read and written."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UsageError
-from drtool.state.manifest import Manifest, manifest_path
 from drtool.mechanics.remote import read_file, write_file
+from drtool.state.manifest import PREVIOUS_SUFFIX, Manifest, ManifestError, manifest_path
+from drtool.state.protection import Protection
 from drtool.transport.connections import RemoteShell
 
 
@@ -17,26 +20,19 @@ def select_vm(inventory: Inventory, name: str) -> Vm:
 
 
 def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
+    """The manifest, or None when there is none; a damaged one gives way to the one before it."""
     path = manifest_path(vm.replica_dir)
     data = read_file(dr, path)
-    return None if data is None else Manifest.from_json(data, f"{vm.dr_host}:{path}")
-
-
-def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
-    """The manifest, with a point a killed drtool left pending resolved (and saved)."""
-    from drtool.mechanics.dr_target import TargetLayout, target_pid
-    from drtool.mechanics.points import settle_pending
-
-    manifest = load_manifest(dr, vm)
-    if manifest is None or not manifest.pending_point:
-        return manifest
-    manifest, changed = settle_pending(dr, manifest, target_pid(dr, TargetLayout(vm.replica_dir)))
-    if changed:
-        save_manifest(dr, vm, manifest)
-    return manifest
-
-
-FAILOVER_STATES = ("failing-over", "failed-over")
+    if data is None:
+        return None
+    try:
+        return Manifest.from_json(data, f"{vm.dr_host}:{path}")
+    except ManifestError as err:
+        previous = PurePosixPath(f"{path}{PREVIOUS_SUFFIX}")
+        older = read_file(dr, previous)
+        if older is None or err.hint:  # no earlier copy, or written by a newer drtool
+            raise
+        return Manifest.from_json(older, f"{vm.dr_host}:{previous} (the current manifest is damaged: {err})")
 
 
 def require_protected(manifest: Manifest | None, vm: Vm, *, during_failover: bool = False) -> Manifest:
@@ -46,13 +42,14 @@ def require_protected(manifest: Manifest | None, vm: Vm, *, during_failover: boo
     points and retention must not touch them, and a returning old source must
     never be mirrored over them.
     """
-    if manifest is None or manifest.state == "unprotected":
+    if manifest is None or manifest.state is Protection.UNPROTECTED:
         raise Refused(f"{vm.name} is not protected", hint=f"protect it first: drtool protect {vm.name}")
-    if manifest.state in FAILOVER_STATES and not during_failover:
-        raise Refused(f"{vm.name} is {manifest.state} to {vm.dr_host}: its replicas are the DR copy's disks now",
+    if manifest.state.failing_over and not during_failover:
+        raise Refused(f"{vm.name} is {manifest.state.value} to {vm.dr_host}: its replicas are the DR copy's "
+                      "disks now",
                       hint=f"finish it (drtool failover {vm.name}) or undo it (--rollback); see drtool status")
     return manifest
 
 
 def save_manifest(dr: RemoteShell, vm: Vm, manifest: Manifest) -> None:
-    write_file(dr, manifest_path(vm.replica_dir), manifest.to_json(), mode=0o600)
+    write_file(dr, manifest_path(vm.replica_dir), manifest.to_json(), mode=0o600, keep_previous=True)

@@ -6,11 +6,13 @@ them fakes while the CLI and the lab tests hand them real `Connections`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import PurePosixPath
 from typing import Protocol
 
 from drtool.domain import Inventory, Vm
 from drtool.transport.bridge import StreamBridge, relay_argv
+from drtool.transport.locks import VmLock
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import CommandResult, Endpoint, SshConnection, SshPool
 
@@ -38,6 +40,10 @@ class Reach(Protocol):
     def qmp_at(self, host_name: str, socket_path: PurePosixPath, label: str) -> QmpSession: ...
 
     def qmp(self, vm: Vm) -> QmpSession: ...
+
+    def lock(self, vm: Vm) -> AbstractContextManager[object]:
+        """One drtool at a time per VM: held while the returned context is entered."""
+        ...
 
 
 class Connections:
@@ -79,6 +85,9 @@ class Connections:
         """Reach the hosts of a completed inventory too (see services/dr_inventory.py)."""
         self.inventory = inventory
         self.pool.add_hosts(inventory.hosts)
+
+    def lock(self, vm: Vm) -> VmLock:
+        return VmLock(self.pool.get(vm.dr_host), vm.name)
 
     def close(self) -> None:
         self.pool.close()

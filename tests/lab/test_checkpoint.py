@@ -244,12 +244,12 @@ def test_a_point_left_pending_is_settled_either_way(lab, two_disk_vm, tmp_path):
     settled = Manifest.from_json((replica_dir(lab, vm) / "manifest.json").read_bytes(), "test")
     tops = {d.device: d.replica_image for d in settled.disks}
     pending = prepare_point(settled, layout, "paused", 0.0)
-    stray = pending.pending_point["tops"]["vd0"]
+    stray = pending.pending_point.tops["vd0"]
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", tops["vd0"], "-F", "qcow2", stray], check=True)
     write_manifest(lab, vm, pending)
     drtool_ok(config, "resync", vm.name)
     after = manifest_of(lab, vm)
-    assert after["pending_point"] == {} and [p["id"] for p in after["points"]] == [first["id"]]
+    assert after["pending_point"] is None and [p["id"] for p in after["points"]] == [first["id"]]
     assert {d["device"]: d["replica_image"] for d in after["disks"]} == tops
     assert not Path(stray).exists()
     assert exported_files(lab, vm) == {"export0": tops["vd0"], "export1": tops["vd1"]}
@@ -271,14 +271,14 @@ def test_a_point_left_pending_is_settled_either_way(lab, two_disk_vm, tmp_path):
     finally:
         vm.qmp("cont")
     point_images = {d.device: d.replica_image for d in settled.disks}  # the old tops: the point's images now
-    new_tops = pending.pending_point["tops"]
+    new_tops = pending.pending_point.tops
     os.kill(int((replica_dir(lab, vm) / "target.pid").read_text()), signal.SIGKILL)
     report = json.loads(drtool_ok(config, "resync", vm.name, "--json").stdout)
     assert report["target_restarted"], report
     after = manifest_of(lab, vm)
-    assert after["pending_point"] == {}
+    assert after["pending_point"] is None
     assert {d["device"]: d["replica_image"] for d in after["disks"]} == new_tops
-    assert [p["id"] for p in after["points"]] == [first["id"], pending.pending_point["point"]["id"]]
+    assert [p["id"] for p in after["points"]] == [first["id"], pending.pending_point.point.id]
     assert after["points"][-1]["images"] == point_images
     assert exported_files(lab, vm) == {"export0": new_tops["vd0"], "export1": new_tops["vd1"]}
     vm.guest_write("vd0", 0, 64 * KiB, 0x44)
@@ -295,7 +295,7 @@ def test_a_point_left_pending_is_settled_either_way(lab, two_disk_vm, tmp_path):
     kept = manifest_of(lab, vm)["points"]
     assert last["deleted"], "no point of the same minute was deleted"
     assert set(last["deleted"]) | {p["id"] for p in kept} == {
-        first["id"], pending.pending_point["point"]["id"], last["point"]["id"]}
+        first["id"], pending.pending_point.point.id, last["point"]["id"]}
     assert replica_has(Path(kept[-1]["images"]["vd0"]), 0, 64 * KiB, 0x44)
     assert replica_has(Path(kept[-1]["images"]["vd1"]), 0, 64 * KiB, 0x45)
     assert_replicas_identical(lab, vm, ("vd0", "vd1"))
@@ -314,7 +314,7 @@ def test_a_failed_snapshot_that_left_its_overlay_is_not_adopted(lab, lab_vm, tmp
     layout = TargetLayout(PurePosixPath(replica_dir(lab, lab_vm)))
     settled = Manifest.from_json((replica_dir(lab, lab_vm) / "manifest.json").read_bytes(), "test")
     pending = prepare_point(settled, layout, "paused", 0.0)
-    leftover = pending.pending_point["tops"]["vd0"]
+    leftover = pending.pending_point.tops["vd0"]
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", settled.disks[0].replica_image, "-F", "qcow2",
                     leftover], check=True)
     write_manifest(lab, lab_vm, pending)

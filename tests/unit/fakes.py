@@ -6,6 +6,8 @@ interface: argv lists in, CommandResult out; QMP command name in, reply out.
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -56,6 +58,7 @@ class FakeReach:
     shells: dict[str, FakeShell] = field(default_factory=dict)
     monitors: dict[tuple[str, str], FakeQmp] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    locked: list[str] = field(default_factory=list)  # the VMs whose lock was taken, in order
 
     def shell(self, host_name: str) -> FakeShell:
         if host_name in self.down:
@@ -69,3 +72,7 @@ class FakeReach:
 
     def qmp(self, vm: Vm) -> FakeQmp:
         return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+
+    def lock(self, vm: Vm) -> AbstractContextManager[object]:
+        self.locked.append(vm.name)
+        return contextlib.nullcontext()

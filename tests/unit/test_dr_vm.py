@@ -73,3 +73,15 @@ def test_a_drill_refuses_when_a_nic_would_survive():
     argv = [*SOURCE[:-1], "-set", "device.nic9.netdev=net0", "-daemonize"]
     with pytest.raises(DrtoolError, match="network"):
         map_command_line(argv, DISKS, "/run/drtool/web.qmp", LAYOUT, isolate_network=True)
+
+
+def test_a_console_file_moves_into_the_run_dir_where_the_dr_copy_writes_its_own():
+    argv = [*SOURCE[:-1], "-chardev", "file,id=console,path=/var/log/web/console.log", "-serial", "chardev:console",
+            "-serial", "file:/var/log/web/ttyS1.log", "-kernel", "/boot/vmlinuz", "-append", "console=ttyS0 quiet"]
+    mapped_argv = map_command_line(argv, DISKS, "/run/drtool/web.qmp", LAYOUT)
+    assert "file,id=console,path=/dr/web/vm/console.log" in mapped_argv
+    assert "file:/dr/web/vm/ttyS1.log" in mapped_argv
+    assert mapped_argv[mapped_argv.index("-serial") + 1] == "chardev:console"
+    # a kernel command line is one word, kept as it is
+    assert mapped_argv[mapped_argv.index("-append") + 1] == "console=ttyS0 quiet"
+    assert mapped_argv[mapped_argv.index("-kernel") + 1] == "/boot/vmlinuz"

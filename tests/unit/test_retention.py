@@ -11,6 +11,8 @@ import pytest
 
 from drtool.config import parse_inventory
 from drtool.errors import DrtoolError, Refused
+from drtool.state.protection import Protection
+from drtool.state.records import FailoverKind, FailoverRecord, Step
 from drtool.state.manifest import Manifest, RecoveryPoint, ReplicaDisk
 from drtool.mechanics.points import COMMIT_JOB_PREFIX, delete_point, delete_points
 from drtool.retention import DEFAULT_RETENTION, RetentionRule, parse_rule, parse_rules, points_to_delete
@@ -260,7 +262,7 @@ def chain_world(devices=("vd0", "vd1"), n_points=4):  # noqa: ANN001, ANN201
     disks = tuple(ReplicaDisk(dev, f"{dev}-fmt", "qcow2", 1 << 24, f"/src/{dev}.qcow2", tops[dev], dev)
                   for dev in devices)
     manifest = Manifest("web", "kvm1", "kvm2", "async", "tls-psk", "192.0.2.1", 10809, disks,
-                        state="protected", points=tuple(points))
+                        state=Protection.PROTECTED, points=tuple(points))
     return manifest, FakeTarget(backing)
 
 
@@ -412,7 +414,7 @@ def test_apply_retention_keeps_everything_while_a_failover_is_recorded(monkeypat
 
     manifest, world = chain_world(n_points=3)
     monkeypatch.setattr(service, "save_manifest", lambda dr, vm, m: pytest.fail("saved"))
-    failing_over = replace(manifest, failover={"kind": "planned", "steps": ["source-paused"]})
+    failing_over = replace(manifest, failover=FailoverRecord(FailoverKind.PLANNED, "t", (Step.SOURCE_PAUSED,)))
     vm = _vm(["every 1m for 1m"])
     assert service.apply_retention(world, world, vm, failing_over, now=T0 + timedelta(days=1)) == ((), "")
     assert world.commits == []

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""What protection costs a real workload: the lab guest times its own writes.
+
+    python bench/bench_guest.py [--mib 256] [--rounds 5] [--iothread] [--json-out PATH] [--quick]
+
+One lab, one Linux guest per setup (drtool/lab/guest.py in bench mode): unprotected,
+protected async, protected sync (and, with --iothread, unprotected and async again
+with the disks' I/O in an iothread). In each round every guest in turn writes --mib
+MiB of zeros with dd (bs=1M, O_DIRECT, conv=fsync) at a fresh place on its disk,
+timed inside the guest; the setups take turns in a rotating order, and a protected
+guest's mirror is left to catch up before the next one runs. Ratios are to the
+unprotected guest of the same I/O setup, in the same run. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from drtool.lab import Lab, LabVm  # noqa: E402
+from drtool.lab.guest import build_guest, kernel_args  # noqa: E402
+
+DEFAULT_JSON = REPO / "bench" / "results" / "guest.json"
+QUIET = 0.35  # as drtool's mirrors: nothing to copy for longer than their 100 ms polling
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def drtool_ok(config: Path, *args: str) -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=1800, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"drtool {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+
+
+def wait_quiet(vm: LabVm, timeout: float = 600) -> float:
+    """Seconds until the VM's drtool mirrors have had nothing to copy for QUIET s (0 if none)."""
+    started = time.monotonic()
+    quiet_since = None
+    while True:
+        jobs = [j for j in vm.qmp("query-block-jobs") if j["device"].startswith("drtool-mirror")]
+        if not jobs:
+            return 0.0
+        if all(j["ready"] and j["offset"] == j["len"] and j["io-status"] == "ok" for j in jobs):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= QUIET:
+                return quiet_since - started
+        else:
+            quiet_since = None
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"{vm.name}: mirrors not quiet after {timeout} s: {jobs}")
+        time.sleep(0.05)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (threads of one name summed)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def cpu_of(vm: LabVm, replica_dir: Path) -> dict[str, float]:
+    """CPU seconds so far of the VM's QEMU threads and of its DR target (qemu-storage-daemon)."""
+    cpu = {f"qemu {name}": secs for name, secs in thread_cpu(vm.pid).items()}
+    pidfile = replica_dir / "target.pid"
+    if pidfile.exists():
+        cpu["dr target"] = sum(thread_cpu(int(pidfile.read_text())).values())
+    return cpu
+
+
+def disk_of(path: Path) -> str:
+    """The block device (as /proc/diskstats names it) holding path."""
+    dev = os.stat(path).st_dev
+    return Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
+
+
+def disk_io(device: str) -> dict[str, float]:
+    """MiB written and ms spent doing I/O on a block device so far (/proc/diskstats)."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == device:
+            return {"mib_written": int(fields[9]) * 512 / (1 << 20), "io_ms": int(fields[12])}
+    return {}
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after if after[k] - before.get(k, 0.0) >= 0.01}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="MiB the guest writes per round (256)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iothread", action="store_true", help="also unprotected and async with an iothread")
+    parser.add_argument("--plain", action="store_true", help="also async without TLS (transport plain)")
+    parser.add_argument("--tmpfs", action="store_true",
+                        help="the lab (both sites' images) in /dev/shm: the two sites share no disk")
+    parser.add_argument("--quick", action="store_true", help="1 round of 128 MiB")
+    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON)
+    args = parser.parse_args()
+    if args.quick:
+        args.mib, args.rounds = 128, 1
+    setups = [("unprotected", None, False), ("async", "async", False), ("sync", "sync", False)]
+    if args.plain:
+        setups += [("async+plain", "async", False)]
+    if args.iothread:
+        setups += [("unprotected+iothread", None, True), ("async+iothread", "async", True)]
+    guest = build_guest()
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in setups}
+    root = Path(tempfile.mkdtemp(prefix="drlab-bench-", dir="/dev/shm")) / "lab" if args.tmpfs else None
+    try:
+        with Lab(root_dir=root, hosts=("site-a", "site-b")) as lab:
+            summary = run_rounds(args, lab, guest, setups, results)
+    finally:
+        if root is not None:
+            shutil.rmtree(root.parent, ignore_errors=True)
+    print(f"\nguest dd of {args.mib} MiB (O_DIRECT, bs=1M, fsync), timed in the guest; {args.rounds} round(s); "
+          + ("the lab in tmpfs" if args.tmpfs else "both sites' images on one disk"))
+    print(f"{'setup':<24}{'MiB/s (median)':>16}{'ratio':>8}{'disk MiB written':>18}{'disk busy s':>13}")
+    for name, row in summary.items():
+        print(f"{name:<24}{row['median_mib_per_s']:>16.1f}{row['ratio_to_unprotected']:>8.2f}"
+              f"{row['median_disk_mib_written']:>18.0f}{row['median_disk_busy_s']:>13.2f}")
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps({"mib": args.mib, "rounds": args.rounds, "kernel": guest.version,
+                                         "tmpfs": args.tmpfs,
+                                         "summary": summary, "rounds_raw": results}, indent=2))
+    print(f"JSON: {args.json_out}")
+    return 0
+
+
+def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> dict:  # noqa: ANN001
+    """Start a guest per setup, protect the protected ones, run the rounds; return the summary."""
+    disk_a = f"{args.mib * args.rounds + 16}M"
+    device = disk_of(lab.dir)
+    vms: dict[str, LabVm] = {}
+    for i, (name, mode, iothread) in enumerate(setups):
+        vm = lab.add_vm(f"b{i}", "site-a", {"vd0": disk_a, "vd1": "4M"}, guest=guest, iothread=iothread,
+                        guest_args=kernel_args("bench", bench_mib=args.mib))
+        vm.console.wait_for("BENCH ready", lambda vm=vm: "BENCH ready" in vm.console.lines(), timeout=120)
+        vms[name] = vm
+        if mode:
+            settings = {"dr_host": "site-b", "mode": mode} | ({"transport": "plain"} if "plain" in name else {})
+            config = lab.write_config(lab.dir / f"{vm.name}.toml", {vm.name: settings})
+            log(f"protecting {name} ({vm.name})")
+            drtool_ok(config, "protect", vm.name)
+            wait_quiet(vm)
+    for round_no in range(1, args.rounds + 1):
+        order = setups[round_no - 1:] + setups[:round_no - 1]
+        for name, mode, _ in order:
+            vm = vms[name]
+            replicas = lab.replica_dir(vm.name)
+            cpu_before, io_before = cpu_of(vm, replicas), disk_io(device)
+            vm.guest_write("vd1", 0, 512, round_no)  # the guest's go signal for this round
+            vm.console.wait_for(f"BENCH round {round_no}", lambda vm=vm: round_no in vm.console.bench_results(),
+                                timeout=1800, poll=0.2)
+            mib, seconds = vm.console.bench_results()[round_no]
+            cpu_written = cpu_delta(cpu_before, cpu_of(vm, replicas))
+            io_written = cpu_delta(io_before, disk_io(device))
+            caught_up = wait_quiet(vm) if mode else 0.0
+            results[name].append({"round": round_no, "mib": mib, "seconds": seconds,
+                                  "mib_per_s": round(mib / seconds, 2) if seconds else None,
+                                  "caught_up_after_s": round(caught_up, 2),
+                                  "cpu_s_while_writing": cpu_written,
+                                  "cpu_s_to_caught_up": cpu_delta(cpu_before, cpu_of(vm, replicas)),
+                                  "disk_while_writing": io_written,
+                                  "loadavg_1min": os.getloadavg()[0]})
+            log(f"round {round_no} {name}: {mib} MiB in {seconds:.2f} s (guest clock); "
+                f"mirror caught up {caught_up:.2f} s later; CPU s while writing {cpu_written}; "
+                f"disk while writing {io_written}")
+    summary = {}
+    for name, _, iothread in setups:
+        rows = results[name]
+        rate = statistics.median(r["mib_per_s"] for r in rows)
+        base = statistics.median(r["mib_per_s"] for r in results["unprotected+iothread" if iothread else "unprotected"])
+        summary[name] = {
+            "median_mib_per_s": rate, "ratio_to_unprotected": round(rate / base, 2),
+            "median_disk_mib_written": statistics.median(r["disk_while_writing"].get("mib_written", 0) for r in rows),
+            "median_disk_busy_s": statistics.median(r["disk_while_writing"].get("io_ms", 0) for r in rows) / 1000,
+        }  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

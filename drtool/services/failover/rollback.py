@@ -1,0 +1,91 @@
+"""`drtool failover --rollback`: undo a planned failover, finished or not, while the source host exists.
+
+The source runs again where it ran; the replicas are set back to the final
+point (what the source held when it stopped) and the DR target restarts on
+them. Replication then catches up with `drtool resync`, which the command line
+runs right after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from drtool.domain import Inventory, Vm
+from drtool.errors import Refused, UnreachableError
+from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
+from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
+from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.remote import create_overlay
+from drtool.state.manifest import Manifest
+from drtool.state.protection import Protection
+from drtool.state.records import FailoverKind, Step
+from drtool.state.store import save_manifest, select_vm
+from drtool.transport.connections import Reach
+
+from .command import Confirm
+from .plan import FailoverPlan
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    vm: str
+    undone: tuple[str, ...]
+    source_state: str
+
+
+def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm = lambda plan: True) -> RollbackResult:
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    src = reach.shell(vm.host)  # rollback needs the source host: unreachable is exit 3
+    with reach.lock(vm):
+        manifest = load_settled_manifest(dr, vm)
+        if manifest is None or not manifest.state.failing_over or manifest.failover is None:
+            raise Refused(f"{vm.name} has no failover to roll back")
+        record = manifest.failover
+        if record.kind is not FailoverKind.PLANNED:
+            raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
+                          hint="after an unplanned failover, fail back with a new protection from the DR host")
+        steps = tuple(s.value for s in record.steps)
+        the_plan = FailoverPlan(vm.name, "rollback", tuple(f"undo {s}" for s in reversed(steps)),
+                                ("writes made by the VM on the DR host since the failover are discarded",))
+        if not confirm(the_plan):
+            raise Refused("rollback not confirmed; nothing was changed")
+        if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
+            # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
+            # It starts paused (-S) and runs only once the DR copy is gone.
+            src.run(_relaunch_argv(manifest), timeout=60)
+        run_layout = dr_run_layout(vm.replica_dir)
+        dr_vm_ran = record.done(Step.DR_STARTED) or vm_pid(dr, run_layout) is not None
+        kill_vm(dr, run_layout)
+        final = manifest.point(record.point or "") if record.done(Step.FINAL_POINT) else None
+        if dr_vm_ran and final is not None:
+            # the DR VM wrote into the tops above the final point (the target is stopped by
+            # then): start them anew, empty, so the replicas equal the source as it stopped
+            for disk in manifest.disks:
+                create_overlay(dr, final.images[disk.device], disk.replica_image)
+        layout = TargetLayout(vm.replica_dir)
+        if target_pid(dr, layout) is None:
+            start_target(dr, manifest, layout)
+        with reach.qmp(vm) as qmp:
+            paused_by_drtool = record.source_was in (None, "running") or manifest.source_pause is not None
+            if qmp.execute("query-status")["status"] != "running" and paused_by_drtool:
+                qmp.execute("cont")
+            state = str(qmp.execute("query-status")["status"])
+        save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, "failover rolled back"),
+                                      failover=None, source_pause=None))
+    return RollbackResult(vm.name, tuple(reversed(steps)), state)
+
+
+def _source_alive(reach: Reach, vm: Vm) -> bool:
+    try:
+        with reach.qmp(vm) as qmp:
+            qmp.execute("query-status")
+        return True
+    except UnreachableError:
+        return False
+
+
+def _relaunch_argv(manifest: Manifest) -> list[str]:
+    """The source's own command line, paused (-S) and daemonized, to start it again where it ran."""
+    argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
+    return argv + ["-S", "-daemonize"]

@@ -1,0 +1,46 @@
+"""An unplanned failover: the source is gone and fenced (--force); start from a point or the replicas.
+
+  replication-stopped  the DR target stops: nothing writes to the replicas any more
+  dr-started           the VM starts on writable overlays of the chosen point (the point is kept)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from drtool.errors import Refused
+from drtool.mechanics.dr_target import stop_target
+from drtool.state.manifest import RecoveryPoint, now
+from drtool.state.records import Step
+
+from .steps import FailoverSteps
+
+LATEST = "latest"  # --point latest: the replicas as the DR target last wrote them
+LATEST_QUIESCE = "unplanned-latest"
+
+
+class UnplannedFailover(FailoverSteps):
+    def run(self) -> None:
+        if not self.done(Step.REPLICATION_STOPPED):
+            stop_target(self.dr, self.layout)
+            self.record_step(Step.REPLICATION_STOPPED)
+        if not self.done(Step.DR_STARTED):
+            chosen = self.record.point
+            point = self._latest_as_point() if chosen == LATEST else self.manifest.point(chosen or "")
+            if point is None:
+                raise Refused(f"{self.vm.name} has no point {chosen!r} to start from")
+            overlays = self.overlays(point, self.vm.replica_dir / "failover")
+            disks = {d.source_image: overlays[d.device] for d in self.manifest.disks}
+            self.save_record(replace(self.record, point=point.id))
+            self.start_on_dr(disks)
+            self.record_step(Step.DR_STARTED)
+
+    def _latest_as_point(self) -> RecoveryPoint:
+        """The replicas as the (now stopped) target left them, recorded as a point of their own."""
+        existing = next((p for p in self.manifest.points if p.quiesce == LATEST_QUIESCE), None)
+        if existing is not None:
+            return existing  # a re-run
+        point = RecoveryPoint(f"latest-{now().replace(':', '').replace('-', '')[:15]}", now(), LATEST_QUIESCE,
+                              0.0, {d.device: d.replica_image for d in self.manifest.disks})
+        self.save(replace(self.manifest, points=(*self.manifest.points, point)))
+        return point
