@@ -40,6 +40,11 @@ BITMAP_PREFIX = "drtool-resync-"
 QUIET = 0.35
 RECONNECT_DELAY = 5  # s a request waits for a lost target before it fails and the job pauses
 OPEN_TIMEOUT = 10
+# A copy that moves no byte for this long counts as stuck: a DR target that is alive
+# but stalled (its storage hangs, its process is stopped) never fails a socket.
+STALL_TIMEOUT = 30.0
+# Job statuses after which a job never copies again: it is finishing or finished (query-jobs).
+ENDING_STATUSES = frozenset({"waiting", "pending", "aborting", "concluded", "null"})
 
 
 def nbd_node(i: int) -> str:
@@ -72,8 +77,13 @@ class JobState:
         return max(0, self.length - self.offset)
 
     @property
+    def ended(self) -> bool:
+        """Cancelled or failed: it will never copy again, only be dismissed."""
+        return self.status in ENDING_STATUSES
+
+    @property
     def broken(self) -> bool:
-        return self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
+        return self.ended or self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
 
 
 def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPath,
@@ -156,15 +166,23 @@ ProgressCallback = Callable[[Sequence[DiskProgress]], None]
 
 
 def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None = None,
-                     timeout: float | None = None, poll: float = 0.1) -> None:
-    """Block until every job is ready (in sync), reporting progress; fail if one breaks."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+                     timeout: float | None = None, poll: float = 0.1,
+                     stall_timeout: float = STALL_TIMEOUT) -> None:
+    """Block until every job is ready (in sync), reporting progress; fail if one breaks.
+
+    However long a copy may take, it may not stand still: no byte copied for
+    stall_timeout seconds means the DR side is stuck, and this fails.
+    """
+    started = time.monotonic()
     wanted = [job_id(i) for i in range(len(manifest.disks))]
+    last_offsets: dict[str, int] = {}
+    last_progress = started
     while True:
         jobs = query_jobs(qmp, manifest)
-        missing = [j for j in wanted if j not in jobs]
+        missing = [j for j in wanted if j not in jobs or jobs[j].ended]
         if missing:
-            raise DrtoolError(f"replication job {missing[0]} of {manifest.vm} ended during the initial sync")
+            raise DrtoolError(f"replication job {missing[0]} of {manifest.vm} ended during the initial sync",
+                              hint=f"run drtool resync {manifest.vm}")
         if on_progress:
             on_progress([DiskProgress(jobs[j].device, jobs[j].length, jobs[j].offset, jobs[j].ready) for j in wanted])
         broken = [jobs[j] for j in wanted if jobs[j].io_status != "ok"]
@@ -176,34 +194,56 @@ def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressC
             )
         if all(jobs[j].ready for j in wanted):
             return
-        if deadline is not None and time.monotonic() > deadline:
+        now_ = time.monotonic()
+        offsets = {j: jobs[j].offset for j in wanted}
+        if offsets != last_offsets:
+            last_offsets, last_progress = offsets, now_
+        elif now_ - last_progress > stall_timeout:
+            raise DrtoolError(f"replication of {manifest.vm} copied nothing for {stall_timeout:g} s: the DR target "
+                              "or the link is stuck", hint=f"check {manifest.dr_host}, then run drtool resync "
+                              f"{manifest.vm}")
+        if timeout is not None and now_ - started > timeout:
             raise DrtoolError(f"the initial sync of {manifest.vm} did not finish in {timeout:g} s")
         time.sleep(poll)
 
 
 def cancel_mirrors(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> None:
-    """End drtool's jobs without pivoting the guest, then dismiss them."""
-    jobs = query_jobs(qmp, manifest)
+    """End drtool's jobs without pivoting the guest, then dismiss them.
+
+    Each job is handled by its status, so that a cancel interrupted half-way
+    (drtool killed, the session lost) can simply run again: a job still
+    copying is cancelled, one already finishing (waiting, pending, aborting)
+    is waited for, and a concluded one is only dismissed. Cancelling a
+    concluded job is an error in QEMU; leaving it makes every later job
+    with its id fail to start.
+    """
+    wanted = {job_id(i) for i in range(len(manifest.disks))}
+    deadline = time.monotonic() + timeout
     with qmp.subscribe(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE"]) as events:
-        for jid, job in jobs.items():
-            # force: a paused (broken) job must not wait for its target to come back
-            qmp.execute("block-job-cancel", {"device": jid, "force": True})
-        pending = set(jobs)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            pending &= set(_not_concluded(qmp))
-            if pending:
-                events.get(timeout=0.5)
-    if pending:
-        raise DrtoolError(f"replication job(s) {', '.join(sorted(pending))} of {manifest.vm} did not end within "
-                          f"{timeout:g} s of block-job-cancel", hint="see query-jobs on the source; run it again")
-    for jid in jobs:
+        for jid, status in _job_statuses(qmp, wanted).items():
+            if status not in ENDING_STATUSES:
+                try:
+                    # force: a paused (broken) job must not wait for its target to come back
+                    qmp.execute("block-job-cancel", {"device": jid, "force": True})
+                except QmpError:
+                    pass  # it ended meanwhile: the wait below sees how
+        while True:
+            statuses = _job_statuses(qmp, wanted)
+            pending = sorted(j for j, status in statuses.items() if status != "concluded")
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise DrtoolError(f"replication job(s) {', '.join(pending)} of {manifest.vm} did not end within "
+                                  f"{timeout:g} s of block-job-cancel",
+                                  hint="see query-jobs on the source; run it again")
+            events.get(timeout=0.2)
+    for jid in statuses:
         _quietly(qmp, "job-dismiss", {"id": jid})
 
 
-def _not_concluded(qmp: QmpSession) -> list[str]:
-    """Job ids that are not yet concluded."""
-    return [j["id"] for j in qmp.execute("query-jobs") if j.get("status") != "concluded"]
+def _job_statuses(qmp: QmpSession, wanted: set[str]) -> dict[str, str]:
+    """The status of each of `wanted` that QEMU still has (query-jobs lists concluded jobs too)."""
+    return {str(j["id"]): str(j.get("status", "")) for j in qmp.execute("query-jobs") if j.get("id") in wanted}
 
 
 def detach_target(qmp: QmpSession, manifest: Manifest) -> None:

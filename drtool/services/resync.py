@@ -87,7 +87,7 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
                 if manifest.state != "protected":
                     save_manifest(dr, vm, manifest.with_state("protected", "in sync at resync"))
                 return ResyncResult(vm.name, "none", 0, time.monotonic() - started)
-            if all(j in jobs for j in wanted):
+            if all(j in jobs and not jobs[j].ended for j in wanted):
                 sent = _resume(qmp, manifest, on_progress)
                 rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
