@@ -98,7 +98,7 @@ def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
 
 def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:
     """The running target's pid, or None when it is not running."""
-    return running_pid(shell, layout.pidfile, "qemu-storage")
+    return running_pid(shell, layout.pidfile, "qemu-storage", str(layout.pidfile))
 
 
 def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, timeout: float = 30) -> int:

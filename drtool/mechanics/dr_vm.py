@@ -186,7 +186,7 @@ def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: fl
 
 
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
-    return running_pid(shell, layout.pidfile, "qemu-system")
+    return running_pid(shell, layout.pidfile, "qemu-system", str(layout.pidfile))
 
 
 def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:

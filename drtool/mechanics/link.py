@@ -61,7 +61,7 @@ def socat_argv(vm: Vm, manifest: Manifest) -> list[str]:
 
 
 def link_pid(shell: RemoteShell, vm: Vm) -> int | None:
-    return running_pid(shell, link_pidfile(vm), "socat")
+    return running_pid(shell, link_pidfile(vm), "socat", str(link_socket(vm)))
 
 
 def start_link(shell: RemoteShell, vm: Vm, manifest: Manifest) -> None:

@@ -68,10 +68,29 @@ def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
     return result.stdout
 
 
-def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str) -> int | None:
-    """The pid in pidfile if that process runs and is `program` (pid files outlive reboots)."""
-    script = 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q -- "$2" "/proc/$p/cmdline" && echo "$p"'
-    result = shell.run(["sh", "-c", script, "sh", str(pidfile), program], check=False, timeout=15)
+# A process runs if it exists and is not a zombie: an exited daemon whose parent
+# has not reaped it yet (under some init systems for seconds) holds no file any more.
+_ALIVE = '''alive() { kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }'''
+
+# $1 pid file, $2 program name, $3 a string one of the process's arguments must hold.
+_RUNNING_PID_SCRIPT = _ALIVE + '''
+p=$(cat -- "$1" 2>/dev/null) || exit 1
+case $p in ""|*[!0-9]*) exit 1;; esac
+alive "$p" || exit 1
+args() { tr '\\0' '\\n' < "/proc/$p/cmdline"; }
+args | grep -q -- "$2" && args | grep -qF -- "$3" && echo "$p"'''
+
+
+def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str) -> int | None:
+    """The pid in pidfile if that process runs, is `program`, and has `marker` in its arguments.
+
+    Pid files outlive reboots, and after one the pid may name any process,
+    even another VM's QEMU: the program name alone would let drtool stop it.
+    `marker` is a path only the process drtool started has on its command
+    line (its pid file, its socket).
+    """
+    result = shell.run(["sh", "-c", _RUNNING_PID_SCRIPT, "sh", str(pidfile), program, marker],
+                       check=False, timeout=15)
     text = result.out.strip()
     return int(text) if result.ok and text.isdigit() else None
 
@@ -85,9 +104,10 @@ def remove(shell: RemoteShell, *paths: PurePosixPath) -> None:
         shell.run(["rm", "-rf", "--", *(str(p) for p in paths)], timeout=120)
 
 
-_TERMINATE_SCRIPT = """kill -TERM "$1" 2>/dev/null || exit 0
+_TERMINATE_SCRIPT = _ALIVE + """
+kill -TERM "$1" 2>/dev/null || exit 0
 i=0
-while kill -0 "$1" 2>/dev/null; do
+while alive "$1"; do
   i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
   sleep 0.1
 done"""
