@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.state.manifest import Manifest
 from drtool.mechanics.replication import TLS_PRIORITY
@@ -46,6 +47,12 @@ class TargetLayout:
 
     def replica_image(self, device: str) -> PurePosixPath:
         return self.replica_dir / f"{device}.qcow2"
+
+
+def source_tls_dir(vm: Vm) -> PurePosixPath:
+    """Where the source host keeps its copy of the VM's key: one directory per VM, so that
+    unprotecting one VM never deletes another's key, even if their source dirs were shared."""
+    return vm.source_state_dir / "tls" / vm.name
 
 
 def new_psk() -> str:

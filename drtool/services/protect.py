@@ -24,6 +24,7 @@ from drtool.mechanics.dr_target import (
     free_nbd_port,
     new_psk,
     push_psk,
+    source_tls_dir,
     start_target,
     stop_target,
 )
@@ -167,7 +168,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         ),
         hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
     )
-    tls_dir = vm.source_state_dir / "tls"
+    tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 
     def dr_side(undo: _Undo) -> None:
@@ -273,7 +274,7 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
         with contextlib.suppress(DrtoolError):
             src = reach.shell(vm.host)
             stop_link(src, vm)
-            remove(src, vm.source_state_dir / "tls")
+            remove(src, source_tls_dir(vm))
         stop_target(dr, layout)
         if delete_replicas:
             remove(dr, vm.replica_dir)

@@ -25,7 +25,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout, start_target, target_pid
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, start_target, target_pid
 from drtool.errors import DrtoolError, QmpError
 from drtool.domain import Vm
 from drtool.mechanics.link import link_socket, start_link
@@ -161,7 +161,7 @@ def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
     if all(nbd_node(i) in names for i in range(len(manifest.disks))):
         return
     detach_target(qmp, manifest)
-    attach_target(qmp, manifest, link_socket(vm), vm.source_state_dir / "tls", PSK_USER)
+    attach_target(qmp, manifest, link_socket(vm), source_tls_dir(vm), PSK_USER)
 
 
 def _bitmap_catch_up(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:
