@@ -131,9 +131,9 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
             value = str(layout.pidfile)
         elif opt == "-chardev":
             value = _map_chardev(value, qmp_socket, layout)
-        elif opt in ("-qmp", "-monitor", "-serial") and value.startswith("unix:"):
-            path, sep, rest = value[5:].partition(",")
-            value = f"unix:{_run_path(path, qmp_socket, layout)}{sep}{rest}"
+        elif opt in ("-qmp", "-qmp-pretty", "-monitor", "-serial") and value.startswith("unix:"):
+            path, *options = _split_opts(value[5:])
+            value = "unix:" + _join_opts([_run_path(path, qmp_socket, layout), *options])
         out += [opt, value]
     if unmapped:
         raise DrtoolError(f"the VM uses disk images that are not replicated: {', '.join(unmapped)}",
