@@ -336,6 +336,43 @@ def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float) -> bool:
     return False
 
 
+def mirror_dirty_bytes(qmp: QmpSession, nodes: Sequence[str]) -> int:
+    """Bytes marked dirty and not yet taken up by a copy: the mirrors' own (anonymous) bitmaps on `nodes`."""
+    wanted = set(nodes)
+    return sum(int(b.get("count", 0)) for node in qmp.execute("query-named-block-nodes", {"flat": True})
+               if node.get("node-name") in wanted for b in node.get("dirty-bitmaps", []) if not b.get("name"))
+
+
+def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float,
+                 poll: float = 0.005) -> bool:
+    """With the source paused: whether every mirror has copied everything, within timeout.
+
+    QMP stop drains all I/O, the mirrors' copies in flight included; the guest
+    issues no new write. What is left is what the mirrors' dirty bitmaps still
+    mark, and the copies a mirror starts from them after the drain. A mirror
+    clears a bitmap's bits when it starts their copy, and updates len/offset
+    only once per iteration (up to 100 ms apart), so neither alone says
+    "done". Together they do: the bitmaps are read first, and an iteration
+    that started a copy had set len above offset before clearing the bits,
+    until that copy completes. len must equal offset exactly: a copy that
+    completed after a stale len makes offset overtake len until the next
+    iteration. Both must hold twice in a row.
+    """
+    deadline = time.monotonic() + timeout
+    wanted = [job_id(i) for i in range(len(manifest.disks))]
+    held = 0
+    while time.monotonic() < deadline:
+        dirty = mirror_dirty_bytes(qmp, nodes)
+        jobs = query_jobs(qmp, manifest)
+        drained = dirty == 0 and all(j in jobs and jobs[j].ready and not jobs[j].broken
+                                     and jobs[j].length == jobs[j].offset for j in wanted)
+        held = held + 1 if drained else 0
+        if held >= 2:
+            return True
+        time.sleep(poll)
+    return False
+
+
 def _quietly(qmp: QmpSession, command: str, args: dict) -> None:
     """For undo and cleanup: the object may already be gone."""
     try:

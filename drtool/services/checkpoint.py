@@ -20,9 +20,10 @@ from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, QmpError, Refused, UsageError
 from drtool.transport.locks import VmLock
 from drtool.state.manifest import Manifest, RecoveryPoint, now
-from drtool.mechanics.points import delete_points, prepare_point, take_point
-from drtool.mechanics.replication import job_id, query_jobs, wait_quiet
+from drtool.mechanics.points import delete_points, point_transaction, prepare_point, take_point
+from drtool.mechanics.replication import JobState, current_nodes, job_id, query_jobs, wait_drained
 from drtool.retention import points_to_delete
+from drtool.units import human_size
 from drtool.services.concurrent import map_concurrently
 from drtool.state.store import (
     load_manifest,
@@ -35,6 +36,11 @@ from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 
 DRAIN_TIMEOUT = 30.0  # s the mirrors get to send what they hold while the source is paused
+# A checkpoint pauses a running guest: it refuses to while the replicas are seeding or
+# further behind than MAX_BEHIND (the pause would last the whole catch-up), and
+# gives up, resuming the guest without a point, after CHECKPOINT_DRAIN_TIMEOUT.
+MAX_BEHIND = 32 << 20
+CHECKPOINT_DRAIN_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,9 @@ def _checkpoint_one(reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointR
                               hint=f"run drtool resync {vm.name}: it restarts the target and catches up")
             with target_session(reach, vm) as target:
                 with reach.qmp(vm) as qmp:
-                    manifest, seconds = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
+                    manifest, seconds = take_consistent_point(qmp, target, manifest, vm, dr, "paused",
+                                                              max_behind=MAX_BEHIND,
+                                                              drain_timeout=CHECKPOINT_DRAIN_TIMEOUT)
                 point = manifest.points[-1]
                 deleted, failure = apply_retention(target, dr, vm, manifest)
         if failure:
@@ -123,26 +131,41 @@ def apply_retention(target: QmpSession, dr, vm: Vm, manifest: Manifest,  # noqa:
 
 
 def take_consistent_point(qmp: QmpSession, target: QmpSession, manifest: Manifest, vm: Vm, dr,  # noqa: ANN001
-                          quiesce: str) -> tuple[Manifest, float]:
-    """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s)."""
+                          quiesce: str, *, max_behind: int | None = None,
+                          drain_timeout: float = DRAIN_TIMEOUT) -> tuple[Manifest, float]:
+    """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s).
+
+    Everything that can be done before the pause is: the checks, the pending
+    point recorded on the DR host, the snapshot transaction built. The pause
+    holds only the drain and the transaction.
+    """
     jobs = query_jobs(qmp, manifest)
     broken = [j for i, _ in enumerate(manifest.disks) if (j := jobs.get(job_id(i))) is None or j.broken]
     if broken or len(jobs) < len(manifest.disks):
         raise Refused(f"replication of {vm.name} is broken: a point now would not hold its latest writes",
                       hint=f"run drtool resync {vm.name} first")
+    if max_behind is not None:
+        refuse_when_behind(vm, list(jobs.values()), max_behind)
+    nodes = current_nodes(qmp, manifest)
     # Recorded as pending before the pause: the SSH round trip does not lengthen it.
     pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
     save_manifest(dr, vm, pending)
+    try:
+        actions = point_transaction(target, pending)
+    except DrtoolError:
+        _drop_pending(dr, vm, pending)
+        raise
     running = qmp.execute("query-status")["status"] == "running"
     started = time.monotonic()
     if running:
         qmp.execute("stop")
     try:
-        if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
+        if not wait_drained(qmp, manifest, nodes, drain_timeout):
             _drop_pending(dr, vm, pending)
-            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; no point taken")
+            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {drain_timeout:g} s; no point taken",
+                              hint=f"see drtool status {vm.name}: the DR side may be slow or stuck")
         try:
-            manifest = take_point(target, pending)
+            manifest = take_point(target, pending, actions)
         except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
             _drop_pending(dr, vm, pending)
             raise
@@ -155,6 +178,17 @@ def take_consistent_point(qmp: QmpSession, target: QmpSession, manifest: Manifes
     manifest = replace(manifest, points=(*manifest.points[:-1], point))
     save_manifest(dr, vm, manifest)
     return manifest, paused
+
+
+def refuse_when_behind(vm: Vm, jobs: Sequence[JobState], max_behind: int) -> None:
+    """Refuse a point that would pause the guest for a whole catch-up."""
+    if any(not j.ready for j in jobs):
+        raise Refused(f"{vm.name} is still seeding its replicas: a point now would pause it until the copy ends",
+                      hint=f"wait until drtool status {vm.name} says in sync")
+    behind = sum(j.remaining for j in jobs)
+    if behind > max_behind:
+        raise Refused(f"the replicas of {vm.name} are {human_size(behind)} behind: a point now would pause it "
+                      f"until they catch up", hint="run the checkpoint again in a moment")
 
 
 def _drop_pending(dr, vm: Vm, pending: Manifest) -> None:  # noqa: ANN001
