@@ -38,6 +38,7 @@ BITMAP_PREFIX = "drtool-resync-"
 # (BLOCK_JOB_SLICE_TIME) after a write: "nothing to copy" counts only once it
 # has held longer than that.
 QUIET = 0.35
+QUIET_WITH_BITMAPS = 0.15  # one polling interval and a margin, when the dirty bitmaps are checked too
 RECONNECT_DELAY = 5  # s a request waits for a lost target before it fails and the job pauses
 OPEN_TIMEOUT = 10
 # A copy that moves no byte for this long counts as stuck: a DR target that is alive
@@ -294,7 +295,7 @@ def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], ti
     name = _bitmap_name()
     for disk, node in zip(manifest.disks, nodes):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
-    if not wait_quiet(qmp, manifest, timeout):
+    if not wait_quiet(qmp, manifest, timeout, nodes):
         # not provably caught up: drop the new generation (the old ones hold all of it
         # anyway), so a busy VM does not gain a bitmap per cron run; a later rotation retries
         for node in nodes:
@@ -319,20 +320,30 @@ def merged_bitmap(qmp: QmpSession, nodes: Sequence[str]) -> str | None:
     return names.pop() if len(names) == 1 else None  # differing generations: no one consistent history
 
 
-def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float) -> bool:
-    """Whether every job became ready with nothing to copy and stayed so for QUIET seconds."""
+def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float, nodes: Sequence[str] | None = None) -> bool:
+    """Whether every job became ready with nothing to copy and stayed so long enough, within timeout.
+
+    A mirror updates len/offset once per iteration (up to 100 ms apart), so a
+    stale len == offset can hide a write not yet picked up. Given the disks'
+    nodes, the mirrors' own dirty bitmaps are checked as well, which shows
+    such a write at once; then "nothing to copy" need only hold across one
+    iteration (QUIET_WITH_BITMAPS). Without them it must hold for QUIET.
+    """
     deadline = time.monotonic() + timeout
     quiet_since = None
+    hold = QUIET if nodes is None else QUIET_WITH_BITMAPS
     wanted = [job_id(i) for i in range(len(manifest.disks))]
     while time.monotonic() < deadline:
+        clean = nodes is None or mirror_dirty_bytes(qmp, nodes) == 0
         jobs = query_jobs(qmp, manifest)
-        if all(j in jobs and jobs[j].ready and not jobs[j].broken and jobs[j].remaining == 0 for j in wanted):
+        if clean and all(j in jobs and jobs[j].ready and not jobs[j].broken and jobs[j].length == jobs[j].offset
+                         for j in wanted):
             quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= QUIET:
+            if time.monotonic() - quiet_since >= hold:
                 return True
         else:
             quiet_since = None
-        time.sleep(0.05)
+        time.sleep(0.02)
     return False
 
 

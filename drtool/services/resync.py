@@ -32,7 +32,6 @@ from drtool.mechanics.link import link_socket, start_link
 from drtool.transport.locks import VmLock
 from drtool.state.manifest import Manifest
 from drtool.mechanics.replication import (
-    QUIET,
     DiskProgress,
     ProgressCallback,
     add_bitmaps,
@@ -45,6 +44,7 @@ from drtool.mechanics.replication import (
     query_jobs,
     start_mirrors,
     merged_bitmap,
+    mirror_dirty_bytes,
     rotate_bitmaps,
     wait_until_ready,
 )
@@ -88,8 +88,9 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
                     save_manifest(dr, vm, manifest.with_state("protected", "in sync at resync"))
                 return ResyncResult(vm.name, "none", 0, time.monotonic() - started)
             if all(j in jobs and not jobs[j].ended for j in wanted):
-                sent = _resume(qmp, manifest, on_progress)
-                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
+                nodes = current_nodes(qmp, manifest)
+                sent = _resume(qmp, manifest, nodes, on_progress)
+                rotate_bitmaps(qmp, manifest, nodes)
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
             else:
                 result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted)
@@ -97,16 +98,19 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
     return result
 
 
-def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None) -> int:
+def _resume(qmp: QmpSession, manifest: Manifest, nodes: list[str], on_progress: ProgressCallback | None) -> int:
     """Resume paused jobs until they have caught up; the bytes they copied meanwhile.
 
     A resumed job may fail again while QEMU's NBD client is still reconnecting
-    (it backs off up to 16 s between attempts): resume it again. Give up only
-    when nothing has moved for RECONNECT_WAIT seconds.
+    (the link relay holds its new connection until the target answers): resume
+    it again. Give up only when nothing has moved for RECONNECT_WAIT seconds.
+    Caught up: the mirrors' dirty bitmaps are empty and len == offset, twice
+    in a row (see wait_drained); rotate_bitmaps, which follows, waits until
+    that has held longer than the mirrors' polling interval.
     """
+    held = 0
     before = {j: s.offset for j, s in query_jobs(qmp, manifest).items()}
     last_offsets, last_progress = dict(before), time.monotonic()
-    quiet_since: float | None = None
     while True:
         jobs = query_jobs(qmp, manifest)
         for jid, job in jobs.items():
@@ -119,17 +123,15 @@ def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback |
         offsets = {j: s.offset for j, s in jobs.items()}
         if offsets != last_offsets:
             last_offsets, last_progress = offsets, time.monotonic()
-        if all(j.ready and not j.broken and j.remaining == 0 for j in jobs.values()):
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= QUIET:
-                return sum(max(0, offsets[j] - before.get(j, 0)) for j in offsets)
-        else:
-            quiet_since = None
+        caught_up = all(j.ready and not j.broken and j.length == j.offset for j in jobs.values())
+        held = held + 1 if caught_up and mirror_dirty_bytes(qmp, nodes) == 0 else 0
+        if held >= 2:
+            return sum(max(0, offsets[j] - before.get(j, 0)) for j in offsets)
         if time.monotonic() - last_progress > RECONNECT_WAIT:
             raise DrtoolError(f"replication of {manifest.vm} made no progress for {RECONNECT_WAIT:g} s after "
                               "resuming", hint=f"check the link to {manifest.dr_host} and the DR target, then "
                               "run drtool resync again")
-        time.sleep(0.25)
+        time.sleep(0.05)
 
 
 def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,
