@@ -138,11 +138,15 @@ class Bench:
                     "to QMP cont", wall=walls, steps=steps)
 
     def cold_start(self, hardware: dict[str, Any], vm: LabVm, i: int) -> float:
-        """The VM's own command line started on site-b on its (now idle) source images, paused, then cont."""
+        """The VM's own command line started on site-b on copies of its disks, paused (-S), then QMP cont."""
         layout = RunLayout(PurePosixPath(self.lab.host_dir("site-b") / f"bench-cold{i}"))
-        disks = {str(p): str(p) for p in vm.disks.values()}
-        argv = map_command_line(hardware["argv"], disks, hardware["qmp_socket"], layout)
         Path(layout.run_dir).mkdir(parents=True, exist_ok=True)
+        disks = {}
+        for device, image in vm.disks.items():
+            copy = Path(layout.run_dir) / f"{device}.qcow2"
+            subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+            disks[str(image)] = str(copy)
+        argv = map_command_line(hardware["argv"], disks, hardware["qmp_socket"], layout)
         t0 = time.perf_counter()
         self.lab.exec("site-b", argv, timeout=60)
         while not Path(layout.qmp_socket).exists():

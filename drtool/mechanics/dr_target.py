@@ -19,7 +19,7 @@ from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.state.manifest import Manifest
 from drtool.mechanics.replication import TLS_PRIORITY
-from drtool.mechanics.remote import make_dirs, running_pid, terminate, write_file
+from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"
@@ -125,12 +125,13 @@ def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, t
 
 
 def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -> None:
-    """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers."""
-    pid = target_pid(shell, layout)
-    if pid is None:
-        return
-    terminate(shell, pid, timeout)
-    shell.run(["rm", "-f", "--", str(layout.pidfile), str(layout.qmp_socket)], timeout=15)
+    """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers: one round trip.
+
+    QMP quit was measured to end qsd no faster than SIGTERM (both ~10 ms); what
+    took 1.9 s on the lab was waiting for an exited daemon to be reaped.
+    """
+    stop_process(shell, layout.pidfile, "qemu-storage", str(layout.pidfile), timeout,
+                 (layout.pidfile, layout.qmp_socket))
 
 
 def free_nbd_port(shell: RemoteShell) -> int:

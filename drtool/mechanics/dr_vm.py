@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import posixpath
-import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import DrtoolError, RemoteCommandError
-from drtool.mechanics.remote import make_dirs, running_pid, terminate
+from drtool.mechanics.remote import running_pid, stop_process
 from drtool.transport.connections import RemoteShell
 
 # QEMU options that take no argument (everything else takes exactly one).
@@ -170,19 +169,26 @@ def _map_chardev(value: str, qmp_socket: str, layout: RunLayout) -> str:
     return _join_opts(parts)
 
 
+# $1 run dir, $2 monitor socket, $3 tenths of a second to wait for it, then QEMU's argv.
+_START_SCRIPT = """mkdir -p -m 700 -- "$1" || exit 1
+sock=$2 tenths=$3; shift 3
+"$@" || exit $?
+i=0
+while [ ! -S "$sock" ]; do
+  i=$((i+1)); [ $i -gt "$tenths" ] && exit 99
+  sleep 0.05
+done"""
+
+
 def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60) -> None:
-    """Start a mapped command line on a host (it daemonizes) and wait for its monitor."""
-    make_dirs(shell, layout.run_dir)
-    result = shell.run(argv, check=False, timeout=timeout)
+    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip."""
+    result = shell.run(["sh", "-c", _START_SCRIPT, "sh", str(layout.run_dir), str(layout.qmp_socket),
+                        str(int(timeout * 20)), *argv], check=False, timeout=2 * timeout + 15)
+    if result.exit_status == 99:
+        raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
     if not result.ok:
         detail = [line for line in result.err.strip().splitlines() if line.strip()]
         raise RemoteCommandError(f"QEMU did not start: {detail[-1] if detail else f'exit {result.exit_status}'}")
-    deadline = time.monotonic() + timeout
-    check = ["sh", "-c", '[ -S "$1" ]', "sh", str(layout.qmp_socket)]
-    while not shell.run(check, check=False, timeout=15).ok:
-        if time.monotonic() > deadline:
-            raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
-        time.sleep(0.1)
 
 
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
@@ -191,6 +197,4 @@ def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
 
 def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:
     """End a VM drtool started (after QMP quit failed or was not possible)."""
-    pid = vm_pid(shell, layout)
-    if pid is not None:
-        terminate(shell, pid, timeout)
+    stop_process(shell, layout.pidfile, "qemu-system", str(layout.pidfile), timeout)

@@ -22,12 +22,14 @@ sees only ciphertext.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError, UsageError
 from drtool.state.manifest import Manifest
-from drtool.mechanics.remote import make_dirs, running_pid
+from drtool.mechanics.dr_target import TargetLayout, stop_target
+from drtool.mechanics.remote import make_dirs, running_pid, stop_process
 from drtool.transport.connections import RemoteShell
 
 LINK_TIMEOUT = 10  # s without an acknowledgement before a link counts as dead
@@ -83,7 +85,12 @@ def start_link(shell: RemoteShell, vm: Vm, manifest: Manifest) -> None:
 
 
 def stop_link(shell: RemoteShell, vm: Vm) -> None:
-    pid = link_pid(shell, vm)
-    if pid is not None:
-        shell.run(["kill", "-TERM", str(pid)], check=False, timeout=15)
-    shell.run(["rm", "-f", "--", str(link_pidfile(vm)), str(link_socket(vm))], timeout=15)
+    stop_process(shell, link_pidfile(vm), "python", str(link_socket(vm)), 10, (link_pidfile(vm), link_socket(vm)))
+
+
+def stop_link_and_target(source: RemoteShell, vm: Vm, dr: RemoteShell, layout: TargetLayout) -> None:
+    """Both ends of the replication at once: the relay on the source host, the target on the DR host."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(stop_link, source, vm), pool.submit(stop_target, dr, layout)]
+    for future in futures:
+        future.result()

@@ -70,15 +70,31 @@ def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
 
 # A process runs if it exists and is not a zombie: an exited daemon whose parent
 # has not reaped it yet (under some init systems for seconds) holds no file any more.
-_ALIVE = '''alive() { kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }'''
-
-# $1 pid file, $2 program name, $3 a string one of the process's arguments must hold.
-_RUNNING_PID_SCRIPT = _ALIVE + '''
-p=$(cat -- "$1" 2>/dev/null) || exit 1
-case $p in ""|*[!0-9]*) exit 1;; esac
-alive "$p" || exit 1
-args() { tr '\\0' '\\n' < "/proc/$p/cmdline"; }
-args | grep -q -- "$2" && args | grep -qF -- "$3" && echo "$p"'''
+# ours PIDFILE PROGRAM MARKER prints the pid if that process runs, is PROGRAM and has
+# MARKER in one of its arguments.
+_OURS = '''alive() { kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+ours() {
+  p=$(cat -- "$1" 2>/dev/null) || return 1
+  case $p in ""|*[!0-9]*) return 1;; esac
+  alive "$p" || return 1
+  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -q -- "$2" || return 1
+  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -qF -- "$3" || return 1
+  echo "$p"
+}
+'''
+_RUNNING_PID_SCRIPT = _OURS + 'ours "$1" "$2" "$3"'
+# $1 pid file, $2 program, $3 marker, $4 tenths of a second before SIGKILL, then files to remove.
+_STOP_SCRIPT = _OURS + '''p=$(ours "$1" "$2" "$3")
+tenths=$4; shift 4
+if [ -n "$p" ]; then
+  kill -TERM "$p" 2>/dev/null
+  i=0
+  while alive "$p"; do
+    i=$((i+1)); [ $i -gt "$tenths" ] && { kill -KILL "$p"; break; }
+    sleep 0.1
+  done
+fi
+[ $# -eq 0 ] || rm -f -- "$@"'''
 
 
 def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str) -> int | None:
@@ -104,18 +120,14 @@ def remove(shell: RemoteShell, *paths: PurePosixPath) -> None:
         shell.run(["rm", "-rf", "--", *(str(p) for p in paths)], timeout=120)
 
 
-_TERMINATE_SCRIPT = _ALIVE + """
-kill -TERM "$1" 2>/dev/null || exit 0
-i=0
-while alive "$1"; do
-  i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
-  sleep 0.1
-done"""
+def stop_process(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str, timeout: float,
+                 remove_after: tuple[PurePosixPath, ...] = ()) -> None:
+    """Stop the process of a pid file if it is ours (see running_pid), then remove files: one round trip.
 
-
-def terminate(shell: RemoteShell, pid: int, timeout: float = 20) -> None:
-    """SIGTERM a process on the host (QEMU closes its images cleanly), SIGKILL if it lingers."""
-    shell.run(["sh", "-c", _TERMINATE_SCRIPT, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)
+    SIGTERM (QEMU flushes and closes its images), SIGKILL if it lingers past timeout.
+    """
+    shell.run(["sh", "-c", _STOP_SCRIPT, "sh", str(pidfile), program, marker, str(int(timeout * 10)),
+               *(str(f) for f in remove_after)], timeout=timeout + 15)
 
 
 def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_existing: bool = False) -> None:

@@ -32,7 +32,7 @@ from drtool.mechanics.dr_target import TargetLayout, start_target, stop_target, 
 from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError, UnreachableError, UsageError
 from drtool.mechanics.hardware import read_hardware
-from drtool.mechanics.link import stop_link
+from drtool.mechanics.link import stop_link_and_target
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.transport.locks import VmLock
 from drtool.state.manifest import Manifest, RecoveryPoint, now
@@ -286,8 +286,7 @@ class _Run:
                 if query_jobs(qmp, self.manifest):
                     cancel_mirrors(qmp, self.manifest)
                 detach_target(qmp, self.manifest)
-            stop_link(self.reach.shell(self.vm.host), self.vm)
-            stop_target(self.dr, self.layout)
+            stop_link_and_target(self.reach.shell(self.vm.host), self.vm, self.dr, self.layout)
             self.record("replication-stopped")
         if not self.done("source-stopped"):
             self._stop_source()

@@ -10,9 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_target import TargetLayout, stop_target, target_pid
 from drtool.mechanics.dr_vm import RunLayout, vm_pid
-from drtool.mechanics.remote import terminate
 
 from .local_shell import LocalShell, fake_process
 
@@ -60,7 +59,29 @@ def test_an_exited_process_not_yet_reaped_counts_as_gone(tmp_path: Path):
             time.sleep(0.01)
         assert target_pid(LocalShell(), layout) is None
         started = time.monotonic()
-        terminate(LocalShell(), zombie.pid, timeout=3)
+        stop_target(LocalShell(), layout, timeout=3)
         assert time.monotonic() - started < 1
+        assert not Path(layout.pidfile).exists()
     finally:
         zombie.wait()
+
+
+def test_stopping_by_a_stale_pid_file_spares_the_process_it_names(tmp_path: Path, processes):  # noqa: ANN001
+    ours, theirs = TargetLayout(PurePosixPath(tmp_path / "web")), TargetLayout(PurePosixPath(tmp_path / "db"))
+    other = fake_process("qemu-storage-daemon", "--pidfile", str(theirs.pidfile))
+    processes.append(other)
+    Path(ours.replica_dir).mkdir()
+    Path(ours.pidfile).write_text(f"{other.pid}\n")
+    time.sleep(0.2)
+    stop_target(LocalShell(), ours, timeout=3)
+    assert other.poll() is None  # db's target still runs
+    assert not Path(ours.pidfile).exists()  # the stale file is gone
+
+
+def test_stopping_our_target_ends_it(tmp_path: Path):
+    layout = TargetLayout(PurePosixPath(tmp_path))
+    target = fake_process("qemu-storage-daemon", "--pidfile", str(layout.pidfile))
+    Path(layout.pidfile).write_text(f"{target.pid}\n")
+    time.sleep(0.2)
+    stop_target(LocalShell(), layout, timeout=3)
+    assert target.wait(5) is not None
