@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from drtool.mechanics.blockinfo import parse_query_block
@@ -268,12 +268,27 @@ def drtool_bitmaps(qmp: QmpSession, nodes: Sequence[str]) -> dict[str, list[dict
     return found
 
 
-def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> None:
-    """A fresh dirty bitmap per disk (persistent where the format keeps one: qcow2), replacing older ones."""
+def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> str:
+    """A fresh dirty bitmap per disk (persistent where the format keeps one: qcow2), replacing older ones.
+
+    Add it before a full copy starts, and trust it (trusting_bitmap) only once
+    the copy is in sync: from then on it holds every write the replicas lack.
+    """
     remove_bitmaps(qmp, nodes)
     name = _bitmap_name()
     for disk, node in zip(manifest.disks, nodes):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
+    return name
+
+
+def trusting_bitmap(manifest: Manifest, name: str) -> Manifest:
+    """The manifest naming `name` as the bitmap resync may trust, one generation on."""
+    return replace(manifest, bitmap_name=name, bitmap_generation=manifest.bitmap_generation + 1)
+
+
+def distrusting_bitmaps(manifest: Manifest) -> Manifest:
+    """The manifest trusting no bitmap (before a copy that leaves the replicas incomplete for a while)."""
+    return replace(manifest, bitmap_name="")
 
 
 def remove_bitmaps(qmp: QmpSession, nodes: Sequence[str], keep: str | None = None) -> None:
@@ -283,14 +298,17 @@ def remove_bitmaps(qmp: QmpSession, nodes: Sequence[str], keep: str | None = Non
                 _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": bitmap["name"]})
 
 
-def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float = 10) -> bool:
+def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float = 10) -> str | None:
     """Start a new bitmap generation; drop the older ones once the replicas provably hold them.
 
     The new bitmap is added first. Only after every mirror has had nothing to
     copy for longer than its polling interval (so every write made before the
     new bitmap existed is on the DR side) are the old ones removed. Without
     this the bitmaps would hold every write since protection, and a resync
-    after a source restart would send all of it again.
+    after a source restart would send all of it again. Returns the new
+    bitmap's name, or None if the replicas were not provably caught up. The
+    caller records it (trusting_bitmap) and only then removes the older ones
+    (remove_bitmaps keep=name): killed in between, the trusted one is still there.
     """
     name = _bitmap_name()
     for disk, node in zip(manifest.disks, nodes):
@@ -300,24 +318,25 @@ def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], ti
         # anyway), so a busy VM does not gain a bitmap per cron run; a later rotation retries
         for node in nodes:
             _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": name})
-        return False
-    remove_bitmaps(qmp, nodes, keep=name)
-    return True
+        return None
+    return name
 
 
-def merged_bitmap(qmp: QmpSession, nodes: Sequence[str]) -> str | None:
-    """Merge drtool's generations into the newest on each node: its name, or None if one is unusable."""
-    names = set()
-    for node, bitmaps in drtool_bitmaps(qmp, nodes).items():
-        if not bitmaps or any(b.get("inconsistent") for b in bitmaps):
+def trusted_bitmap(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> str | None:
+    """The bitmap the manifest trusts, if every disk still has it, consistent; else None.
+
+    Any other drtool bitmap (from a rotation cut short, an earlier protection,
+    a full copy that never finished) proves nothing about the replicas and is
+    never used.
+    """
+    trusted = manifest.bitmap_name
+    if not trusted:
+        return None
+    for bitmaps in drtool_bitmaps(qmp, nodes).values():
+        mine = [b for b in bitmaps if b["name"] == trusted]
+        if not mine or mine[0].get("inconsistent"):
             return None
-        newest = bitmaps[-1]["name"]
-        older = [b["name"] for b in bitmaps[:-1]]
-        if older:
-            qmp.execute("block-dirty-bitmap-merge", {"node": node, "target": newest, "bitmaps": older})
-            remove_bitmaps(qmp, [node], keep=newest)
-        names.add(newest)
-    return names.pop() if len(names) == 1 else None  # differing generations: no one consistent history
+    return trusted
 
 
 def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float, nodes: Sequence[str] | None = None) -> bool:

@@ -44,6 +44,7 @@ from drtool.mechanics.replication import (
     query_jobs,
     remove_bitmaps,
     start_mirrors,
+    trusting_bitmap,
     wait_until_ready,
 )
 from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
@@ -198,15 +199,16 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         # undo first: these steps may fail half-way, and their undos are idempotent
         undo.push(lambda: detach_target(qmp, manifest))
         attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
+        undo.push(lambda: remove_bitmaps(qmp, nodes))
+        bitmap = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
         undo.push(lambda: cancel_mirrors(qmp, manifest))
         start_mirrors(qmp, manifest, nodes)
-        undo.push(lambda: remove_bitmaps(qmp, nodes))
-        add_bitmaps(qmp, manifest, nodes)
         undo.commit()
     manifest = manifest.with_state("seeding", "protect started")
     if wait:
         wait_until_ready(qmp, manifest, on_progress)
-        save_manifest(dr, vm, manifest.with_state("protected", "initial sync complete"))
+        # in sync: the replicas hold every write made before the bitmap began, so resync may trust it
+        save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).with_state("protected", "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
                          time.monotonic() - started, in_use)
 

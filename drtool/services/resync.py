@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, start_target, target_pid
@@ -43,9 +44,12 @@ from drtool.mechanics.replication import (
     nbd_node,
     query_jobs,
     start_mirrors,
-    merged_bitmap,
     mirror_dirty_bytes,
+    remove_bitmaps,
     rotate_bitmaps,
+    trusted_bitmap,
+    trusting_bitmap,
+    distrusting_bitmaps,
     wait_until_ready,
 )
 from drtool.state.store import load_settled_manifest, require_protected, save_manifest, select_vm
@@ -82,20 +86,39 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
             jobs = query_jobs(qmp, manifest)
             wanted = [job_id(i) for i in range(len(manifest.disks))]
             healthy = all(j in jobs and jobs[j].ready and not jobs[j].broken for j in wanted)
+            def save(m: Manifest) -> None:
+                save_manifest(dr, vm, m)
+
             if healthy and not restarted:
-                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
-                if manifest.state != "protected":
-                    save_manifest(dr, vm, manifest.with_state("protected", "in sync at resync"))
+                settled = manifest.state == "protected"
+                if not settled:
+                    manifest = manifest.with_state("protected", "in sync at resync")
+                _rotate(qmp, manifest, current_nodes(qmp, manifest), save, always_save=not settled)
                 return ResyncResult(vm.name, "none", 0, time.monotonic() - started)
             if all(j in jobs and not jobs[j].ended for j in wanted):
                 nodes = current_nodes(qmp, manifest)
                 sent = _resume(qmp, manifest, nodes, on_progress)
-                rotate_bitmaps(qmp, manifest, nodes)
+                manifest = _rotate(qmp, manifest, nodes, save)
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
             else:
-                result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted)
+                result, manifest = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted,
+                                                        save)
         save_manifest(dr, vm, manifest.with_state("protected", f"resync: {result.action}"))
     return result
+
+
+def _rotate(qmp: QmpSession, manifest: Manifest, nodes: list[str], save: Callable[[Manifest], None],
+            always_save: bool = False) -> Manifest:
+    """A new bitmap generation, recorded in the manifest before the older generations go."""
+    name = rotate_bitmaps(qmp, manifest, nodes)
+    if name is None:
+        if always_save:
+            save(manifest)
+        return manifest
+    manifest = trusting_bitmap(manifest, name)
+    save(manifest)
+    remove_bitmaps(qmp, nodes, keep=name)
+    return manifest
 
 
 def _resume(qmp: QmpSession, manifest: Manifest, nodes: list[str], on_progress: ProgressCallback | None) -> int:
@@ -135,26 +158,36 @@ def _resume(qmp: QmpSession, manifest: Manifest, nodes: list[str], on_progress: 
 
 
 def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,
-                         on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
-    if jobs:  # some but not all jobs survived: start over together
+                         on_progress: ProgressCallback | None, started: float, restarted: bool,
+                         save: Callable[[Manifest], None]) -> tuple[ResyncResult, Manifest]:
+    if jobs:  # some but not all jobs survived, or ended ones: start over together
         cancel_mirrors(qmp, manifest)
     nodes = current_nodes(qmp, manifest)
     _ensure_target_nodes(qmp, manifest, vm)
-    bitmap = merged_bitmap(qmp, nodes) if manifest.state == "protected" else None
+    bitmap = trusted_bitmap(qmp, manifest, nodes) if manifest.state == "protected" else None
     if bitmap is not None:
         sent, paused = _bitmap_catch_up(qmp, manifest, nodes, bitmap)
         wait_until_ready(qmp, manifest, on_progress)
-        rotate_bitmaps(qmp, manifest, nodes)
+        manifest = _rotate(qmp, manifest, nodes, save)
         return ResyncResult(manifest.vm, "bitmap", sent, time.monotonic() - started, paused, restarted,
-                            "replication jobs were gone; sent the blocks drtool's persistent bitmap recorded")
-    why = ("the initial sync never completed" if manifest.state != "protected" else
-           "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost")
+                            "replication jobs were gone; sent the blocks drtool's persistent bitmap "
+                            "recorded"), manifest
+    if manifest.state != "protected":
+        why = "the initial sync never completed"
+    elif manifest.bitmap_name:
+        why = "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost"
+    else:
+        why = "no change tracking was trusted (a full copy had not finished)"
+    # Nothing trusted while the copy runs: killed half-way, the next resync copies in full again.
+    manifest = distrusting_bitmaps(manifest)
+    save(manifest)
+    name = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
-    add_bitmaps(qmp, manifest, nodes)
+    manifest = trusting_bitmap(manifest, name)
     sent = sum(j.offset for j in query_jobs(qmp, manifest).values())
     return ResyncResult(manifest.vm, "full", sent, time.monotonic() - started, 0.0, restarted,
-                        f"full sync: {why}")
+                        f"full sync: {why}"), manifest
 
 
 def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:

@@ -74,6 +74,10 @@ class Manifest:
     pending_point: dict[str, Any] = field(default_factory=dict)  # see points.py: written before the snapshot
     failover: dict[str, Any] = field(default_factory=dict)  # the failover under way or done, step by step
     drill: dict[str, Any] = field(default_factory=dict)  # a test failover that is running
+    # The persistent dirty bitmap resync may trust (replication.py): the replicas held every
+    # write made before it began. Empty while none is trusted (seeding, a full copy running).
+    bitmap_name: str = ""
+    bitmap_generation: int = 0
     version: int = FORMAT_VERSION
 
     def point(self, point_id: str) -> RecoveryPoint | None:
