@@ -265,7 +265,8 @@ def failover_command(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.")],
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
-                                        "fail over from the newest point anyway.")] = False,
+                                        "fail over from the newest point anyway. With --rollback: discard "
+                                        "what the DR copy wrote, however long it ran.")] = False,
     point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).")] = None,
     test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
                                        "replication goes on.")] = False,
@@ -287,8 +288,8 @@ def failover_command(
     with state.guard(json_mode) as out:
         if cleanup and not test:
             raise UsageError("--cleanup goes with --test")
-        if rollback and (test or force or point or dry_run):
-            raise UsageError("--rollback takes no --test, --force, --point or --dry-run")
+        if rollback and (test or point or dry_run):
+            raise UsageError("--rollback takes no --test, --point or --dry-run")
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
         if test and cleanup:
@@ -296,7 +297,8 @@ def failover_command(
         elif test:
             out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
         elif rollback:
-            out.render(state.call(failover.rollback, vm, confirm=confirmer(out, yes)), render.rollback_summary)
+            out.render(state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes)),
+                       render.rollback_summary)
         else:
             result = state.call(failover.failover, vm, force=force, point_id=point, dry_run=dry_run,
                                 confirm=confirmer(out, yes))

@@ -35,6 +35,7 @@ from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import stop_link_and_target
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.transport.locks import VmLock
+from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
 from drtool.state.manifest import Manifest, RecoveryPoint, now
 from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
 from drtool.services.checkpoint import take_consistent_point, target_session
@@ -384,7 +385,8 @@ class RollbackResult:
     source_state: str
 
 
-def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm = lambda plan: True) -> RollbackResult:
+def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = False,
+             confirm: Confirm = lambda plan: True) -> RollbackResult:
     """Undo a planned failover, finished or not, while the source host exists: the source runs again, protected."""
     from drtool.services.resync import resync
 
@@ -400,7 +402,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
         steps = list(manifest.failover.get("steps", []))
         plan = FailoverPlan(vm.name, "rollback", tuple(f"undo {s}" for s in reversed(steps)),
-                            ("writes made by the VM on the DR host since the failover are discarded",))
+                            (_discarded_writes(vm, manifest, force),))
         if not confirm(plan):
             raise Refused("rollback not confirmed; nothing was changed")
         run = _Run(reach, vm, manifest)
@@ -427,6 +429,17 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
         run.save(manifest.with_state("protected", "failover rolled back"), failover={})
     resync(inventory, reach, vm.name)
     return RollbackResult(vm.name, tuple(reversed(steps)), state)
+
+
+def _discarded_writes(vm: Vm, manifest: Manifest, force: bool) -> str:
+    """What a rollback discards, said with its age; refused past ROLLBACK_FORCE_AFTER without --force."""
+    age = dr_copy_age(manifest.failover)
+    if age is None:
+        return "the VM never ran on the DR host: nothing it wrote there is discarded"
+    if age > ROLLBACK_FORCE_AFTER and not force:
+        raise Refused(f"{vm.name} has run on {vm.dr_host} for {human_age(age)}: a rollback discards everything "
+                      "it wrote there since", hint="add --force to discard it, or keep the DR copy")
+    return f"writes made by the VM on the DR host over the last {human_age(age)} are discarded"
 
 
 def _source_alive(reach: Reach, vm: Vm) -> bool:
