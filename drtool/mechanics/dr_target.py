@@ -82,7 +82,8 @@ def target_argv(manifest: Manifest, layout: TargetLayout) -> list[str]:
             "--blockdev", json.dumps({"driver": "file", "node-name": f"file{i}", "filename": disk.replica_image}),
             "--blockdev", json.dumps({"driver": "qcow2", "node-name": f"replica{i}", "file": f"file{i}"}),
         ]
-    server = {"addr": {"type": "inet", "host": manifest.nbd_address, "port": str(manifest.nbd_port)}}
+    server: dict[str, object] = {"addr": {"type": "inet", "host": manifest.nbd_address,
+                                          "port": str(manifest.nbd_port)}}
     if tls:
         server["tls-creds"] = "drtool-tls"
     argv += ["--nbd-server", json.dumps(server)]

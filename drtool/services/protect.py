@@ -109,7 +109,7 @@ def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
     """Run setup steps concurrently; every undo they pushed stands, the first error is raised."""
     with ThreadPoolExecutor(max_workers=len(steps)) as pool:
         futures = [pool.submit(step, undo) for step in steps]
-    errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = [e for f in futures if (e := f.exception()) is not None]
     if errors:
         raise errors[0]
 

@@ -139,7 +139,7 @@ def _worst(states: list[str]) -> str:
 def replication_state(job: JobState | None, target_running: bool = True) -> str:
     if not target_running:
         return "broken: the DR target is not running; run drtool resync"
-    if job is None:
+    if job is None or job.ended:
         return "broken: no replication job on the source (QEMU restarted or the job ended); run drtool resync"
     if job.io_status != "ok" or job.paused:
         return f"broken: the DR side did not answer (job paused, io-status {job.io_status}); run drtool resync"

@@ -44,7 +44,7 @@ def test_two_vms_on_one_host_sharing_a_source_dir_are_refused():
 
 def test_a_shared_replica_dir_is_refused():
     text = TWO_VMS.replace('replica_dir = "/var/lib/drtool/db"', 'replica_dir = "/var/lib/drtool/web"')
-    text = text.replace('source_dir = "/var/lib/drtool/src"\n\n', "\n").replace('source_dir = "/var/lib/drtool/src"\n', "")
+    text = text.replace('source_dir = "/var/lib/drtool/src"\n', "")
     with pytest.raises(ConfigError, match=r"\[vms.db\] replica_dir '/var/lib/drtool/web' on kvm2 is also VM 'web''s"):
         parse_inventory(text, CONF)
 

@@ -36,7 +36,8 @@ def test_the_dr_copy_age_counts_from_the_failover_finish():
 
 def test_a_recent_rollback_says_how_old_the_discarded_writes_are():
     m = replace(manifest(), failover=failed_over(300))
-    assert _discarded_writes(VM, m, force=False) == "writes made by the VM on the DR host over the last 5 min are discarded"
+    said = _discarded_writes(VM, m, force=False)
+    assert said == "writes made by the VM on the DR host over the last 5 min are discarded"
 
 
 def test_an_old_rollback_needs_force():
