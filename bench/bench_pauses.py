@@ -13,8 +13,8 @@ same run, on the same lab, and their ratio (see bench/README.md):
 2. planned failover RTO: `rto_seconds` of `drtool failover --yes`, and its
    steps, against a cold start of the same QEMU command line on the DR host up
    to QMP cont (the irreducible part of an RTO). Goal: RTO < 5 s.
-3. resync after a short cut: the link is cut, 3 MiB written, the jobs pause;
-   the link comes back and `drtool resync` runs. Against `drtool resync` with
+3. resync after a short cut: the link is cut for 30 s (--cut-seconds), 3 MiB
+   written, the jobs pause; the link comes back and `drtool resync` runs. Against `drtool resync` with
    nothing to do (its fixed cost). Goal: under 3 s plus the transfer.
 """
 
@@ -82,8 +82,8 @@ def median(values: Sequence[float]) -> float:
 
 
 class Bench:
-    def __init__(self, lab: Lab, workdir: Path, rounds: int) -> None:
-        self.lab, self.workdir, self.rounds = lab, workdir, rounds
+    def __init__(self, lab: Lab, workdir: Path, rounds: int, cut_seconds: float = 30.0) -> None:
+        self.lab, self.workdir, self.rounds, self.cut_seconds = lab, workdir, rounds, cut_seconds
         self.results: dict[str, Any] = {}
         self.started_dr_vms: list[Path] = []
 
@@ -166,9 +166,12 @@ class Bench:
         vm, config = self.protected_vm("bench-rs")
         for i in range(self.rounds):
             self.lab.cut_site_link("site-a", "site-b")
+            cut_at = time.monotonic()
             try:
                 vm.guest_write("vd0", (16 + 4 * i) * MiB, 3 * MiB, 0x40 + i)
                 wait_jobs(vm, broken=True)
+                # long enough for QEMU's own NBD reconnect back-off to grow (1, 2, 4, 8, 16 s)
+                time.sleep(max(0.0, self.cut_seconds - (time.monotonic() - cut_at)))
             finally:
                 self.lab.restore_site_link("site-a", "site-b")
             report, wall = drtool_json(config, "resync", vm.name)
@@ -221,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--plain", action="store_true", help="(the table is always plain text)")
     parser.add_argument("--only", choices=("checkpoint", "failover", "resync"), action="append")
+    parser.add_argument("--cut-seconds", type=float, default=30.0, help="how long the link stays cut (resync)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_pauses.py needs root (the lab makes network namespaces)", file=sys.stderr)
@@ -232,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     lab = Lab(hosts=("site-a", "site-b"))
     lab.start()
-    bench = Bench(lab, lab.dir / "bench-pauses", args.rounds)
+    bench = Bench(lab, lab.dir / "bench-pauses", args.rounds, args.cut_seconds)
     try:
         only = set(args.only or ("checkpoint", "failover", "resync"))
         if "checkpoint" in only:
