@@ -12,7 +12,7 @@ Measures, on one lab (site-a: the VM, site-b: the DR host; see bench/README.md):
    phase (JOB_STATUS_CHANGE created -> ready, seen on the lab's monitor);
 2. the reference: `qemu-img convert -n` of the same image, from site-a's
    namespace, into a qemu-storage-daemon NBD export on site-b (fresh qcow2,
-   TLS-PSK, writethrough=on: as drtool's target) through a socat relay with
+   TLS-PSK, writethrough=on: as drtool's target) through drtool's link relay with
    drtool's link options (and, with --reference-path both, also straight over
    TCP); reference and drtool alternate, medians are reported;
 3. bytes the DR target received during the initial sync (ss on the NBD port
@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from drtool.lab import Lab, LabVm  # noqa: E402
-from drtool.mechanics.link import CONNECT_TIMEOUT, LINK_TIMEOUT, SOL_TCP, TCP_USER_TIMEOUT  # noqa: E402
+from drtool.mechanics.link import _RELAY_SOURCE, CONNECT_TIMEOUT, LINK_TIMEOUT, RETRY_FOR, STALL_TIMEOUT  # noqa: E402
 from drtool.mechanics.replication import TLS_PRIORITY  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -285,21 +285,19 @@ class Reference:
                 raise RuntimeError("reference qemu-storage-daemon did not start (see the lab's run/site-b/logs)")
             time.sleep(0.1)
         self.socket.unlink(missing_ok=True)
-        # drtool/mechanics/link.py's socat_argv, with the same TCP options
+        # drtool's own link relay (drtool/mechanics/link.py relay_argv), with the same options
         self.relay = self.lab.start_raw_process("site-a", [
-            "socat",
-            f"UNIX-LISTEN:{self.socket},fork,unlink-early,mode=600",
-            f"TCP:{self.addr}:{REF_PORT},connect-timeout={CONNECT_TIMEOUT},nodelay,keepalive,keepidle=5,"
-            f"keepintvl=2,keepcnt=3,setsockopt-int={SOL_TCP}:{TCP_USER_TIMEOUT}:{LINK_TIMEOUT * 1000}",
+            "python3", "-c", _RELAY_SOURCE, str(self.socket), self.addr, str(REF_PORT), str(LINK_TIMEOUT),
+            str(CONNECT_TIMEOUT), str(STALL_TIMEOUT), str(RETRY_FOR),
         ])  # fmt: skip
         deadline = time.monotonic() + 10
         while not self.socket.exists():
             if self.relay.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("reference socat relay did not start")
+                raise RuntimeError("reference link relay did not start")
             time.sleep(0.05)
 
     def convert(self, source: Path, path: str, *, debug_tls: bool = False) -> tuple[float, str]:
-        """qemu-img convert -n from site-a's namespace; `path` is 'relay' (socat UNIX->TCP) or 'direct' (TCP).
+        """qemu-img convert -n from site-a's namespace; `path` is 'relay' (drtool's UNIX->TCP relay) or 'direct' (TCP).
 
         Returns the wall-clock seconds and qemu-img's stderr (GnuTLS's handshake log with debug_tls).
         """
@@ -681,7 +679,7 @@ def report_rows(res: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("  reference TLS cipher suite (probed with GnuTLS's log)", sync.get("reference_tls_cipher", "?"),
                      f"priority: {sync.get('reference_tls_priority') or 'QEMU default'}"))
         for p, ref in sync["reference"].items():
-            label = "socat relay (drtool's link options)" if p == "relay" else "direct TCP, no relay"
+            label = "drtool's link relay" if p == "relay" else "direct TCP, no relay"
             rows.append((f"  reference qemu-img convert -n, {label}",
                          f"{ref['median_wall_seconds']:.2f} s  {rate(ref['data_rate'])} data, "
                          f"{rate(ref['virtual_rate'])} virtual", "TLS-PSK, qsd writethrough=on"))
@@ -749,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--write-size", type=parse_size, default=None, help="guest writes per round (256M; --quick: 64M)")
     ap.add_argument("--write-chunk", type=parse_size, default=4 * MiB, help="size of one guest write (4M)")
     ap.add_argument("--reference-path", choices=("relay", "direct", "both"), default="both",
-                    help="how the reference reaches the target: socat relay like drtool, direct TCP, or both")
+                    help="how the reference reaches the target: drtool's link relay, direct TCP, or both")
     ap.add_argument("--reference-tls-priority", default=TLS_PRIORITY, metavar="PRIORITY",
                     help=f"GnuTLS priority for the reference's TLS client (default: drtool's own, {TLS_PRIORITY}, "
                          "so both negotiate the same cipher; '' for QEMU's default)")

@@ -340,6 +340,7 @@ class _Validator:
                     obj = self.table(top, section, name, table)
                     if obj is not None:
                         built[top][name] = obj
+        self.check_dirs_not_shared(built["vms"])
         if self.problems:
             ordered = sorted(self.problems, key=lambda p: (p[0] is None, p[0] or 0))
             line, message = ordered[0]
@@ -348,6 +349,21 @@ class _Validator:
                 text += f" (and {len(ordered) - 1} more)"
             raise ConfigError(text)
         return Inventory(path=self.path, hosts=built["hosts"], vms=built["vms"])
+
+    def check_dirs_not_shared(self, vms: dict[str, Vm]) -> None:
+        """Two VMs must not share drtool's directory on a host: each deletes its own files (TLS key,
+        manifest) there on unprotect, and would delete the other's with them."""
+        for what, host_of, dir_of in (("source_dir", lambda v: v.host, lambda v: v.source_state_dir),
+                                      ("replica_dir", lambda v: v.dr_host, lambda v: v.replica_dir)):
+            owner: dict[tuple[str, PurePosixPath], str] = {}
+            for name, vm in vms.items():
+                key = (host_of(vm), dir_of(vm))
+                if key in owner:
+                    self.problem(("vms", name, what) if what in self.doc["vms"][name] else ("vms", name),
+                                 f"[vms.{_key(name)}] {what} {str(key[1])!r} on {key[0]} is also VM "
+                                 f"{owner[key]!r}'s: give each VM a directory of its own")
+                else:
+                    owner[key] = name
 
     def table(self, top: str, section: _Section, name: str, table: Any) -> Any:
         """Validate one [top.name] table; return the domain object or None."""

@@ -359,8 +359,10 @@ def failover_command(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.", metavar="VM")],
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
-                                        "fail over from the newest point anyway.")] = False,
-    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).", metavar="ID")] = None,
+                                        "fail over from the newest point anyway. With --rollback: discard "
+                                        "what the DR copy wrote, however long it ran.")] = False,
+    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).",
+                                                 metavar="ID")] = None,
     test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
                                        "replication goes on.")] = False,
     cleanup: Annotated[bool, typer.Option("--cleanup", help="With --test: remove the test VM.")] = False,
@@ -397,8 +399,8 @@ def failover_command(
     with state.guard(json_mode) as out:
         if cleanup and not test:
             raise UsageError("--cleanup goes with --test")
-        if rollback and (test or force or point or dry_run):
-            raise UsageError("--rollback takes no --test, --force, --point or --dry-run")
+        if rollback and (test or point or dry_run):
+            raise UsageError("--rollback takes no --test, --point or --dry-run")
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
         if test and cleanup:
@@ -406,7 +408,7 @@ def failover_command(
         elif test:
             out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
         elif rollback:
-            undone = state.call(failover.rollback, vm, confirm=confirmer(out, yes))
+            undone = state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes))
             # replication catches up from the final point: the resync command's own work
             with SyncProgress(out, "resync") as progress:
                 caught_up = state.call(resync, vm, on_progress=progress)

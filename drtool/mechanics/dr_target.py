@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.state.manifest import Manifest
 from drtool.mechanics.replication import TLS_PRIORITY
-from drtool.mechanics.remote import make_dirs, running_pid, terminate, write_file
+from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"
@@ -48,6 +49,12 @@ class TargetLayout:
         return self.replica_dir / f"{device}.qcow2"
 
 
+def source_tls_dir(vm: Vm) -> PurePosixPath:
+    """Where the source host keeps its copy of the VM's key: one directory per VM, so that
+    unprotecting one VM never deletes another's key, even if their source dirs were shared."""
+    return vm.source_state_dir / "tls" / vm.name
+
+
 def new_psk() -> str:
     """A fresh pre-shared key line for QEMU's tls-creds-psk keys.psk file (never logged)."""
     return f"{PSK_USER}:{secrets.token_hex(32)}\n"
@@ -75,7 +82,8 @@ def target_argv(manifest: Manifest, layout: TargetLayout) -> list[str]:
             "--blockdev", json.dumps({"driver": "file", "node-name": f"file{i}", "filename": disk.replica_image}),
             "--blockdev", json.dumps({"driver": "qcow2", "node-name": f"replica{i}", "file": f"file{i}"}),
         ]
-    server = {"addr": {"type": "inet", "host": manifest.nbd_address, "port": str(manifest.nbd_port)}}
+    server: dict[str, object] = {"addr": {"type": "inet", "host": manifest.nbd_address,
+                                          "port": str(manifest.nbd_port)}}
     if tls:
         server["tls-creds"] = "drtool-tls"
     argv += ["--nbd-server", json.dumps(server)]
@@ -98,7 +106,7 @@ def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
 
 def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:
     """The running target's pid, or None when it is not running."""
-    return running_pid(shell, layout.pidfile, "qemu-storage")
+    return running_pid(shell, layout.pidfile, "qemu-storage", str(layout.pidfile))
 
 
 def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, timeout: float = 30) -> int:
@@ -118,12 +126,13 @@ def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, t
 
 
 def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -> None:
-    """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers."""
-    pid = target_pid(shell, layout)
-    if pid is None:
-        return
-    terminate(shell, pid, timeout)
-    shell.run(["rm", "-f", "--", str(layout.pidfile), str(layout.qmp_socket)], timeout=15)
+    """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers: one round trip.
+
+    QMP quit was measured to end qsd no faster than SIGTERM (both ~10 ms); what
+    took 1.9 s on the lab was waiting for an exited daemon to be reaped.
+    """
+    stop_process(shell, layout.pidfile, "qemu-storage", str(layout.pidfile), timeout,
+                 (layout.pidfile, layout.qmp_socket))
 
 
 def free_nbd_port(shell: RemoteShell) -> int:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, RemoteCommandError
-from drtool.mechanics.remote import make_dirs, running_pid, terminate
+from drtool.mechanics.remote import running_pid, stop_process
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -134,9 +133,9 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
             value = str(layout.pidfile)
         elif opt == "-chardev":
             value = _map_chardev(value, qmp_socket, layout)
-        elif opt in ("-qmp", "-monitor", "-serial") and value.startswith("unix:"):
-            path, sep, rest = value[5:].partition(",")
-            value = f"unix:{_run_path(path, qmp_socket, layout)}{sep}{rest}"
+        elif opt in ("-qmp", "-qmp-pretty", "-monitor", "-serial") and value.startswith("unix:"):
+            path, *options = _split_opts(value[5:])
+            value = "unix:" + _join_opts([_run_path(path, qmp_socket, layout), *options])
         elif opt in ("-serial", "-monitor") and value.startswith("file:"):
             value = f"file:{_run_path(value[5:], qmp_socket, layout)}"  # a console log: the DR copy writes its own
         out += [opt, value]
@@ -175,30 +174,35 @@ def _map_chardev(value: str, qmp_socket: str, layout: RunLayout) -> str:
     return _join_opts(parts)
 
 
+# $1 run dir, $2 monitor socket, $3 tenths of a second to wait for it, then QEMU's argv.
+_START_SCRIPT = """mkdir -p -m 700 -- "$1" || exit 1
+sock=$2 tenths=$3; shift 3
+"$@" || exit $?
+i=0
+while [ ! -S "$sock" ]; do
+  i=$((i+1)); [ $i -gt "$tenths" ] && exit 99
+  sleep 0.05
+done"""
+
+
 def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60) -> None:
-    """Start a mapped command line on a host (it daemonizes) and wait for its monitor."""
-    make_dirs(shell, layout.run_dir)
-    result = shell.run(argv, check=False, timeout=timeout)
+    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip."""
+    result = shell.run(["sh", "-c", _START_SCRIPT, "sh", str(layout.run_dir), str(layout.qmp_socket),
+                        str(int(timeout * 20)), *argv], check=False, timeout=2 * timeout + 15)
+    if result.exit_status == 99:
+        raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
     if not result.ok:
         detail = [line for line in result.err.strip().splitlines() if line.strip()]
         raise RemoteCommandError(f"QEMU did not start: {detail[-1] if detail else f'exit {result.exit_status}'}")
-    deadline = time.monotonic() + timeout
-    check = ["sh", "-c", '[ -S "$1" ]', "sh", str(layout.qmp_socket)]
-    while not shell.run(check, check=False, timeout=15).ok:
-        if time.monotonic() > deadline:
-            raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
-        time.sleep(0.1)
 
 
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
-    return running_pid(shell, layout.pidfile, "qemu-system")
+    return running_pid(shell, layout.pidfile, "qemu-system", str(layout.pidfile))
 
 
 def kill_vm(shell: RemoteShell, layout: RunLayout, timeout: float = 15) -> None:
     """End a VM drtool started (after QMP quit failed or was not possible)."""
-    pid = vm_pid(shell, layout)
-    if pid is not None:
-        terminate(shell, pid, timeout)
+    stop_process(shell, layout.pidfile, "qemu-system", str(layout.pidfile), timeout)
 
 
 def dr_run_layout(replica_dir: PurePosixPath) -> RunLayout:

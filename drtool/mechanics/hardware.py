@@ -21,7 +21,8 @@ _FIND_QEMU = r"""
 import json, os, re, sys
 sock = sys.argv[1]
 forms = {sock, sock.replace(",", ",,")}
-pattern = re.compile("(^|[,=])(%s)(,|$)" % "|".join(re.escape(f) for f in forms))
+# path=SOCK inside -chardev, or -qmp/-monitor unix:SOCK[,server=on,...]
+pattern = re.compile("(^|[,=]|^unix:)(%s)(,|$)" % "|".join(re.escape(f) for f in forms))
 for pid in os.listdir("/proc"):
     if not pid.isdigit():
         continue

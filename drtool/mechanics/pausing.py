@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, QmpError, Refused
 from drtool.mechanics.dr_target import TargetLayout
-from drtool.mechanics.points import prepare_point, take_point
-from drtool.mechanics.replication import job_id, query_jobs, wait_quiet
+from drtool.mechanics.points import point_transaction, prepare_point, take_point
+from drtool.mechanics.replication import JobState, current_nodes, job_id, query_jobs, wait_drained
 from drtool.state.manifest import Manifest, now
 from drtool.state.records import SourcePause, Step
 from drtool.state.store import save_manifest
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
+from drtool.units import human_size
 
 DRAIN_TIMEOUT = 30.0  # s the mirrors get to send what they hold while the source is paused
 RESUME_ATTEMPTS = 4
@@ -82,30 +84,46 @@ def resume_own_pause(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest) 
 
 
 def take_consistent_point(reach: Reach, qmp: QmpSession, target: QmpSession, manifest: Manifest, vm: Vm,
-                          dr: RemoteShell, quiesce: str, by: str) -> tuple[Manifest, float]:
-    """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s)."""
+                          dr: RemoteShell, quiesce: str, by: str, *, max_behind: int | None = None,
+                          drain_timeout: float | None = None) -> tuple[Manifest, float]:
+    """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s).
+
+    Everything that can be done before the pause is: the checks, the pending
+    point and the pause recorded on the DR host, the snapshot transaction
+    built. The pause holds only the drain and the transaction.
+    """
     jobs = query_jobs(qmp, manifest)
     broken = [j for i, _ in enumerate(manifest.disks) if (j := jobs.get(job_id(i))) is None or j.broken]
     if broken or len(jobs) < len(manifest.disks):
         raise Refused(f"replication of {vm.name} is broken: a point now would not hold its latest writes",
                       hint=f"run drtool resync {vm.name} first")
+    if max_behind is not None:
+        refuse_when_behind(vm, list(jobs.values()), max_behind)
+    nodes = current_nodes(qmp, manifest)
+    drain_timeout = DRAIN_TIMEOUT if drain_timeout is None else drain_timeout
     running = qmp.execute("query-status")["status"] == "running"
     # The pending point and the pause are recorded before the pause: the SSH round trip does not lengthen it.
     pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
     if running:
         pending = replace(pending, source_pause=SourcePause(by, now()))
     save_manifest(dr, vm, pending)
+    try:
+        actions = point_transaction(target, pending)
+    except DrtoolError:
+        with contextlib.suppress(DrtoolError):
+            drop_pending(dr, vm, replace(pending, source_pause=None) if running else pending)
+        raise
     started = time.monotonic()
     if running:
         qmp.execute("stop")
     drop = False  # whether the point surely did not happen: then its record and files go
     try:
-        if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
+        if not wait_drained(qmp, manifest, nodes, drain_timeout):
             drop = True
-            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; no point taken",
+            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {drain_timeout:g} s; no point taken",
                               hint=f"see drtool status {vm.name}: the link or the DR storage may be stalled")
         try:
-            taken = take_point(target, pending)
+            taken = take_point(target, pending, actions)
         except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
             drop = True
             raise
@@ -128,6 +146,17 @@ def take_consistent_point(reach: Reach, qmp: QmpSession, target: QmpSession, man
                        source_pause=None if running else taken.source_pause)
     save_manifest(dr, vm, manifest)
     return manifest, paused
+
+
+def refuse_when_behind(vm: Vm, jobs: Sequence[JobState], max_behind: int) -> None:
+    """Refuse a point that would pause the guest for a whole catch-up."""
+    if any(not j.ready for j in jobs):
+        raise Refused(f"{vm.name} is still seeding its replicas: a point now would pause it until the copy ends",
+                      hint=f"wait until drtool status {vm.name} says in sync")
+    behind = sum(j.remaining for j in jobs)
+    if behind > max_behind:
+        raise Refused(f"the replicas of {vm.name} are {human_size(behind)} behind: a point now would pause it "
+                      f"until they catch up", hint="run the checkpoint again in a moment")
 
 
 def drop_pending(dr: RemoteShell, vm: Vm, pending: Manifest) -> None:

@@ -60,22 +60,24 @@ def prepare_point(manifest: Manifest, layout: TargetLayout, quiesce: str, quiesc
     return replace(manifest, pending_point=PendingPoint(point, tops))
 
 
-def take_point(target: QmpSession, manifest: Manifest) -> Manifest:
-    """Run the pending point's snapshot transaction on the target; the settled manifest."""
+def point_transaction(target: QmpSession, manifest: Manifest) -> list[dict]:
+    """The pending point's snapshot transaction, built (node names asked) before the source pauses."""
     pending = manifest.pending_point
     if pending is None:
         raise DrtoolError(f"{manifest.vm} has no pending point to take")
     point_id = pending.point.id
-    actions = []
-    for i, disk in enumerate(manifest.disks):
-        actions.append({"type": "blockdev-snapshot-sync", "data": {
-            "node-name": node_of_image(target, disk.replica_image),
-            "snapshot-file": pending.tops[disk.device],
-            "snapshot-node-name": f"d{i}-{point_id}",
-            "format": "qcow2",
-            "mode": "absolute-paths",
-        }})
-    target.execute("transaction", {"actions": actions})
+    return [{"type": "blockdev-snapshot-sync", "data": {
+        "node-name": node_of_image(target, disk.replica_image),
+        "snapshot-file": pending.tops[disk.device],
+        "snapshot-node-name": f"d{i}-{point_id}",
+        "format": "qcow2",
+        "mode": "absolute-paths",
+    }} for i, disk in enumerate(manifest.disks)]
+
+
+def take_point(target: QmpSession, manifest: Manifest, actions: list[dict] | None = None) -> Manifest:
+    """Run the pending point's snapshot transaction on the target; the settled manifest."""
+    target.execute("transaction", {"actions": actions if actions is not None else point_transaction(target, manifest)})
     return settled(manifest)
 
 

@@ -88,10 +88,45 @@ def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
     return result.stdout
 
 
-def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str) -> int | None:
-    """The pid in pidfile if that process runs and is `program` (pid files outlive reboots)."""
-    script = 'p=$(cat -- "$1" 2>/dev/null) && kill -0 "$p" 2>/dev/null && grep -q -- "$2" "/proc/$p/cmdline" && echo "$p"'
-    result = shell.run(["sh", "-c", script, "sh", str(pidfile), program], check=False, timeout=15)
+# A process runs if it exists and is not a zombie: an exited daemon whose parent
+# has not reaped it yet (under some init systems for seconds) holds no file any more.
+# ours PIDFILE PROGRAM MARKER prints the pid if that process runs, is PROGRAM and has
+# MARKER in one of its arguments.
+_OURS = '''alive() { kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+ours() {
+  p=$(cat -- "$1" 2>/dev/null) || return 1
+  case $p in ""|*[!0-9]*) return 1;; esac
+  alive "$p" || return 1
+  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -q -- "$2" || return 1
+  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -qF -- "$3" || return 1
+  echo "$p"
+}
+'''
+_RUNNING_PID_SCRIPT = _OURS + 'ours "$1" "$2" "$3"'
+# $1 pid file, $2 program, $3 marker, $4 tenths of a second before SIGKILL, then files to remove.
+_STOP_SCRIPT = _OURS + '''p=$(ours "$1" "$2" "$3")
+tenths=$4; shift 4
+if [ -n "$p" ]; then
+  kill -TERM "$p" 2>/dev/null
+  i=0
+  while alive "$p"; do
+    i=$((i+1)); [ $i -gt "$tenths" ] && { kill -KILL "$p"; break; }
+    sleep 0.1
+  done
+fi
+[ $# -eq 0 ] || rm -f -- "$@"'''
+
+
+def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str) -> int | None:
+    """The pid in pidfile if that process runs, is `program`, and has `marker` in its arguments.
+
+    Pid files outlive reboots, and after one the pid may name any process,
+    even another VM's QEMU: the program name alone would let drtool stop it.
+    `marker` is a path only the process drtool started has on its command
+    line (its pid file, its socket).
+    """
+    result = shell.run(["sh", "-c", _RUNNING_PID_SCRIPT, "sh", str(pidfile), program, marker],
+                       check=False, timeout=15)
     text = result.out.strip()
     return int(text) if result.ok and text.isdigit() else None
 
@@ -105,17 +140,14 @@ def remove(shell: RemoteShell, *paths: PurePosixPath) -> None:
         shell.run(["rm", "-rf", "--", *(str(p) for p in paths)], timeout=120)
 
 
-_TERMINATE_SCRIPT = """kill -TERM "$1" 2>/dev/null || exit 0
-i=0
-while kill -0 "$1" 2>/dev/null; do
-  i=$((i+1)); [ $i -gt "$2" ] && { kill -KILL "$1"; exit 0; }
-  sleep 0.1
-done"""
+def stop_process(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str, timeout: float,
+                 remove_after: tuple[PurePosixPath, ...] = ()) -> None:
+    """Stop the process of a pid file if it is ours (see running_pid), then remove files: one round trip.
 
-
-def terminate(shell: RemoteShell, pid: int, timeout: float = 20) -> None:
-    """SIGTERM a process on the host (QEMU closes its images cleanly), SIGKILL if it lingers."""
-    shell.run(["sh", "-c", _TERMINATE_SCRIPT, "sh", str(pid), str(int(timeout * 10))], timeout=timeout + 10)
+    SIGTERM (QEMU flushes and closes its images), SIGKILL if it lingers past timeout.
+    """
+    shell.run(["sh", "-c", _STOP_SCRIPT, "sh", str(pidfile), program, marker, str(int(timeout * 10)),
+               *(str(f) for f in remove_after)], timeout=timeout + 15)
 
 
 def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_existing: bool = False) -> None:

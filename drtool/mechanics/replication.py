@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
 from drtool.mechanics.blockinfo import parse_query_block
@@ -38,8 +38,14 @@ BITMAP_PREFIX = "drtool-resync-"
 # (BLOCK_JOB_SLICE_TIME) after a write: "nothing to copy" counts only once it
 # has held longer than that.
 QUIET = 0.35
+QUIET_WITH_BITMAPS = 0.15  # one polling interval and a margin, when the dirty bitmaps are checked too
 RECONNECT_DELAY = 5  # s a request waits for a lost target before it fails and the job pauses
 OPEN_TIMEOUT = 10
+# A copy that moves no byte for this long counts as stuck: a DR target that is alive
+# but stalled (its storage hangs, its process is stopped) never fails a socket.
+STALL_TIMEOUT = 30.0
+# Job statuses after which a job never copies again: it is finishing or finished (query-jobs).
+ENDING_STATUSES = frozenset({"waiting", "pending", "aborting", "concluded", "null"})
 
 
 def nbd_node(i: int) -> str:
@@ -72,8 +78,13 @@ class JobState:
         return max(0, self.length - self.offset)
 
     @property
+    def ended(self) -> bool:
+        """Cancelled or failed: it will never copy again, only be dismissed."""
+        return self.status in ENDING_STATUSES
+
+    @property
     def broken(self) -> bool:
-        return self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
+        return self.ended or self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
 
 
 def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPath,
@@ -156,15 +167,23 @@ ProgressCallback = Callable[[Sequence[DiskProgress]], None]
 
 
 def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None = None,
-                     timeout: float | None = None, poll: float = 0.1) -> None:
-    """Block until every job is ready (in sync), reporting progress; fail if one breaks."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+                     timeout: float | None = None, poll: float = 0.1,
+                     stall_timeout: float = STALL_TIMEOUT) -> None:
+    """Block until every job is ready (in sync), reporting progress; fail if one breaks.
+
+    However long a copy may take, it may not stand still: no byte copied for
+    stall_timeout seconds means the DR side is stuck, and this fails.
+    """
+    started = time.monotonic()
     wanted = [job_id(i) for i in range(len(manifest.disks))]
+    last_offsets: dict[str, int] = {}
+    last_progress = started
     while True:
         jobs = query_jobs(qmp, manifest)
-        missing = [j for j in wanted if j not in jobs]
+        missing = [j for j in wanted if j not in jobs or jobs[j].ended]
         if missing:
-            raise DrtoolError(f"replication job {missing[0]} of {manifest.vm} ended during the initial sync")
+            raise DrtoolError(f"replication job {missing[0]} of {manifest.vm} ended during the initial sync",
+                              hint=f"run drtool resync {manifest.vm}")
         if on_progress:
             on_progress([DiskProgress(jobs[j].device, jobs[j].length, jobs[j].offset, jobs[j].ready) for j in wanted])
         broken = [jobs[j] for j in wanted if jobs[j].io_status != "ok"]
@@ -176,34 +195,56 @@ def wait_until_ready(qmp: QmpSession, manifest: Manifest, on_progress: ProgressC
             )
         if all(jobs[j].ready for j in wanted):
             return
-        if deadline is not None and time.monotonic() > deadline:
+        now_ = time.monotonic()
+        offsets = {j: jobs[j].offset for j in wanted}
+        if offsets != last_offsets:
+            last_offsets, last_progress = offsets, now_
+        elif now_ - last_progress > stall_timeout:
+            raise DrtoolError(f"replication of {manifest.vm} copied nothing for {stall_timeout:g} s: the DR target "
+                              "or the link is stuck", hint=f"check {manifest.dr_host}, then run drtool resync "
+                              f"{manifest.vm}")
+        if timeout is not None and now_ - started > timeout:
             raise DrtoolError(f"the initial sync of {manifest.vm} did not finish in {timeout:g} s")
         time.sleep(poll)
 
 
 def cancel_mirrors(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> None:
-    """End drtool's jobs without pivoting the guest, then dismiss them."""
-    jobs = query_jobs(qmp, manifest)
+    """End drtool's jobs without pivoting the guest, then dismiss them.
+
+    Each job is handled by its status, so that a cancel interrupted half-way
+    (drtool killed, the session lost) can simply run again: a job still
+    copying is cancelled, one already finishing (waiting, pending, aborting)
+    is waited for, and a concluded one is only dismissed. Cancelling a
+    concluded job is an error in QEMU; leaving it makes every later job
+    with its id fail to start.
+    """
+    wanted = {job_id(i) for i in range(len(manifest.disks))}
+    deadline = time.monotonic() + timeout
     with qmp.subscribe(["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "JOB_STATUS_CHANGE"]) as events:
-        for jid, job in jobs.items():
-            # force: a paused (broken) job must not wait for its target to come back
-            qmp.execute("block-job-cancel", {"device": jid, "force": True})
-        pending = set(jobs)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            pending &= set(_not_concluded(qmp))
-            if pending:
-                events.get(timeout=0.5)
-    if pending:
-        raise DrtoolError(f"replication job(s) {', '.join(sorted(pending))} of {manifest.vm} did not end within "
-                          f"{timeout:g} s of block-job-cancel", hint="see query-jobs on the source; run it again")
-    for jid in jobs:
+        for jid, status in _job_statuses(qmp, wanted).items():
+            if status not in ENDING_STATUSES:
+                try:
+                    # force: a paused (broken) job must not wait for its target to come back
+                    qmp.execute("block-job-cancel", {"device": jid, "force": True})
+                except QmpError:
+                    pass  # it ended meanwhile: the wait below sees how
+        while True:
+            statuses = _job_statuses(qmp, wanted)
+            pending = sorted(j for j, status in statuses.items() if status != "concluded")
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise DrtoolError(f"replication job(s) {', '.join(pending)} of {manifest.vm} did not end within "
+                                  f"{timeout:g} s of block-job-cancel",
+                                  hint="see query-jobs on the source; run it again")
+            events.get(timeout=0.2)
+    for jid in statuses:
         _quietly(qmp, "job-dismiss", {"id": jid})
 
 
-def _not_concluded(qmp: QmpSession) -> list[str]:
-    """Job ids that are not yet concluded."""
-    return [j["id"] for j in qmp.execute("query-jobs") if j.get("status") != "concluded"]
+def _job_statuses(qmp: QmpSession, wanted: set[str]) -> dict[str, str]:
+    """The status of each of `wanted` that QEMU still has (query-jobs lists concluded jobs too)."""
+    return {str(j["id"]): str(j.get("status", "")) for j in qmp.execute("query-jobs") if j.get("id") in wanted}
 
 
 def detach_target(qmp: QmpSession, manifest: Manifest) -> None:
@@ -227,12 +268,27 @@ def drtool_bitmaps(qmp: QmpSession, nodes: Sequence[str]) -> dict[str, list[dict
     return found
 
 
-def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> None:
-    """A fresh dirty bitmap per disk (persistent where the format keeps one: qcow2), replacing older ones."""
+def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> str:
+    """A fresh dirty bitmap per disk (persistent where the format keeps one: qcow2), replacing older ones.
+
+    Add it before a full copy starts, and trust it (trusting_bitmap) only once
+    the copy is in sync: from then on it holds every write the replicas lack.
+    """
     remove_bitmaps(qmp, nodes)
     name = _bitmap_name()
     for disk, node in zip(manifest.disks, nodes):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
+    return name
+
+
+def trusting_bitmap(manifest: Manifest, name: str) -> Manifest:
+    """The manifest naming `name` as the bitmap resync may trust, one generation on."""
+    return replace(manifest, bitmap_name=name, bitmap_generation=manifest.bitmap_generation + 1)
+
+
+def distrusting_bitmaps(manifest: Manifest) -> Manifest:
+    """The manifest trusting no bitmap (before a copy that leaves the replicas incomplete for a while)."""
+    return replace(manifest, bitmap_name="")
 
 
 def remove_bitmaps(qmp: QmpSession, nodes: Sequence[str], keep: str | None = None) -> None:
@@ -242,57 +298,108 @@ def remove_bitmaps(qmp: QmpSession, nodes: Sequence[str], keep: str | None = Non
                 _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": bitmap["name"]})
 
 
-def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float = 10) -> bool:
+def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float = 10) -> str | None:
     """Start a new bitmap generation; drop the older ones once the replicas provably hold them.
 
     The new bitmap is added first. Only after every mirror has had nothing to
     copy for longer than its polling interval (so every write made before the
     new bitmap existed is on the DR side) are the old ones removed. Without
     this the bitmaps would hold every write since protection, and a resync
-    after a source restart would send all of it again.
+    after a source restart would send all of it again. Returns the new
+    bitmap's name, or None if the replicas were not provably caught up. The
+    caller records it (trusting_bitmap) and only then removes the older ones
+    (remove_bitmaps keep=name): killed in between, the trusted one is still there.
     """
     name = _bitmap_name()
     for disk, node in zip(manifest.disks, nodes):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
-    if not wait_quiet(qmp, manifest, timeout):
+    if not wait_quiet(qmp, manifest, timeout, nodes):
         # not provably caught up: drop the new generation (the old ones hold all of it
         # anyway), so a busy VM does not gain a bitmap per cron run; a later rotation retries
         for node in nodes:
             _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": name})
-        return False
-    remove_bitmaps(qmp, nodes, keep=name)
-    return True
+        return None
+    return name
 
 
-def merged_bitmap(qmp: QmpSession, nodes: Sequence[str]) -> str | None:
-    """Merge drtool's generations into the newest on each node: its name, or None if one is unusable."""
-    names = set()
-    for node, bitmaps in drtool_bitmaps(qmp, nodes).items():
-        if not bitmaps or any(b.get("inconsistent") for b in bitmaps):
+def trusted_bitmap(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> str | None:
+    """The bitmap the manifest trusts, if every disk still has it, consistent; else None.
+
+    Any other drtool bitmap (from a rotation cut short, an earlier protection,
+    a full copy that never finished) proves nothing about the replicas and is
+    never used.
+    """
+    trusted = manifest.bitmap_name
+    if not trusted:
+        return None
+    for bitmaps in drtool_bitmaps(qmp, nodes).values():
+        mine = [b for b in bitmaps if b["name"] == trusted]
+        if not mine or mine[0].get("inconsistent"):
             return None
-        newest = bitmaps[-1]["name"]
-        older = [b["name"] for b in bitmaps[:-1]]
-        if older:
-            qmp.execute("block-dirty-bitmap-merge", {"node": node, "target": newest, "bitmaps": older})
-            remove_bitmaps(qmp, [node], keep=newest)
-        names.add(newest)
-    return names.pop() if len(names) == 1 else None  # differing generations: no one consistent history
+    return trusted
 
 
-def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float) -> bool:
-    """Whether every job became ready with nothing to copy and stayed so for QUIET seconds."""
+def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float, nodes: Sequence[str] | None = None) -> bool:
+    """Whether every job became ready with nothing to copy and stayed so long enough, within timeout.
+
+    A mirror updates len/offset once per iteration (up to 100 ms apart), so a
+    stale len == offset can hide a write not yet picked up. Given the disks'
+    nodes, the mirrors' own dirty bitmaps are checked as well, which shows
+    such a write at once; then "nothing to copy" need only hold across one
+    iteration (QUIET_WITH_BITMAPS). Without them it must hold for QUIET.
+    """
     deadline = time.monotonic() + timeout
     quiet_since = None
+    hold = QUIET if nodes is None else QUIET_WITH_BITMAPS
     wanted = [job_id(i) for i in range(len(manifest.disks))]
     while time.monotonic() < deadline:
+        clean = nodes is None or mirror_dirty_bytes(qmp, nodes) == 0
         jobs = query_jobs(qmp, manifest)
-        if all(j in jobs and jobs[j].ready and not jobs[j].broken and jobs[j].remaining == 0 for j in wanted):
+        if clean and all(j in jobs and jobs[j].ready and not jobs[j].broken and jobs[j].length == jobs[j].offset
+                         for j in wanted):
             quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= QUIET:
+            if time.monotonic() - quiet_since >= hold:
                 return True
         else:
             quiet_since = None
-        time.sleep(0.05)
+        time.sleep(0.02)
+    return False
+
+
+def mirror_dirty_bytes(qmp: QmpSession, nodes: Sequence[str]) -> int:
+    """Bytes marked dirty and not yet taken up by a copy: the mirrors' own (anonymous) bitmaps on `nodes`."""
+    wanted = set(nodes)
+    return sum(int(b.get("count", 0)) for node in qmp.execute("query-named-block-nodes", {"flat": True})
+               if node.get("node-name") in wanted for b in node.get("dirty-bitmaps", []) if not b.get("name"))
+
+
+def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float,
+                 poll: float = 0.005) -> bool:
+    """With the source paused: whether every mirror has copied everything, within timeout.
+
+    QMP stop drains all I/O, the mirrors' copies in flight included; the guest
+    issues no new write. What is left is what the mirrors' dirty bitmaps still
+    mark, and the copies a mirror starts from them after the drain. A mirror
+    clears a bitmap's bits when it starts their copy, and updates len/offset
+    only once per iteration (up to 100 ms apart), so neither alone says
+    "done". Together they do: the bitmaps are read first, and an iteration
+    that started a copy had set len above offset before clearing the bits,
+    until that copy completes. len must equal offset exactly: a copy that
+    completed after a stale len makes offset overtake len until the next
+    iteration. Both must hold twice in a row.
+    """
+    deadline = time.monotonic() + timeout
+    wanted = [job_id(i) for i in range(len(manifest.disks))]
+    held = 0
+    while time.monotonic() < deadline:
+        dirty = mirror_dirty_bytes(qmp, nodes)
+        jobs = query_jobs(qmp, manifest)
+        drained = dirty == 0 and all(j in jobs and jobs[j].ready and not jobs[j].broken
+                                     and jobs[j].length == jobs[j].offset for j in wanted)
+        held = held + 1 if drained else 0
+        if held >= 2:
+            return True
+        time.sleep(poll)
     return False
 
 

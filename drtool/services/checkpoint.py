@@ -28,6 +28,12 @@ from drtool.state.store import load_manifest, require_protected, save_manifest, 
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
+# A checkpoint pauses a running guest: it refuses to while the replicas are seeding or
+# further behind than MAX_BEHIND (the pause would last the whole catch-up), and
+# gives up, resuming the guest without a point, after CHECKPOINT_DRAIN_TIMEOUT.
+MAX_BEHIND = 32 << 20
+CHECKPOINT_DRAIN_TIMEOUT = 5.0
+
 
 @dataclass(frozen=True)
 class CheckpointResult:
@@ -75,7 +81,8 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
             with target_session(reach, vm) as target:
                 with reach.qmp(vm) as qmp:
                     manifest, seconds = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused",
-                                                              "checkpoint")
+                                                              "checkpoint", max_behind=MAX_BEHIND,
+                                                              drain_timeout=CHECKPOINT_DRAIN_TIMEOUT)
                 point = manifest.points[-1]
                 deleted, failure = apply_retention(target, dr, vm, manifest)
         if failure:

@@ -12,9 +12,9 @@ from drtool.mechanics.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
 
-# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py),
-# socat the replication link (link.py).
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "python3", "socat")
+# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py)
+# and the replication link (mechanics/link_relay.py).
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "python3")
 _VERSION = re.compile(r"version\s+(\S+)", re.IGNORECASE)
 _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 
@@ -101,7 +101,7 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
 
 
 def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
-    result = shell.run([tool, "-V" if tool == "socat" else "--version"], check=False, timeout=30)
+    result = shell.run([tool, "--version"], check=False, timeout=30)
     if not result.ok:
         why = "not found" if result.exit_status == 127 else (result.err.strip() or f"exit {result.exit_status}")
         return ToolCheck(tool, None, why)

@@ -24,6 +24,7 @@ from drtool.mechanics.dr_target import (
     free_nbd_port,
     new_psk,
     push_psk,
+    source_tls_dir,
     start_target,
     stop_target,
 )
@@ -43,6 +44,7 @@ from drtool.mechanics.replication import (
     query_jobs,
     remove_bitmaps,
     start_mirrors,
+    trusting_bitmap,
     wait_until_ready,
 )
 from drtool.state.kept import forget_entry, keep_entry
@@ -108,7 +110,7 @@ def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
     """Run setup steps concurrently; every undo they pushed stands, the first error is raised."""
     with ThreadPoolExecutor(max_workers=len(steps)) as pool:
         futures = [pool.submit(step, undo) for step in steps]
-    errors = [f.exception() for f in futures if f.exception() is not None]
+    errors = [e for f in futures if (e := f.exception()) is not None]
     if errors:
         raise errors[0]
 
@@ -170,7 +172,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         ),
         hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
     )
-    tls_dir = vm.source_state_dir / "tls"
+    tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 
     def dr_side(undo: _Undo) -> None:
@@ -200,15 +202,17 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         # undo first: these steps may fail half-way, and their undos are idempotent
         undo.push(lambda: detach_target(qmp, manifest))
         attach_target(qmp, manifest, link_socket(vm), tls_dir, PSK_USER)
+        undo.push(lambda: remove_bitmaps(qmp, nodes))
+        bitmap = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
         undo.push(lambda: cancel_mirrors(qmp, manifest))
         start_mirrors(qmp, manifest, nodes)
-        undo.push(lambda: remove_bitmaps(qmp, nodes))
-        add_bitmaps(qmp, manifest, nodes)
         undo.commit()
     manifest = manifest.transition(Protection.SEEDING, "protect started")
     if wait:
         wait_until_ready(qmp, manifest, on_progress)
-        save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, "initial sync complete"))
+        # in sync: the replicas hold every write made before the bitmap began, so resync may trust it
+        save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).transition(Protection.PROTECTED,
+                                                                            "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
                          time.monotonic() - started, in_use)
 
@@ -276,7 +280,7 @@ def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = 
         with contextlib.suppress(DrtoolError):
             src = reach.shell(vm.host)
             stop_link(src, vm)
-            remove(src, vm.source_state_dir / "tls")
+            remove(src, source_tls_dir(vm))
         stop_target(dr, layout)
         if delete_replicas:
             forget_entry(inventory, dr, vm)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout, start_target, target_pid
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, start_target, target_pid
 from drtool.mechanics.link import link_socket, start_link
 from drtool.mechanics.pausing import resume_own_pause, resume_source
 from drtool.mechanics.points import load_settled_manifest
@@ -35,7 +36,6 @@ from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
-    QUIET,
     DiskProgress,
     JobState,
     ProgressCallback,
@@ -48,8 +48,12 @@ from drtool.mechanics.replication import (
     nbd_node,
     query_jobs,
     start_mirrors,
-    merged_bitmap,
+    mirror_dirty_bytes,
+    remove_bitmaps,
     rotate_bitmaps,
+    trusted_bitmap,
+    trusting_bitmap,
+    distrusting_bitmaps,
     wait_until_ready,
 )
 from drtool.state.store import require_protected, save_manifest, select_vm
@@ -90,23 +94,28 @@ def resync(inventory: Inventory, reach: Reach, vm_name: str,
             jobs = query_jobs(qmp, manifest)
             wanted = [job_id(i) for i in range(len(manifest.disks))]
             healthy = all(j in jobs and jobs[j].ready and not jobs[j].broken for j in wanted)
+            def save(m: Manifest) -> None:
+                save_manifest(dr, vm, m)
+
             if healthy and not restarted:
-                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
-                if manifest.state is not Protection.PROTECTED:
-                    save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, "in sync at resync"))
+                settled = manifest.state is Protection.PROTECTED
+                if not settled:
+                    manifest = manifest.transition(Protection.PROTECTED, "in sync at resync")
+                _rotate(qmp, manifest, current_nodes(qmp, manifest), save, always_save=not settled)
                 return ResyncResult(vm.name, "none", 0, time.monotonic() - started, notes=notes)
             # the replicas are being copied into from here on: not a consistent image until in sync
             seeding = manifest.state is Protection.SEEDING
             if not seeding:
                 manifest = manifest.transition(Protection.RESYNCING, "resync started")
-                save_manifest(dr, vm, manifest)
-            if all(j in jobs for j in wanted):
-                sent = _resume(qmp, manifest, on_progress)
-                rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
+                save(manifest)
+            if all(j in jobs and not jobs[j].ended for j in wanted):
+                nodes = current_nodes(qmp, manifest)
+                sent = _resume(qmp, manifest, nodes, on_progress)
+                manifest = _rotate(qmp, manifest, nodes, save)
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
             else:
-                result = _restart_replication(_Catchup(reach, dr, vm, qmp), manifest, seeding, jobs, on_progress,
-                                              started, restarted)
+                result, manifest = _restart_replication(_Catchup(reach, dr, vm, qmp), manifest, seeding, jobs,
+                                                        on_progress, started, restarted, save)
         save_manifest(dr, vm, manifest.transition(Protection.PROTECTED, f"resync: {result.action}"))
     return replace(result, notes=notes)
 
@@ -121,16 +130,33 @@ class _Catchup:
     qmp: QmpSession
 
 
-def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback | None) -> int:
+def _rotate(qmp: QmpSession, manifest: Manifest, nodes: list[str], save: Callable[[Manifest], None],
+            always_save: bool = False) -> Manifest:
+    """A new bitmap generation, recorded in the manifest before the older generations go."""
+    name = rotate_bitmaps(qmp, manifest, nodes)
+    if name is None:
+        if always_save:
+            save(manifest)
+        return manifest
+    manifest = trusting_bitmap(manifest, name)
+    save(manifest)
+    remove_bitmaps(qmp, nodes, keep=name)
+    return manifest
+
+
+def _resume(qmp: QmpSession, manifest: Manifest, nodes: list[str], on_progress: ProgressCallback | None) -> int:
     """Resume paused jobs until they have caught up; the bytes they copied meanwhile.
 
     A resumed job may fail again while QEMU's NBD client is still reconnecting
-    (it backs off up to 16 s between attempts): resume it again. Give up only
-    when nothing has moved for RECONNECT_WAIT seconds.
+    (the link relay holds its new connection until the target answers): resume
+    it again. Give up only when nothing has moved for RECONNECT_WAIT seconds.
+    Caught up: the mirrors' dirty bitmaps are empty and len == offset, twice
+    in a row (see wait_drained); rotate_bitmaps, which follows, waits until
+    that has held longer than the mirrors' polling interval.
     """
+    held = 0
     before = {j: s.offset for j, s in query_jobs(qmp, manifest).items()}
     last_offsets, last_progress = dict(before), time.monotonic()
-    quiet_since: float | None = None
     while True:
         jobs = query_jobs(qmp, manifest)
         for jid, job in jobs.items():
@@ -143,41 +169,49 @@ def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback |
         offsets = {j: s.offset for j, s in jobs.items()}
         if offsets != last_offsets:
             last_offsets, last_progress = offsets, time.monotonic()
-        if all(j.ready and not j.broken and j.remaining == 0 for j in jobs.values()):
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since >= QUIET:
-                return sum(max(0, offsets[j] - before.get(j, 0)) for j in offsets)
-        else:
-            quiet_since = None
+        caught_up = all(j.ready and not j.broken and j.length == j.offset for j in jobs.values())
+        held = held + 1 if caught_up and mirror_dirty_bytes(qmp, nodes) == 0 else 0
+        if held >= 2:
+            return sum(max(0, offsets[j] - before.get(j, 0)) for j in offsets)
         if time.monotonic() - last_progress > RECONNECT_WAIT:
             raise DrtoolError(f"replication of {manifest.vm} made no progress for {RECONNECT_WAIT:g} s after "
                               "resuming", hint=f"check the link to {manifest.dr_host} and the DR target, then "
                               "run drtool resync again")
-        time.sleep(0.25)
+        time.sleep(0.05)
 
 
 def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs: dict[str, JobState],
-                         on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
+                         on_progress: ProgressCallback | None, started: float, restarted: bool,
+                         save: Callable[[Manifest], None]) -> tuple[ResyncResult, Manifest]:
     qmp, vm = run.qmp, run.vm
-    if jobs:  # some but not all jobs survived: start over together
+    if jobs:  # some but not all jobs survived, or ended ones: start over together
         cancel_mirrors(qmp, manifest)
     nodes = current_nodes(qmp, manifest)
     _ensure_target_nodes(qmp, manifest, vm)
-    bitmap = None if seeding else merged_bitmap(qmp, nodes)
+    bitmap = None if seeding else trusted_bitmap(qmp, manifest, nodes)
     if bitmap is not None:
         sent, paused = _bitmap_catch_up(run, manifest, nodes, bitmap)
         wait_until_ready(qmp, manifest, on_progress)
-        rotate_bitmaps(qmp, manifest, nodes)
+        manifest = _rotate(qmp, manifest, nodes, save)
         return ResyncResult(manifest.vm, "bitmap", sent, time.monotonic() - started, paused, restarted,
-                            "replication jobs were gone; sent the blocks drtool's persistent bitmap recorded")
-    why = ("the initial sync never completed" if seeding else
-           "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost")
+                            "replication jobs were gone; sent the blocks drtool's persistent bitmap "
+                            "recorded"), manifest
+    if seeding:
+        why = "the initial sync never completed"
+    elif manifest.bitmap_name:
+        why = "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost"
+    else:
+        why = "no change tracking was trusted (a full copy had not finished)"
+    # Nothing trusted while the copy runs: killed half-way, the next resync copies in full again.
+    manifest = distrusting_bitmaps(manifest)
+    save(manifest)
+    name = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
-    add_bitmaps(qmp, manifest, nodes)
+    manifest = trusting_bitmap(manifest, name)
     sent = sum(j.offset for j in query_jobs(qmp, manifest).values())
     return ResyncResult(manifest.vm, "full", sent, time.monotonic() - started, 0.0, restarted,
-                        f"full sync: {why}")
+                        f"full sync: {why}"), manifest
 
 
 def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
@@ -186,7 +220,7 @@ def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
     if all(nbd_node(i) in names for i in range(len(manifest.disks))):
         return
     detach_target(qmp, manifest)
-    attach_target(qmp, manifest, link_socket(vm), vm.source_state_dir / "tls", PSK_USER)
+    attach_target(qmp, manifest, link_socket(vm), source_tls_dir(vm), PSK_USER)
 
 
 def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:

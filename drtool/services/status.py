@@ -152,7 +152,7 @@ def replication_health(job: JobState | None, target_running: bool = True) -> tup
     """One disk's replication health, and why in words."""
     if not target_running:
         return Health.BROKEN, "the DR target is not running; run drtool resync"
-    if job is None:
+    if job is None or job.ended:
         return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
     if job.io_status != "ok" or job.paused:
         return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "

@@ -74,6 +74,10 @@ class Manifest:
     failover: FailoverRecord | None = None  # the failover under way or done, step by step
     drill: DrillRecord | None = None  # a test failover that is running
     source_pause: SourcePause | None = None  # drtool paused the source and has not resumed it yet
+    # The persistent dirty bitmap resync may trust (replication.py): the replicas held every
+    # write made before it began. Empty while none is trusted (seeding, a full copy running).
+    bitmap_name: str = ""
+    bitmap_generation: int = 0
     version: int = FORMAT_VERSION
 
     def point(self, point_id: str) -> RecoveryPoint | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from drtool.domain import Host, Inventory, ReplicationMode, Vm
 from drtool.errors import HostUnreachable, QmpError, RemoteCommandError, VmUnreachable
+from drtool.mechanics import dr_vm as dr_vm_module
 from drtool.mechanics import remote
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
@@ -69,6 +70,7 @@ class World:
     written: int = 0  # guest records written on the source disk
     jobs: bool = True  # drtool's mirror jobs exist on the source
     jobs_broken: bool = False
+    job_concluded: bool = False  # cancelled, not yet dismissed
     link_up: bool = True
     # the DR host
     files: dict[str, bytes] = field(default_factory=dict)
@@ -167,20 +169,22 @@ class World:
             return 0, "", ""
         if script.startswith("if [ -e"):
             return (0, self.files[args[0]].decode(), "") if args[0] in self.files else (44, "", "")
-        if "kill -0" in script and "cmdline" in script:  # running_pid
+        if script == remote._STOP_SCRIPT:  # stop_process: the pid file's process if it is ours
+            pidfile = args[0]
+            if pidfile == str(TargetLayout(REPLICAS).pidfile):
+                self.target_running = False
+            elif pidfile == str(dr_run_layout(REPLICAS).pidfile):
+                self.dr_vm = None
+            elif pidfile == str(REPLICAS / "test" / "qemu.pid"):
+                self.drill_vm = None
+            return 0, "", ""
+        if script == remote._RUNNING_PID_SCRIPT:
             pidfile, program = args[0], args[1]
             running = {(program, pidfile) for program, pidfile, alive in self._processes() if alive}
             pid = PIDS.get((program, pidfile))
             return (0, f"{pid}\n", "") if (program, pidfile) in running else (1, "", "")
-        if script.startswith("kill -TERM"):  # terminate
-            pid = int(args[0])
-            if pid == PIDS[("qemu-storage", str(TargetLayout(REPLICAS).pidfile))]:
-                self.target_running = False
-            elif pid == PIDS[("qemu-system", str(dr_run_layout(REPLICAS).pidfile))]:
-                self.dr_vm = None
-            else:
-                self.drill_vm = None
-            return 0, "", ""
+        if script == dr_vm_module._START_SCRIPT:  # start_vm: the command line, then its monitor
+            return self.dr_run(args[3:], None)
         if script.startswith("o=$1"):  # create an overlay unless it exists
             if args[0] in self.images:
                 return 0, "", ""
@@ -209,8 +213,12 @@ class World:
                 self.link_up = True
             return 0, "", ""
         if argv[:2] == ["sh", "-c"]:
+            if argv[2] == remote._STOP_SCRIPT:  # the link relay
+                self.link_up = False
+                return 0, "", ""
             if "kill -0" in argv[2]:
                 return (0, "99\n", "") if self.link_up else (1, "", "")
+            self.link_up = True  # start_link
             return 0, "", ""
         return 127, "", f"fake source host: unexpected {argv[0]}"
 
@@ -244,14 +252,19 @@ class World:
                      "ready": True, "status": "paused" if self.jobs_broken else "ready", "paused": self.jobs_broken,
                      "io-status": "failed" if self.jobs_broken else "ok"}]
         if command == "block-job-cancel":
-            self.jobs = False
+            self.jobs, self.job_concluded = False, True
             return {}
         if command == "block-job-resume":
             self.jobs_broken = False
             return {}
-        if command == "query-jobs":
-            return []
-        if command in ("job-dismiss", "blockdev-del", "object-del", "block-dirty-bitmap-add",
+        if command == "query-jobs":  # concluded jobs stay listed until dismissed
+            if self.jobs:
+                return [{"id": "drtool-mirror0", "type": "mirror", "status": "paused" if self.jobs_broken else "ready"}]
+            return [{"id": "drtool-mirror0", "type": "mirror", "status": "concluded"}] if self.job_concluded else []
+        if command == "job-dismiss":
+            self.job_concluded = False
+            return {}
+        if command in ("blockdev-del", "object-del", "block-dirty-bitmap-add",
                        "block-dirty-bitmap-remove", "blockdev-add", "object-add"):
             return {}
         if command == "query-block":

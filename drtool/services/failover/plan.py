@@ -83,7 +83,7 @@ def plan(vm: Vm, manifest: Manifest, kind: FailoverKind, point_id: str | None, s
                               f"transaction of blockdev-snapshot-sync on {len(manifest.disks)} replica(s) "
                               "(final point)",
             Step.REPLICATION_STOPPED: f"{vm.host}: QMP block-job-cancel, blockdev-del of the NBD nodes, object-del; "
-                                      f"stop the socat link; {vm.dr_host}: stop qemu-storage-daemon "
+                                      f"stop the link relay; {vm.dr_host}: stop qemu-storage-daemon "
                                       f"({layout.pidfile})",
             Step.SOURCE_STOPPED: f"{vm.host}: QMP quit on {vm.name}, then wait until no QEMU process has its monitor",
             Step.DR_STARTED: f"{vm.dr_host}: start qemu-system from the manifest's command line on the replicas "

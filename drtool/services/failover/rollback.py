@@ -18,7 +18,8 @@ from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
-from drtool.state.records import FailoverKind, Step
+from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
+from drtool.state.records import FailoverKind, FailoverRecord, Step
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
 
@@ -33,7 +34,8 @@ class RollbackResult:
     source_state: str
 
 
-def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm = lambda plan: True) -> RollbackResult:
+def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = False,
+             confirm: Confirm = lambda plan: True) -> RollbackResult:
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
     src = reach.shell(vm.host)  # rollback needs the source host: unreachable is exit 3
@@ -47,7 +49,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
         steps = tuple(s.value for s in record.steps)
         the_plan = FailoverPlan(vm.name, "rollback", tuple(f"undo {s}" for s in reversed(steps)),
-                                ("writes made by the VM on the DR host since the failover are discarded",))
+                                (discarded_writes(vm, record, force),))
         if not confirm(the_plan):
             raise Refused("rollback not confirmed; nothing was changed")
         if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
@@ -74,6 +76,17 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, confirm: Confirm 
         save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, "failover rolled back"),
                                       failover=None, source_pause=None))
     return RollbackResult(vm.name, tuple(reversed(steps)), state)
+
+
+def discarded_writes(vm: Vm, record: FailoverRecord, force: bool) -> str:
+    """What a rollback discards, said with its age; refused past ROLLBACK_FORCE_AFTER without --force."""
+    age = dr_copy_age(record)
+    if age is None:
+        return "the VM never ran on the DR host: nothing it wrote there is discarded"
+    if age > ROLLBACK_FORCE_AFTER and not force:
+        raise Refused(f"{vm.name} has run on {vm.dr_host} for {human_age(age)}: a rollback discards everything "
+                      "it wrote there since", hint="add --force to discard it, or keep the DR copy")
+    return f"writes made by the VM on the DR host over the last {human_age(age)} are discarded"
 
 
 def _source_alive(reach: Reach, vm: Vm) -> bool:
