@@ -12,9 +12,10 @@ DRTOOL_LIE set to one of:
 
 import os
 
-import drtool.services.checkpoint as checkpoint
-import drtool.services.failover as failover
+import drtool.mechanics.pausing as pausing
+import drtool.services.failover.command as failover
 from drtool.cli.main import run
+from drtool.services.failover import Start
 from drtool.transport.qmp import QmpSession
 
 lie = os.environ.get("DRTOOL_LIE", "")
@@ -25,9 +26,9 @@ if lie == "no-pause":
         return {} if command == "stop" else honest_execute(self, command, args, **kw)
 
     QmpSession.execute = execute
-    checkpoint.wait_quiet = lambda *args: True
+    pausing.wait_quiet = lambda *args: True
 elif lie == "point-not-latest":
-    failover.default_start = lambda manifest: manifest.points[-1].id if manifest.points else None
+    failover.default_start = lambda manifest: Start(manifest.points[-1].id if manifest.points else None, "a lie")
 else:
     raise SystemExit(f"lying_drtool: DRTOOL_LIE={lie!r}: no-pause or point-not-latest")
 run()
