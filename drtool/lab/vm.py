@@ -148,7 +148,8 @@ class LabVm:
     def argv(self) -> list[str]:
         argv = [
             QEMU, "-M", "pc", "-S", "-nodefaults", "-display", "none", "-m", MEMORY if self.guest else "64",
-            "-name", qemu_opt(self.name),
+            # a guest's threads named (CPU 0/TCG, IO io0, worker): the guest benchmark says which one works
+            "-name", qemu_opt(self.name) + (",debug-threads=on" if self.guest else ""),
             "-pidfile", str(self.pid_file),
         ]  # fmt: skip
         if self.guest is not None:
