@@ -19,10 +19,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from drtool.lab import Lab, LabVm  # noqa: E402
-from drtool.lab.guest import build_guest, kernel_args  # noqa: E402
+from drtool.lab import Lab, LabVm
+from drtool.lab.guest import build_guest, kernel_args
 
 DEFAULT_JSON = REPO / "bench" / "results" / "guest.json"
 VCPU = "qemu CPU 0/TCG"  # the guest's vCPU thread (guests run with -name ...,debug-threads=on)
@@ -49,7 +49,7 @@ _WITH_BUF_SIZE = ("import sys, drtool.mechanics.replication as r; r.MIRROR_BUF_S
 
 def drtool_ok(config: Path, *args: str, buf_mib: int | None = None) -> None:
     prog = [sys.executable, "-c", _WITH_BUF_SIZE, str(buf_mib)] if buf_mib else [sys.executable, "-m", "drtool"]
-    proc = subprocess.run([*prog, "--config", str(config), *args], capture_output=True,
+    proc = subprocess.run([*prog, "--config", str(config), *args], check=False, capture_output=True,
                           text=True, timeout=1800, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"drtool {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
@@ -168,7 +168,7 @@ def main() -> int:
     return 0
 
 
-def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> dict:  # noqa: ANN001
+def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> dict:
     """Start a guest per setup, protect the protected ones, run the rounds; return the summary."""
     disk_a = f"{args.mib * args.rounds + 16}M"
     device = disk_of(lab.dir)
@@ -192,7 +192,7 @@ def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> di
             replicas = lab.replica_dir(vm.name)
             cpu_before, io_before = cpu_of(vm, replicas), disk_io(device)
             vm.guest_write("vd1", 0, 512, round_no)  # the guest's go signal for this round
-            vm.console.wait_for(f"BENCH round {round_no}", lambda vm=vm: round_no in vm.console.bench_results(),
+            vm.console.wait_for(f"BENCH round {round_no}", lambda vm=vm, n=round_no: n in vm.console.bench_results(),
                                 timeout=1800, poll=0.2)
             mib, seconds = vm.console.bench_results()[round_no]
             cpu_written = cpu_delta(cpu_before, cpu_of(vm, replicas))

@@ -90,7 +90,7 @@ def qmp_execute(socket_path: Path, cmd: str, args: Mapping[str, Any] | None, tim
     try:
         return run_sync(go())
     except ExecuteError as exc:
-        raise LabQmpError(f"QMP {cmd} failed: {exc.error.desc}") from exc
+        raise LabQmpError(f"QMP {cmd} failed: {exc.error.error.desc}") from exc
     except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
         raise LabError(f"QMP {cmd} on {socket_path}: {exc!r}") from exc
 

@@ -12,16 +12,15 @@ DRTOOL_LIE set to one of:
 
 import os
 
-import drtool.services.checkpoint as checkpoint
-import drtool.services.failover as failover
 from drtool.cli.main import run
+from drtool.services import checkpoint, failover
 from drtool.transport.qmp import QmpSession
 
 lie = os.environ.get("DRTOOL_LIE", "")
 if lie == "no-pause":
     honest_execute = QmpSession.execute
 
-    def execute(self, command, args=None, **kw):  # noqa: ANN001, ANN202
+    def execute(self, command, args=None, **kw):
         return {} if command == "stop" else honest_execute(self, command, args, **kw)
 
     QmpSession.execute = execute
