@@ -105,7 +105,9 @@ def fetch_kernel(cache: Path = CACHE_DIR) -> Path:
         [deb] = work.glob("*.deb")
         _run(["dpkg", "-x", str(deb), str(work / "tree")])
         (work / "tree" / ".complete").write_text(f"{package} {version}\n")
-        shutil.rmtree(tree, ignore_errors=True)
+        if (tree / ".complete").exists():
+            return tree  # another process unpacked it meanwhile: keep theirs (it may be in use)
+        shutil.rmtree(tree, ignore_errors=True)  # a half-unpacked one of a process that died
         (work / "tree").rename(tree)
     return tree
 
