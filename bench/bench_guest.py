@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
-import tempfile
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from drtool.lab import Lab, LabVm  # noqa: E402
-from drtool.lab.guest import build_guest, kernel_args  # noqa: E402
+from drtool.lab import Lab, LabVm
+from drtool.lab.guest import build_guest, kernel_args
 
 DEFAULT_JSON = REPO / "bench" / "results" / "guest.json"
+VCPU = "qemu CPU 0/TCG"  # the guest's vCPU thread (guests run with -name ...,debug-threads=on)
 QUIET = 0.35  # as drtool's mirrors: nothing to copy for longer than their 100 ms polling
 
 
@@ -39,10 +42,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def drtool_ok(config: Path, *args: str) -> None:
-    import subprocess
+# drtool with another mirror buffer size (an experiment: drtool itself fixes it at 32 MiB)
+_WITH_BUF_SIZE = ("import sys, drtool.mechanics.replication as r; r.MIRROR_BUF_SIZE = int(sys.argv.pop(1)) << 20; "
+                  "from drtool.cli.main import run; run()")
 
-    proc = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), *args], capture_output=True,
+
+def drtool_ok(config: Path, *args: str, buf_mib: int | None = None) -> None:
+    prog = [sys.executable, "-c", _WITH_BUF_SIZE, str(buf_mib)] if buf_mib else [sys.executable, "-m", "drtool"]
+    proc = subprocess.run([*prog, "--config", str(config), *args], check=False, capture_output=True,
                           text=True, timeout=1800, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"drtool {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
@@ -67,28 +74,31 @@ def wait_quiet(vm: LabVm, timeout: float = 600) -> float:
         time.sleep(0.05)
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name of a process (threads of one name summed)."""
-    ticks = os.sysconf("SC_CLK_TCK")
+def thread_times(pid: int, prefix: str) -> dict[str, float]:
+    """Per thread name of a process (threads of one name summed), from /proc/PID/task/*/schedstat:
+    "<prefix> <name> cpu", seconds on a CPU, and "<prefix> <name> waiting", seconds runnable
+    but waiting for a CPU (the machine's other work taking it)."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat = (task / "stat").read_text()
-        except OSError:
+            name = (task / "comm").read_text().strip()
+            on_cpu, waiting = (int(v) / 1e9 for v in (task / "schedstat").read_text().split()[:2])
+        except (OSError, ValueError):
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        for key, value in ((f"{prefix} {name} cpu", on_cpu), (f"{prefix} {name} waiting", waiting)):
+            out[key] = out.get(key, 0.0) + value
     return out
 
 
 def cpu_of(vm: LabVm, replica_dir: Path) -> dict[str, float]:
-    """CPU seconds so far of the VM's QEMU threads and of its DR target (qemu-storage-daemon)."""
-    cpu = {f"qemu {name}": secs for name, secs in thread_cpu(vm.pid).items()}
+    """CPU and run-queue seconds so far of the VM's QEMU threads and of its DR target (qemu-storage-daemon)."""
+    times = thread_times(vm.pid, "qemu")
     pidfile = replica_dir / "target.pid"
     if pidfile.exists():
-        cpu["dr target"] = sum(thread_cpu(int(pidfile.read_text())).values())
-    return cpu
+        target = thread_times(int(pidfile.read_text()), "target")
+        for kind in ("cpu", "waiting"):
+            times[f"dr target {kind}"] = sum(v for k, v in target.items() if k.endswith(kind))
+    return times
 
 
 def disk_of(path: Path) -> str:
@@ -116,6 +126,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iothread", action="store_true", help="also unprotected and async with an iothread")
     parser.add_argument("--plain", action="store_true", help="also async without TLS (transport plain)")
+    parser.add_argument("--buf-sizes", default="", metavar="MIB,...",
+                        help="also async with these mirror buffer sizes (drtool's is 32 MiB)")
     parser.add_argument("--tmpfs", action="store_true",
                         help="the lab (both sites' images) in /dev/shm: the two sites share no disk")
     parser.add_argument("--quick", action="store_true", help="1 round of 128 MiB")
@@ -126,6 +138,7 @@ def main() -> int:
     setups = [("unprotected", None, False), ("async", "async", False), ("sync", "sync", False)]
     if args.plain:
         setups += [("async+plain", "async", False)]
+    setups += [(f"async+buf{int(mib)}M", "async", False) for mib in args.buf_sizes.split(",") if mib.strip()]
     if args.iothread:
         setups += [("unprotected+iothread", None, True), ("async+iothread", "async", True)]
     guest = build_guest()
@@ -139,10 +152,14 @@ def main() -> int:
             shutil.rmtree(root.parent, ignore_errors=True)
     print(f"\nguest dd of {args.mib} MiB (O_DIRECT, bs=1M, fsync), timed in the guest; {args.rounds} round(s); "
           + ("the lab in tmpfs" if args.tmpfs else "both sites' images on one disk"))
-    print(f"{'setup':<24}{'MiB/s (median)':>16}{'ratio':>8}{'disk MiB written':>18}{'disk busy s':>13}")
+    print("medians; while the guest writes: its vCPU thread on a CPU and waiting for one, the other QEMU threads'\n"
+          "and the DR target's CPU, the host disk's MiB written and busy time")
+    print(f"{'setup':<22}{'MiB/s':>8}{'ratio':>7}{'vCPU cpu s':>12}{'vCPU wait s':>13}{'other cpu s':>13}"
+          f"{'disk MiB':>10}{'disk busy s':>13}")
     for name, row in summary.items():
-        print(f"{name:<24}{row['median_mib_per_s']:>16.1f}{row['ratio_to_unprotected']:>8.2f}"
-              f"{row['median_disk_mib_written']:>18.0f}{row['median_disk_busy_s']:>13.2f}")
+        print(f"{name:<22}{row['median_mib_per_s']:>8.1f}{row['ratio_to_unprotected']:>7.2f}"
+              f"{row['median_vcpu_cpu_s']:>12.2f}{row['median_vcpu_waiting_s']:>13.2f}{row['median_others_cpu_s']:>13.2f}"
+              f"{row['median_disk_mib_written']:>10.0f}{row['median_disk_busy_s']:>13.2f}")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps({"mib": args.mib, "rounds": args.rounds, "kernel": guest.version,
                                          "tmpfs": args.tmpfs,
@@ -151,7 +168,7 @@ def main() -> int:
     return 0
 
 
-def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> dict:  # noqa: ANN001
+def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> dict:
     """Start a guest per setup, protect the protected ones, run the rounds; return the summary."""
     disk_a = f"{args.mib * args.rounds + 16}M"
     device = disk_of(lab.dir)
@@ -165,7 +182,8 @@ def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> di
             settings = {"dr_host": "site-b", "mode": mode} | ({"transport": "plain"} if "plain" in name else {})
             config = lab.write_config(lab.dir / f"{vm.name}.toml", {vm.name: settings})
             log(f"protecting {name} ({vm.name})")
-            drtool_ok(config, "protect", vm.name)
+            buf = re.search(r"\+buf(\d+)M", name)
+            drtool_ok(config, "protect", vm.name, buf_mib=int(buf.group(1)) if buf else None)
             wait_quiet(vm)
     for round_no in range(1, args.rounds + 1):
         order = setups[round_no - 1:] + setups[:round_no - 1]
@@ -174,7 +192,7 @@ def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> di
             replicas = lab.replica_dir(vm.name)
             cpu_before, io_before = cpu_of(vm, replicas), disk_io(device)
             vm.guest_write("vd1", 0, 512, round_no)  # the guest's go signal for this round
-            vm.console.wait_for(f"BENCH round {round_no}", lambda vm=vm: round_no in vm.console.bench_results(),
+            vm.console.wait_for(f"BENCH round {round_no}", lambda vm=vm, n=round_no: n in vm.console.bench_results(),
                                 timeout=1800, poll=0.2)
             mib, seconds = vm.console.bench_results()[round_no]
             cpu_written = cpu_delta(cpu_before, cpu_of(vm, replicas))
@@ -183,12 +201,12 @@ def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> di
             results[name].append({"round": round_no, "mib": mib, "seconds": seconds,
                                   "mib_per_s": round(mib / seconds, 2) if seconds else None,
                                   "caught_up_after_s": round(caught_up, 2),
-                                  "cpu_s_while_writing": cpu_written,
-                                  "cpu_s_to_caught_up": cpu_delta(cpu_before, cpu_of(vm, replicas)),
+                                  "threads_s_while_writing": cpu_written,
+                                  "threads_s_to_caught_up": cpu_delta(cpu_before, cpu_of(vm, replicas)),
                                   "disk_while_writing": io_written,
                                   "loadavg_1min": os.getloadavg()[0]})
             log(f"round {round_no} {name}: {mib} MiB in {seconds:.2f} s (guest clock); "
-                f"mirror caught up {caught_up:.2f} s later; CPU s while writing {cpu_written}; "
+                f"mirror caught up {caught_up:.2f} s later; while writing, s {cpu_written}; "
                 f"disk while writing {io_written}")
     summary = {}
     for name, _, iothread in setups:
@@ -199,6 +217,12 @@ def run_rounds(args: argparse.Namespace, lab: Lab, guest, setups, results) -> di
             "median_mib_per_s": rate, "ratio_to_unprotected": round(rate / base, 2),
             "median_disk_mib_written": statistics.median(r["disk_while_writing"].get("mib_written", 0) for r in rows),
             "median_disk_busy_s": statistics.median(r["disk_while_writing"].get("io_ms", 0) for r in rows) / 1000,
+            "median_vcpu_cpu_s": statistics.median(r["threads_s_while_writing"].get(VCPU + " cpu", 0) for r in rows),
+            "median_vcpu_waiting_s": statistics.median(r["threads_s_while_writing"].get(VCPU + " waiting", 0)
+                                                       for r in rows),
+            "median_others_cpu_s": statistics.median(
+                sum(v for k, v in r["threads_s_while_writing"].items() if k.endswith(" cpu") and VCPU not in k)
+                for r in rows),
         }  # fmt: skip
     return summary
 

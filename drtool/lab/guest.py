@@ -26,9 +26,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from drtool.lab.netns import LabError
 
@@ -41,7 +42,7 @@ MODULES = ("drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko", "drivers
            "drivers/virtio/virtio_pci_modern_dev.ko", "drivers/virtio/virtio_pci.ko", "drivers/block/virtio_blk.ko")
 CONSOLE_NAME = "console.log"
 MEMORY = "256"
-SECTOR = 512
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def kernel_args(mode: str = "write", *, records: int = 0, interval_ms: int = 0, 
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    proc = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     if proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     return proc.stdout
@@ -80,11 +81,11 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> tuple[str, str]:
     """(package, version) of the real kernel image the metapackage depends on, as apt would install it."""
-    depends = re.findall(r"^\s*Depends:\s*(linux-image-\S+)", _run(["apt-cache", "depends", metapackage]), re.M)
+    depends = re.findall(r"^\s*Depends:\s*(linux-image-\S+)", _run(["apt-cache", "depends", metapackage]), re.MULTILINE)
     if not depends:
         raise LabError(f"apt-cache depends {metapackage} names no linux-image package; run apt-get update")
     package = depends[0]
-    candidate = re.search(r"^\s*Candidate:\s*(\S+)", _run(["apt-cache", "policy", package]), re.M)
+    candidate = re.search(r"^\s*Candidate:\s*(\S+)", _run(["apt-cache", "policy", package]), re.MULTILINE)
     if not candidate or candidate.group(1) == "(none)":
         raise LabError(f"apt has no candidate version of {package}; run apt-get update")
     return package, candidate.group(1)
@@ -104,7 +105,9 @@ def fetch_kernel(cache: Path = CACHE_DIR) -> Path:
         [deb] = work.glob("*.deb")
         _run(["dpkg", "-x", str(deb), str(work / "tree")])
         (work / "tree" / ".complete").write_text(f"{package} {version}\n")
-        shutil.rmtree(tree, ignore_errors=True)
+        if (tree / ".complete").exists():
+            return tree  # another process unpacked it meanwhile: keep theirs (it may be in use)
+        shutil.rmtree(tree, ignore_errors=True)  # a half-unpacked one of a process that died
         (work / "tree").rename(tree)
     return tree
 
@@ -245,8 +248,9 @@ class GuestConsole:
         disks: dict[str, DiskFound] = {}
         for line in self.lines():
             if m := _DISK_RE.match(line):
-                g = m.groups()
-                disks[g[0]] = DiskFound(g[0], *map(int, g[1:6]), int(g[6]) / 100, int(g[7]))
+                disk, top, count, gaps, first_gap, garbage, last_t, last_boot = m.groups()
+                disks[disk] = DiskFound(disk, int(top), int(count), int(gaps), int(first_gap), int(garbage),
+                                        int(last_t) / 100, int(last_boot))
             elif (m := _DONE_RE.match(line)) and {"vda", "vdb"} <= disks.keys():
                 return VerifyReport(disks["vda"], disks["vdb"], int(m.group(1)), int(m.group(2)))
         return None
@@ -256,7 +260,7 @@ class GuestConsole:
         return {int(m.group(1)): (int(m.group(2)), int(m.group(3)) / 100)
                 for line in self.lines() if (m := _BENCH_RE.match(line))}
 
-    def wait_for(self, what: str, check, timeout: float = 60.0, poll: float = 0.05):  # noqa: ANN001, ANN201
+    def wait_for(self, what: str, check: Callable[[], T | None], timeout: float = 60.0, poll: float = 0.05) -> T:
         """Poll until check() returns something truthy; return it. Raise LabError with the console's tail."""
         deadline = time.monotonic() + timeout
         while True:
@@ -274,8 +278,11 @@ class GuestConsole:
         return self.wait_for("VERIFY report", self.verify_report, timeout)
 
     def wait_acks(self, at_least: int, timeout: float = 60.0) -> list[Ack]:
-        return self.wait_for(f"{at_least} ACK lines", lambda: (a := self.acks()) and len(a) >= at_least and a,
-                             timeout)
+        def enough() -> list[Ack] | None:
+            acks = self.acks()
+            return acks if len(acks) >= at_least else None
+
+        return self.wait_for(f"{at_least} ACK lines", enough, timeout)
 
 
 def console_in(run_dir: Path) -> GuestConsole:

@@ -90,7 +90,7 @@ def qmp_execute(socket_path: Path, cmd: str, args: Mapping[str, Any] | None, tim
     try:
         return run_sync(go())
     except ExecuteError as exc:
-        raise LabQmpError(f"QMP {cmd} failed: {exc.error.desc}") from exc
+        raise LabQmpError(f"QMP {cmd} failed: {exc.error.error.desc}") from exc
     except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
         raise LabError(f"QMP {cmd} on {socket_path}: {exc!r}") from exc
 
@@ -148,7 +148,8 @@ class LabVm:
     def argv(self) -> list[str]:
         argv = [
             QEMU, "-M", "pc", "-S", "-nodefaults", "-display", "none", "-m", MEMORY if self.guest else "64",
-            "-name", qemu_opt(self.name),
+            # a guest's threads named (CPU 0/TCG, IO io0, worker): the guest benchmark says which one works
+            "-name", qemu_opt(self.name) + (",debug-threads=on" if self.guest else ""),
             "-pidfile", str(self.pid_file),
         ]  # fmt: skip
         if self.guest is not None:

@@ -6,8 +6,13 @@ from pathlib import Path
 import pytest
 
 from drtool.lab import LabError
-
-from drtool.lab.guest import BUSYBOX, GuestConsole, _is_static, kernel_args, newc_archive
+from drtool.lab.guest import (
+    BUSYBOX,
+    GuestConsole,
+    _is_static,
+    kernel_args,
+    newc_archive,
+)
 
 CONSOLE = """\
 GUEST up t=161 boot=4274922195\r
