@@ -22,9 +22,8 @@ import time
 from dataclasses import replace
 
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
-from drtool.mechanics.dr_target import stop_target
 from drtool.mechanics.hardware import source_qemu_alive
-from drtool.mechanics.link import stop_link
+from drtool.mechanics.link import stop_link_and_target
 from drtool.mechanics.pausing import resume_source, take_consistent_point, target_session
 from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
 from drtool.state.manifest import now
@@ -105,8 +104,7 @@ class PlannedFailover(FailoverSteps):
             if query_jobs(qmp, self.manifest):
                 cancel_mirrors(qmp, self.manifest)
             detach_target(qmp, self.manifest)
-        stop_link(self.reach.shell(self.vm.host), self.vm)
-        stop_target(self.dr, self.layout)
+        stop_link_and_target(self.reach.shell(self.vm.host), self.vm, self.dr, self.layout)  # both ends at once
         self.record_step(Step.REPLICATION_STOPPED)
 
     def _give_back_source(self) -> str:
