@@ -50,8 +50,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from drtool.lab import Lab, LabVm  # noqa: E402
-from drtool.link import CONNECT_TIMEOUT, LINK_TIMEOUT, SOL_TCP, TCP_USER_TIMEOUT  # noqa: E402
-from drtool.replication import TLS_PRIORITY  # noqa: E402
+from drtool.mechanics.link import CONNECT_TIMEOUT, LINK_TIMEOUT, SOL_TCP, TCP_USER_TIMEOUT  # noqa: E402
+from drtool.mechanics.replication import TLS_PRIORITY  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SEED_PATTERN = 0x5A

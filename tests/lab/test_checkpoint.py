@@ -12,11 +12,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from drtool.dr_target import TargetLayout
+from drtool.mechanics.dr_target import TargetLayout
 from drtool.errors import ExitCode
 from drtool.lab.vm import qmp_execute
-from drtool.manifest import Manifest
-from drtool.points import prepare_point, take_point
+from drtool.state.manifest import Manifest
+from drtool.mechanics.points import prepare_point, take_point
 from drtool.transport.qmp import local_qmp
 
 from .replication_helpers import (

@@ -1,4 +1,4 @@
-from drtool.blockinfo import parse_query_block
+from drtool.mechanics.blockinfo import parse_query_block
 
 # Trimmed from QEMU 7.2's query-block for `-blockdev ... -device virtio-blk-pci,id=vd0`.
 VD0 = {

@@ -4,7 +4,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from drtool.dr_vm import RunLayout, map_command_line
+from drtool.mechanics.dr_vm import RunLayout, map_command_line
 from drtool.errors import DrtoolError
 
 SOURCE = [

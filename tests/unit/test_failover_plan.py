@@ -3,7 +3,7 @@
 from pathlib import PurePosixPath
 
 from drtool.domain import Vm
-from drtool.manifest import Manifest, RecoveryPoint, ReplicaDisk
+from drtool.state.manifest import Manifest, RecoveryPoint, ReplicaDisk
 from drtool.services.failover import LATEST, PLANNED_STEPS, _plan, default_start
 
 DISK = ReplicaDisk("vd0", "vd0-fmt", "qcow2", 1 << 26, "/srv/vd0.qcow2", "/dr/web/vd0.qcow2", "vd0")

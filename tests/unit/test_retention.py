@@ -11,8 +11,8 @@ import pytest
 
 from drtool.config import parse_inventory
 from drtool.errors import DrtoolError, Refused
-from drtool.manifest import Manifest, RecoveryPoint, ReplicaDisk
-from drtool.points import COMMIT_JOB_PREFIX, delete_point, delete_points
+from drtool.state.manifest import Manifest, RecoveryPoint, ReplicaDisk
+from drtool.mechanics.points import COMMIT_JOB_PREFIX, delete_point, delete_points
 from drtool.retention import DEFAULT_RETENTION, RetentionRule, parse_rule, parse_rules, points_to_delete
 from drtool.transport.ssh import CommandResult
 
