@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.domain import Inventory, Vm
@@ -42,6 +43,7 @@ class VmStatus:
     transport: str | None = None  # tls-psk, or plain when the inventory opted out of TLS
     error: str = ""
     exit_code: ExitCode = ExitCode.OK
+    newest_point_age: float | None = None  # s since the newest point in time was taken
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
     protection = manifest_error or (_worst(states) if manifest else UNPROTECTED)
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
+        newest_point_age=point_age(manifest),
         mode=manifest.mode if manifest else None,
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
@@ -125,6 +128,14 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
                   for d in devices)
     return VmStatus(vm.name, vm.dr_host, vm.dr_host, run_state, protection, disks, mode=manifest.mode,
                     transport=manifest.transport)
+
+
+def point_age(manifest: Manifest | None) -> float | None:
+    """Seconds since the manifest's newest point was taken (None: no point)."""
+    if manifest is None or not manifest.points:
+        return None
+    taken = datetime.fromisoformat(manifest.points[-1].time)
+    return max(0.0, (datetime.now(UTC) - taken).total_seconds())
 
 
 _SEVERITY = ("in sync", "lagging", "seeding", "broken")

@@ -1,0 +1,350 @@
+"""`drtool check`: is the replica really the source, as of one instant, without copying it?
+
+Round 1: a dirty bitmap starts on each source disk, then a point is taken on
+the DR side exactly as `drtool checkpoint` takes one (source paused, mirrors
+drained, snapshot transaction, resume). The replica's content at that instant
+is the point's frozen image. Each host then hashes its own side in chunks
+(mechanics/hasher.py): the DR host the point's image, the source host the
+live disk through a read-only NBD export of its QEMU. Only digests cross the
+network. A chunk the bitmap shows unwritten since before the pause held, while
+it was read, exactly its content at the point: its digests decide. A chunk the
+guest wrote meanwhile is compared again in the next round, against a newer
+point; after MAX_ROUNDS, chunks rewritten in every round are reported as not
+compared (never as different). Points taken by the check other than the
+newest are deleted at the end.
+
+Results follow the monitoring-plugin convention (CheckStatus), not ExitCode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from pathlib import PurePosixPath
+
+from drtool.domain import Inventory, Vm
+from drtool.errors import DrtoolError, UsageError
+from drtool.mechanics.blockinfo import parse_query_block
+from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.hasher import DEFAULT_CHUNK, ChunkHashes, hash_chunks, image_file, live_disk, dirty_extents
+from drtool.mechanics.replication import JobState, current_nodes, job_id, query_jobs
+from drtool.mechanics import verify
+from drtool.mechanics.points import delete_points
+from drtool.services.checkpoint import take_consistent_point, target_session
+from drtool.services.concurrent import map_concurrently
+from drtool.services.status import point_age, replication_state
+from drtool.state.manifest import Manifest, now
+from drtool.state.store import FAILOVER_STATES, load_settled_manifest, save_manifest, select_vm
+from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.locks import VmLock
+from drtool.transport.qmp import QmpSession
+
+MAX_ROUNDS = 4
+LAG_SAMPLES = 10  # query the jobs this often, 0.1 s apart: a mirror with writes in flight is not lagging
+DEFAULT_WARN_LAG = 64 << 20
+
+
+class CheckStatus(IntEnum):
+    """Exit statuses of `drtool check` (monitoring-plugin convention, unlike other commands)."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    warn_rpo: float | None = None  # s: newest point older than this -> WARNING
+    crit_rpo: float | None = None  # s: -> CRITICAL
+    warn_lag: int = DEFAULT_WARN_LAG  # bytes the replica may stay behind before WARNING
+    chunk: int = DEFAULT_CHUNK
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    device: str
+    size: int
+    replication: str
+    lag_bytes: int | None
+    compared_bytes: int = 0  # bytes of chunks judged that were not zeros on both sides
+    differing: tuple[tuple[int, int], ...] = ()  # (offset, length) ranges whose content differs
+    not_compared: tuple[tuple[int, int], ...] = ()  # rewritten by the guest in every round
+    seconds: float = 0.0
+    source_read_bytes: int = 0
+    replica_read_bytes: int = 0
+    wire_bytes: int = 0  # what the digests and requests took on the network
+    repaired: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def differing_bytes(self) -> int:
+        return sum(n for _, n in self.differing)
+
+    @property
+    def rate(self) -> float:
+        return self.compared_bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class VmCheck:
+    vm: str
+    status: CheckStatus
+    summary: str  # why this status, in a few words
+    started_at: str = field(default_factory=now)
+    seconds: float = 0.0
+    replication: str = "unknown"
+    lag_bytes: int | None = None
+    newest_point_age: float | None = None  # s, as it was before the check took its own point
+    point: str | None = None  # the point the replica was compared at (the newest after the check)
+    rounds: int = 0
+    disks: tuple[DiskCheck, ...] = ()
+
+    @property
+    def differing_bytes(self) -> int:
+        return sum(d.differing_bytes for d in self.disks)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    vms: tuple[VmCheck, ...]
+
+    @property
+    def exit_code(self) -> CheckStatus:
+        return max((v.status for v in self.vms), default=CheckStatus.OK)
+
+
+def check(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False,
+          thresholds: Thresholds = Thresholds(), repair: bool = False) -> CheckReport:
+    if bool(names) == all_vms:
+        raise UsageError("name the VMs to check, or pass --all (not both)")
+    if thresholds.chunk < 64 << 10 or thresholds.chunk & (thresholds.chunk - 1):
+        raise UsageError(f"chunk size {thresholds.chunk} is not a power of two of at least 64 KiB")
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    return CheckReport(tuple(map_concurrently(lambda vm: check_vm(reach, vm, thresholds, repair), vms)))
+
+
+def check_vm(reach: Reach, vm: Vm, thresholds: Thresholds, repair: bool = False) -> VmCheck:
+    started, started_at = time.monotonic(), now()
+    try:
+        dr = reach.shell(vm.dr_host)
+        with VmLock(dr, vm.name):
+            result = _check_locked(reach, dr, vm, thresholds, repair)
+    except DrtoolError as err:
+        result = VmCheck(vm.name, CheckStatus.UNKNOWN, f"could not check: {err}")
+    result = replace(result, started_at=started_at, seconds=round(time.monotonic() - started, 3))
+    if result.status != CheckStatus.UNKNOWN or result.disks:
+        from drtool.services.check_history import keep_result
+
+        try:
+            keep_result(reach.shell(vm.dr_host), vm, result)
+        except DrtoolError as err:
+            result = replace(result, status=max(result.status, CheckStatus.UNKNOWN),
+                             summary=f"{result.summary}; the result could not be kept: {err}")
+    return result
+
+
+def _check_locked(reach: Reach, dr: RemoteShell, vm: Vm, thresholds: Thresholds, repair: bool) -> VmCheck:
+    manifest = load_settled_manifest(dr, vm)
+    if manifest is None or manifest.state == "unprotected":
+        return VmCheck(vm.name, CheckStatus.CRITICAL, "not protected", replication="unprotected")
+    if manifest.state in FAILOVER_STATES:
+        return VmCheck(vm.name, CheckStatus.CRITICAL, f"{manifest.state} to {vm.dr_host}: not replicated",
+                       replication=manifest.state)
+    age = point_age(manifest)
+    if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
+        return VmCheck(vm.name, CheckStatus.CRITICAL, "replication broken: the DR target is not running",
+                       replication="broken", newest_point_age=age)
+    with target_session(reach, vm) as target, reach.qmp(vm) as qmp:
+        devices = parse_query_block(qmp.execute("query-block"))
+        replicated = {d.device for d in manifest.disks}
+        left_out = [d.device for d in devices if (not vm.disks or d.device in vm.disks) and d.device not in replicated]
+        jobs = _sample_jobs(qmp, manifest)
+        states = [replication_state(jobs.get(job_id(i))) for i in range(len(manifest.disks))]
+        lags = [jobs[job_id(i)].remaining if job_id(i) in jobs else None for i in range(len(manifest.disks))]
+        lag = sum(n for n in lags if n is not None) if any(n is not None for n in lags) else None
+        worst = _worst(states)
+        base = VmCheck(vm.name, CheckStatus.OK, "", replication=worst, lag_bytes=lag, newest_point_age=age,
+                       disks=tuple(DiskCheck(d.device, d.virtual_size, s, n)
+                                   for d, s, n in zip(manifest.disks, states, lags)))
+        if manifest.state != "protected" or not all(s in ("in sync", "lagging") for s in states):
+            why = "initial sync not finished" if manifest.state == "seeding" else "replication broken"
+            return _judge(replace(base, summary=why), thresholds, left_out, broken=True)
+        compared = _compare(reach, dr, qmp, target, vm, manifest, base, thresholds)
+        if repair and any(d.differing for d in compared.disks):
+            from drtool.services.check_repair import repair_differences
+
+            compared = repair_differences(reach, dr, qmp, target, vm, compared, thresholds)
+    return _judge(compared, thresholds, left_out)
+
+
+def _sample_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:
+    """The jobs with the least left to copy over a short window: data in flight is not lag."""
+    best: dict[str, JobState] = {}
+    for _ in range(LAG_SAMPLES):
+        for jid, job in query_jobs(qmp, manifest).items():
+            if jid not in best or job.broken or (not best[jid].broken and job.remaining < best[jid].remaining):
+                best[jid] = job
+        if all(j.remaining == 0 for j in best.values()) and len(best) == len(manifest.disks):
+            break
+        time.sleep(0.1)
+    return best
+
+
+_SEVERITY = ("in sync", "lagging", "seeding", "broken")
+
+
+def _worst(states: list[str]) -> str:
+    rank = [next((i for i, p in enumerate(_SEVERITY) if s.startswith(p)), len(_SEVERITY)) for s in states]
+    return states[rank.index(max(rank))] if states else "unprotected"
+
+
+def _judge(result: VmCheck, thresholds: Thresholds, left_out: list[str], broken: bool = False) -> VmCheck:
+    """The status and its reasons, worst first."""
+    critical, warning = [], []
+    if broken:
+        critical.append(result.summary + (f" ({result.replication})" if result.replication else ""))
+    if left_out:
+        critical.append(f"disk(s) not protected: {', '.join(left_out)}")
+    differing = [d for d in result.disks if d.differing]
+    if differing:
+        critical.append("content differs: " + ", ".join(f"{d.device} {len(d.differing)} range(s), "
+                                                         f"{d.differing_bytes} bytes" for d in differing))
+    age = result.newest_point_age
+    if thresholds.crit_rpo is not None and (age is None or age > thresholds.crit_rpo):
+        critical.append("no point yet" if age is None else f"newest point is {age:.0f} s old")
+    elif thresholds.warn_rpo is not None and (age is None or age > thresholds.warn_rpo):
+        warning.append("no point yet" if age is None else f"newest point is {age:.0f} s old")
+    if not broken and result.lag_bytes is not None and result.lag_bytes > thresholds.warn_lag:
+        warning.append(f"replication lags {result.lag_bytes} bytes behind")
+    repaired = [d for d in result.disks if d.repaired]
+    if critical:
+        return replace(result, status=CheckStatus.CRITICAL, summary="; ".join(critical + warning))
+    if warning:
+        return replace(result, status=CheckStatus.WARNING, summary="; ".join(warning))
+    note = "replica matches the source"
+    if repaired:
+        note += " after repairing " + ", ".join(f"{d.device} {len(d.repaired)} range(s)" for d in repaired)
+    skipped = sum(n for d in result.disks for _, n in d.not_compared)
+    if skipped:
+        note += f" ({skipped} bytes rewritten in every round were not compared)"
+    return replace(result, status=CheckStatus.OK, summary=note)
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+
+def source_socket(vm: Vm) -> PurePosixPath:
+    return vm.source_state_dir / "check.nbd.sock"
+
+
+@dataclass
+class _DiskTally:
+    same: set[int] = field(default_factory=set)
+    differ: set[int] = field(default_factory=set)
+    pending: set[int] | None = None  # chunks still to judge; None: all of them
+    compared: int = 0
+    src_read: int = 0
+    dr_read: int = 0
+    wire: int = 0
+    size: int = 0
+
+
+def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm,
+                      manifest: Manifest, chunk: int, only: dict[int, set[int]] | None = None
+                      ) -> tuple[Manifest, list[_DiskTally], int, list[str]]:
+    """Rounds of (bitmap, point, hash both sides, judge); (manifest, per-disk tallies, rounds, points taken)."""
+    src = reach.shell(vm.host)
+    nodes = current_nodes(qmp, manifest)
+    socket_path = source_socket(vm)
+    src.run(["mkdir", "-p", "-m", "700", "--", str(vm.source_state_dir)], timeout=30)
+    tallies = [_DiskTally(pending=None if only is None else set(only.get(i, set())))
+               for i in range(len(manifest.disks))]
+    taken: list[str] = []
+    rounds = 0
+    verify.open_view(qmp, nodes, socket_path)
+    try:
+        for rounds in range(1, MAX_ROUNDS + 1):
+            bitmap = verify.add_bitmap(qmp, nodes)
+            manifest, _ = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
+            point = manifest.points[-1]
+            taken.append(point.id)
+            for i, disk in enumerate(manifest.disks):
+                tally = tallies[i]
+                if tally.pending is not None and not tally.pending:
+                    continue
+                offsets = None if tally.pending is None else sorted(tally.pending)
+                jobs = [lambda: hash_chunks(src, live_disk(str(socket_path), verify.disk_export(i)), chunk,
+                                            offsets, f"{disk.device} on {vm.host}"),
+                        lambda: hash_chunks(dr, image_file(point.images[disk.device]), chunk, offsets,
+                                            f"{disk.device} point {point.id} on {vm.dr_host}")]
+                source_side, replica_side = map_concurrently(lambda job: job(), jobs)
+                tally.size = min(source_side.size, replica_side.size)
+                _tally(tally, source_side, replica_side, chunk, i, src, qmp, nodes[i], bitmap, socket_path, vm)
+            verify.drop_bitmap(qmp, nodes, bitmap)
+            if all(t.pending is not None and not t.pending for t in tallies):
+                break
+    finally:
+        verify.close_view(qmp, nodes)
+        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
+    return manifest, tallies, rounds, taken
+
+
+def _tally(tally: _DiskTally, source_side: ChunkHashes, replica_side: ChunkHashes, chunk: int, i: int,
+           src: RemoteShell, qmp: QmpSession, node: str, bitmap: str, socket_path: PurePosixPath, vm: Vm) -> None:
+    """Judge one disk's digests of this round; what the guest wrote meanwhile stays pending.
+
+    The disk's bitmap is frozen once its hashing is done (the transaction drains
+    in-flight writes first), exported, and its dirty ranges read over NBD.
+    """
+    verify.freeze_bitmap(qmp, [node], bitmap)
+    verify.export_bitmap(qmp, i, node, bitmap)
+    try:
+        moved = verify.chunks_touched(
+            dirty_extents(src, live_disk(str(socket_path), verify.bitmap_export(i)), bitmap,
+                          f"written blocks of disk {i} on {vm.host}"), chunk)
+    finally:
+        verify.unexport(qmp, verify.bitmap_export(i))
+    verdicts = verify.judge(source_side, replica_side, chunk, moved)
+    tally.same |= verdicts.same
+    tally.differ |= verdicts.differ
+    tally.pending = set(verdicts.moved)
+    tally.compared += verdicts.compared_bytes
+    tally.src_read += source_side.bytes_read
+    tally.dr_read += replica_side.bytes_read
+    tally.wire += source_side.wire_bytes + replica_side.wire_bytes
+
+
+def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm, manifest: Manifest,
+             base: VmCheck, thresholds: Thresholds) -> VmCheck:
+    started = time.monotonic()
+    manifest, tallies, rounds, taken = compare_at_points(reach, dr, qmp, target, vm, manifest, thresholds.chunk)
+    seconds = time.monotonic() - started
+    manifest = drop_points(target, dr, vm, manifest, taken[:-1])
+    disks = []
+    for disk, tally in zip(base.disks, tallies):
+        chunk = thresholds.chunk
+        disks.append(replace(
+            disk, compared_bytes=tally.compared,
+            differing=tuple(verify.ranges_of(tally.differ, chunk, tally.size)),
+            not_compared=tuple(verify.ranges_of(tally.pending or set(), chunk, tally.size)),
+            seconds=round(seconds, 3), source_read_bytes=tally.src_read, replica_read_bytes=tally.dr_read,
+            wire_bytes=tally.wire))
+    return replace(base, point=manifest.points[-1].id, rounds=rounds, disks=tuple(disks))
+
+
+def drop_points(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest, ids: list[str]) -> Manifest:
+    """Delete the check's own earlier points (the newest stays: it is the base of the replica's top)."""
+    if not ids:
+        return manifest
+    saved: list[Manifest] = []
+
+    def save(m: Manifest) -> None:
+        save_manifest(dr, vm, m)
+        saved.append(m)
+
+    try:
+        return delete_points(target, dr, manifest, ids, save=save)
+    except DrtoolError:  # left as ordinary points; retention removes them later
+        return saved[-1] if saved else manifest

@@ -1,0 +1,104 @@
+"""`drtool check --repair`: re-send only the ranges found different, then check them again.
+
+With the source paused and its mirrors drained, nothing else writes the
+replica's top: the source host's hasher reads each range from the live disk
+(through the check's read-only export) and writes it into the replica through
+the DR target's NBD export, over the replication link and its TLS key. The
+source resumes; later guest writes reach the replica through the mirror as
+usual, after the repair, so they are never overwritten by it. Points already
+taken keep their content: they are frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from drtool.domain import Vm
+from drtool.errors import DrtoolError
+from drtool.mechanics import verify
+from drtool.mechanics.dr_target import PSK_USER
+from drtool.mechanics.hasher import copy_ranges, live_disk
+from drtool.mechanics.link import link_socket
+from drtool.mechanics.replication import current_nodes, wait_quiet
+from drtool.services.check import (
+    DiskCheck,
+    Thresholds,
+    VmCheck,
+    compare_at_points,
+    drop_points,
+    source_socket,
+)
+from drtool.services.checkpoint import DRAIN_TIMEOUT
+from drtool.state.manifest import Manifest
+from drtool.state.store import load_manifest
+from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.qmp import QmpSession
+
+REPAIR_BATCH = 64 << 20  # bytes copied per pause of the source
+
+
+def repair_differences(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm,
+                       result: VmCheck, thresholds: Thresholds) -> VmCheck:
+    manifest = load_manifest(dr, vm)
+    if manifest is None:
+        raise DrtoolError(f"the manifest of {vm.name} vanished during the check")
+    src = reach.shell(vm.host)
+    nodes = current_nodes(qmp, manifest)
+    socket_path = source_socket(vm)
+    verify.open_view(qmp, nodes, socket_path)
+    try:
+        for i, disk in enumerate(result.disks):
+            for batch in _batches(list(disk.differing)):
+                _copy_paused(src, qmp, manifest, vm, i, batch)
+    finally:
+        verify.close_view(qmp, nodes)
+        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
+    chunk = thresholds.chunk
+    only = {i: verify.chunks_touched(d.differing, chunk) for i, d in enumerate(result.disks) if d.differing}
+    manifest, tallies, _, taken = compare_at_points(reach, dr, qmp, target, vm, manifest, chunk, only)
+    manifest = drop_points(target, dr, vm, manifest, [result.point, *taken[:-1]] if result.point else taken[:-1])
+    disks: list[DiskCheck] = []
+    for i, disk in enumerate(result.disks):
+        if i not in only:
+            disks.append(disk)
+            continue
+        tally = tallies[i]
+        still = tally.differ | (tally.pending or set())
+        disks.append(replace(
+            disk, differing=tuple(verify.ranges_of(still, chunk, tally.size)),
+            repaired=tuple(verify.ranges_of(only[i] - still, chunk, tally.size))))
+    return replace(result, point=manifest.points[-1].id, disks=tuple(disks))
+
+
+def _batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    batches: list[list[tuple[int, int]]] = [[]]
+    size = 0
+    for offset, length in ranges:
+        while length > 0:
+            part = min(length, REPAIR_BATCH - size)
+            batches[-1].append((offset, part))
+            offset, length, size = offset + part, length - part, size + part
+            if size >= REPAIR_BATCH:
+                batches.append([])
+                size = 0
+    return [b for b in batches if b]
+
+
+def _copy_paused(src: RemoteShell, qmp: QmpSession, manifest: Manifest, vm: Vm, index: int,
+                 ranges: list[tuple[int, int]]) -> None:
+    """Copy ranges of disk `index` from the source into the replica's top, the source paused meanwhile."""
+    disk = manifest.disks[index]
+    target: dict[str, object] = {"unix": str(link_socket(vm)), "export": disk.export}
+    if manifest.transport == "tls-psk":
+        target |= {"tls_psk_file": str(vm.source_state_dir / "tls" / "keys.psk"), "tls_username": PSK_USER}
+    running = qmp.execute("query-status")["status"] == "running"
+    if running:
+        qmp.execute("stop")
+    try:
+        if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
+            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; nothing repaired")
+        copy_ranges(src, live_disk(str(source_socket(vm)), verify.disk_export(index)), target, ranges,
+                    f"repair of {disk.device}")
+    finally:
+        if running:
+            qmp.execute("cont")
