@@ -76,3 +76,106 @@ def test_a_healthy_replica_checks_ok_while_the_guest_writes(lab: Lab, lab_vm: La
     [disk] = vm["disks"]
     assert disk["differing"] == [] and disk["compared_bytes"] >= 2 * MiB, disk
     assert during > 5, f"only {during} guest writes happened during the check"
+
+
+def replica_dir(lab: Lab, vm: LabVm) -> Path:
+    return lab.host_dir("site-b") / "replicas" / vm.name
+
+
+def stop_target(lab: Lab, vm: LabVm) -> None:
+    """SIGTERM the DR target (it closes its images cleanly) and wait until it is gone."""
+    pid = int((replica_dir(lab, vm) / "target.pid").read_text())
+    lab.exec("site-b", ["sh", "-c", 'kill "$1"; while kill -0 "$1" 2>/dev/null; do sleep 0.05; done', "sh",
+                        str(pid)], timeout=30)
+
+
+def test_a_byte_changed_behind_qemus_back_is_found_in_its_chunk_and_repaired(lab: Lab, lab_vm: LabVm,
+                                                                             lab_config: Path):
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    lab_vm.guest_write("vd0", 8 * MiB, 4 * MiB, 0x5C)
+    wait_in_sync(lab_vm)
+    # the target stopped, one byte of the replica's top changed with qemu-io, the target back via resync
+    stop_target(lab, lab_vm)
+    bad = 9 * MiB + 4321
+    top = replica_path(lab, lab_vm, "vd0")
+    lab.exec("site-b", ["qemu-io", "-f", "qcow2", str(top), "-c", f"write -P 0x99 {bad} 1"], timeout=30)
+    drtool_ok(lab_config, "resync", lab_vm.name)
+
+    code, report = check_json(lab_config, lab_vm.name)
+    assert code == 2, report
+    [disk] = report["vms"][0]["disks"]
+    assert disk["differing"] == [[9 * MiB, MiB]], disk
+
+    code, report = check_json(lab_config, lab_vm.name, "--repair")
+    assert code == 0, report
+    [disk] = report["vms"][0]["disks"]
+    assert disk["repaired"] == [[9 * MiB, MiB]] and disk["differing"] == [], disk
+    assert lab_vm.guest_read_check("vd0", 8 * MiB, 4 * MiB, 0x5C)  # the source was never touched
+
+    code, report = check_json(lab_config, lab_vm.name)
+    assert code == 0 and report["vms"][0]["disks"][0]["differing"] == [], report
+    history = json.loads(drtool_ok(lab_config, "check", "--history", lab_vm.name, "--json").stdout)
+    assert [e["status"] for e in history["entries"]][-3:] == ["CRITICAL", "OK", "OK"], history
+
+
+def test_broken_replication_is_critical_and_an_old_point_a_warning(lab: Lab, lab_vm: LabVm, lab_config: Path):
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    drtool_ok(lab_config, "checkpoint", lab_vm.name)
+    time.sleep(2.5)
+    code, report = check_json(lab_config, lab_vm.name, "--warn-rpo", "2s", "--crit-rpo", "1h")
+    assert code == 1, report
+    assert "newest point" in report["vms"][0]["summary"] and report["vms"][0]["newest_point_age"] > 2, report
+    nagios = drtool(lab_config, "check", lab_vm.name, "--warn-rpo", "1h", "--nagios")
+    assert nagios.returncode == 0 and nagios.stdout.startswith("DRTOOL OK - "), nagios
+    assert f"'{lab_vm.name}_differing'=0B" in nagios.stdout.split("|", 1)[1], nagios.stdout
+
+    stop_target(lab, lab_vm)
+    code, report = check_json(lab_config, lab_vm.name)
+    assert code == 2 and "replication broken" in report["vms"][0]["summary"], report
+    drtool_ok(lab_config, "resync", lab_vm.name)
+
+
+def test_an_unreachable_host_is_unknown(lab: Lab, lab_vm: LabVm, lab_config: Path, tmp_path: Path):
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    prom = tmp_path / "drtool.prom"
+    lab.isolate("site-b")
+    try:
+        result = drtool(lab_config, "check", lab_vm.name, "--prometheus", str(prom), timeout=120)
+    finally:
+        lab.unisolate("site-b")
+    assert result.returncode == 3, result.stderr
+    assert "could not check" in result.stderr
+    assert f'drtool_check_status{{vm="{lab_vm.name}"}} 3' in prom.read_text()
+
+
+def network_bytes(lab: Lab) -> int:
+    """Bytes the kernel counted on every link of the lab's hosts (each direction, both ends: an upper bound)."""
+    total = 0
+    for host in ("site-a", "site-b"):
+        links = json.loads(lab.exec(host, ["ip", "-s", "-j", "link"]).stdout)
+        for link in links:
+            if link["ifname"] != "lo":
+                stats = link["stats64"]
+                total += stats["rx"]["bytes"] + stats["tx"]["bytes"]
+    return total
+
+
+def test_checking_a_2gib_disk_sends_under_one_percent_of_it(lab: Lab, tmp_path: Path):
+    vm = lab.add_vm("chk-2g", "site-a", {"vd0": "2G"})
+    try:
+        config = lab.write_config(tmp_path / "drtool.toml", {vm.name: {"dr_host": "site-b"}})
+        for k in range(16):  # 256 MiB of data spread over the disk
+            vm.guest_write("vd0", k * 128 * MiB, 16 * MiB, 0x20 + k)
+        drtool_ok(config, "protect", vm.name, timeout=900)
+        wait_in_sync(vm)
+        before = network_bytes(lab)
+        code, report = check_json(config, vm.name, timeout=1200)
+        sent = network_bytes(lab) - before
+        assert code == 0, report
+        [disk] = report["vms"][0]["disks"]
+        assert disk["compared_bytes"] == 256 * MiB, disk
+        assert sent < (2 << 30) // 100, f"{sent} bytes crossed the network for a 2 GiB disk"
+        print(f"check of 2 GiB (256 MiB data): {sent} bytes on the network, digests {disk['wire_bytes']} bytes, "
+              f"{report['vms'][0]['seconds']} s")
+    finally:
+        vm.stop()
