@@ -100,6 +100,7 @@ class VmCheck:
     point: str | None = None  # the point the replica was compared at (the newest after the check)
     rounds: int = 0
     disks: tuple[DiskCheck, ...] = ()
+    repair_error: str = ""  # --repair was asked and failed: the differences stand
 
     @property
     def differing_bytes(self) -> int:
@@ -175,7 +176,10 @@ def _check_locked(reach: Reach, dr: RemoteShell, vm: Vm, thresholds: Thresholds,
         if repair and any(d.differing for d in compared.disks):
             from drtool.services.check_repair import repair_differences
 
-            compared = repair_differences(reach, dr, qmp, target, vm, compared, thresholds)
+            try:
+                compared = repair_differences(reach, dr, qmp, target, vm, compared, thresholds)
+            except DrtoolError as err:  # the comparison's verdict stands; say why it is not mended
+                compared = replace(compared, repair_error=str(err))
     return _judge(compared, thresholds, left_out)
 
 
@@ -211,6 +215,8 @@ def _judge(result: VmCheck, thresholds: Thresholds, left_out: list[str], broken:
     if differing:
         critical.append("content differs: " + ", ".join(f"{d.device} {len(d.differing)} range(s), "
                                                          f"{d.differing_bytes} bytes" for d in differing))
+    if result.repair_error:
+        critical.append(f"repair failed: {result.repair_error}")
     age = result.newest_point_age
     if thresholds.crit_rpo is not None and (age is None or age > thresholds.crit_rpo):
         critical.append("no point yet" if age is None else f"newest point is {age:.0f} s old")
@@ -335,8 +341,11 @@ def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession,
 
 
 def drop_points(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest, ids: list[str]) -> Manifest:
-    """Delete the check's own earlier points (the newest stays: it is the base of the replica's top)."""
-    if not ids:
+    """Delete the check's own earlier points (the newest stays: it is the base of the replica's top).
+
+    As retention does, never while a drill or failover is recorded.
+    """
+    if not ids or manifest.drill or manifest.failover:
         return manifest
     saved: list[Manifest] = []
 

@@ -75,6 +75,7 @@ def vm_check(**kw) -> VmCheck:  # noqa: ANN003
      CheckStatus.CRITICAL, "content differs: vd0 1 range(s), 1048576 bytes"),
     ({"disks": (DiskCheck("vd0", 8 * MiB, "in sync", 0, repaired=((MiB, MiB),)),)}, Thresholds(),
      CheckStatus.OK, "after repairing vd0"),
+    ({"repair_error": "the mirrors did not drain"}, Thresholds(), CheckStatus.CRITICAL, "repair failed: the mirrors"),
 ])
 def test_status_follows_the_monitoring_convention(change, thresholds, status, words):
     result = _judge(vm_check(**change), thresholds, [])
