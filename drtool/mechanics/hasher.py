@@ -35,7 +35,8 @@ ZERO = "0"
 DIGEST_SIZE = 16
 
 HASHER_SCRIPT = r"""
-import hashlib, json, sys, time
+import hashlib, json, sys, threading, time
+from queue import Queue
 try:
     import nbd
 except ImportError:
@@ -43,7 +44,7 @@ except ImportError:
     sys.exit(4)
 
 STATE_ZERO = 2
-IN_FLIGHT = 4
+IN_FLIGHT = 8
 
 def connect(spec, contexts=("base:allocation",), writable=False):
     h = nbd.NBD()
@@ -99,27 +100,32 @@ def do_hash(req):
     if offsets is None:
         offsets = range(0, size, chunk)
     todo = [o for o in offsets if o < size]
-    out, read, pending = {}, 0, []
-    queue = [o for o in todo if o not in zeros]
+    out, read = {}, 0
     for o in todo:
         if o in zeros:
             out[str(o)] = "0"
-    # keep a few reads in flight so the disk never waits for the hashing
-    i = 0
-    while i < len(queue) or pending:
-        while i < len(queue) and len(pending) < IN_FLIGHT:
-            o = queue[i]
-            buf = nbd.Buffer(min(chunk, size - o))
-            cookie = h.aio_pread(buf, o)
-            pending.append((o, buf, cookie))
-            i += 1
-        o, buf, cookie = pending[0]
-        while not h.aio_command_completed(cookie):
-            h.poll(-1)
-        pending.pop(0)
-        data = buf.to_bytearray()
+    queue = [o for o in todo if o not in zeros]
+    # a reader thread keeps the disk busy while this one hashes (both release the GIL)
+    chunks = Queue(IN_FLIGHT)
+    def reader():
+        try:
+            for o in queue:
+                chunks.put((o, h.pread(min(chunk, size - o), o)))
+        except Exception as e:
+            chunks.put(e)
+        chunks.put(None)
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    while True:
+        item = chunks.get()
+        if item is None:
+            break
+        if isinstance(item, Exception):
+            raise item
+        o, data = item
         read += len(data)
         out[str(o)] = hashlib.blake2b(data, digest_size=16).hexdigest()
+    thread.join()
     h.shutdown()
     return {"size": size, "chunks": out, "read": read}
 

@@ -18,6 +18,7 @@ Results follow the monitoring-plugin convention (CheckStatus), not ExitCode.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.locks import VmLock
 from drtool.transport.qmp import QmpSession
 
+log = logging.getLogger(__name__)
 MAX_ROUNDS = 4
 LAG_SAMPLES = 10  # query the jobs this often, 0.1 s apart: a mirror with writes in flight is not lagging
 DEFAULT_WARN_LAG = 64 << 20
@@ -76,6 +78,8 @@ class DiskCheck:
     source_read_bytes: int = 0
     replica_read_bytes: int = 0
     wire_bytes: int = 0  # what the digests and requests took on the network
+    source_hash_seconds: float = 0.0  # time each host's hasher took (they run at the same time)
+    replica_hash_seconds: float = 0.0
     repaired: tuple[tuple[int, int], ...] = ()
 
     @property
@@ -255,6 +259,8 @@ class _DiskTally:
     dr_read: int = 0
     wire: int = 0
     size: int = 0
+    src_seconds: float = 0.0
+    dr_seconds: float = 0.0
 
 
 def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm,
@@ -273,8 +279,9 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
     try:
         for rounds in range(1, MAX_ROUNDS + 1):
             bitmap = verify.add_bitmap(qmp, nodes)
-            manifest, _ = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
+            manifest, paused = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
             point = manifest.points[-1]
+            log.info("%s round %d: point %s taken, source paused %.3f s", vm.name, rounds, point.id, paused)
             taken.append(point.id)
             for i, disk in enumerate(manifest.disks):
                 tally = tallies[i]
@@ -286,9 +293,14 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
                         lambda: hash_chunks(dr, image_file(point.images[disk.device]), chunk, offsets,
                                             f"{disk.device} point {point.id} on {vm.dr_host}")]
                 source_side, replica_side = map_concurrently(lambda job: job(), jobs)
+                log.info("%s %s: hashed %d bytes on the source in %.2f s, %d on the DR host in %.2f s", vm.name,
+                         disk.device, source_side.bytes_read, source_side.seconds, replica_side.bytes_read,
+                         replica_side.seconds)
                 tally.size = min(source_side.size, replica_side.size)
                 _tally(tally, source_side, replica_side, chunk, i, src, qmp, nodes[i], bitmap, socket_path, vm)
             verify.drop_bitmap(qmp, nodes, bitmap)
+            log.info("%s round %d judged; still to compare: %s", vm.name, rounds,
+                     [len(t.pending or ()) for t in tallies])
             if all(t.pending is not None and not t.pending for t in tallies):
                 break
     finally:
@@ -320,6 +332,8 @@ def _tally(tally: _DiskTally, source_side: ChunkHashes, replica_side: ChunkHashe
     tally.src_read += source_side.bytes_read
     tally.dr_read += replica_side.bytes_read
     tally.wire += source_side.wire_bytes + replica_side.wire_bytes
+    tally.src_seconds += source_side.seconds
+    tally.dr_seconds += replica_side.seconds
 
 
 def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm, manifest: Manifest,
@@ -336,7 +350,8 @@ def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession,
             differing=tuple(verify.ranges_of(tally.differ, chunk, tally.size)),
             not_compared=tuple(verify.ranges_of(tally.pending or set(), chunk, tally.size)),
             seconds=round(seconds, 3), source_read_bytes=tally.src_read, replica_read_bytes=tally.dr_read,
-            wire_bytes=tally.wire))
+            wire_bytes=tally.wire, source_hash_seconds=round(tally.src_seconds, 3),
+            replica_hash_seconds=round(tally.dr_seconds, 3)))
     return replace(base, point=manifest.points[-1].id, rounds=rounds, disks=tuple(disks))
 
 

@@ -70,7 +70,7 @@ def test_a_healthy_replica_checks_ok_while_the_guest_writes(lab: Lab, lab_vm: La
         code, report = check_json(lab_config, lab_vm.name)
         during = writer.count
     assert not writer.failure, writer.failure
-    assert code == 0, report
+    assert code == 0, report["vms"][0]["summary"]
     [vm] = report["vms"]
     assert vm["status"] == 0 and vm["point"], vm
     [disk] = vm["disks"]
