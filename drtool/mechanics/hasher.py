@@ -17,8 +17,8 @@ Modes (the request's "mode"):
   hash   {"source", "chunk", "offsets": [..] | null}  -> {"size", "chunks": {offset: hex | "0"}, "read"}
   dirty  {"source", "bitmap"}                           -> {"extents": [[offset, length], ...]}
   copy   {"source", "target", "ranges": [[o, l], ..]}   -> {"copied"}
-A source/target is {"unix": PATH, "export": NAME} or {"image": PATH, "format": FMT},
-either with optional "tls_psk_file" and "tls_username".
+A source/target is {"unix": PATH, "export": NAME}, {"tcp": HOST, "port": N, "export": NAME}
+or {"image": PATH, "format": FMT}, each with optional "tls_psk_file" and "tls_username".
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def connect(spec, contexts=("base:allocation",), writable=False):
     if "unix" in spec:
         h.set_export_name(spec.get("export", ""))
         h.connect_unix(spec["unix"])
+    elif "tcp" in spec:
+        h.set_export_name(spec.get("export", ""))
+        h.connect_tcp(spec["tcp"], str(spec["port"]))
     else:
         h.connect_systemd_socket_activation(
             ["qemu-nbd", "-r", "-f", spec.get("format", "qcow2"), "--", spec["image"]])

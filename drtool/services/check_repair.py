@@ -48,8 +48,8 @@ def repair_differences(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Q
     verify.open_view(qmp, nodes, socket_path)
     try:
         for i, disk in enumerate(result.disks):
-            for batch in _batches(list(disk.differing)):
-                _copy_paused(src, qmp, manifest, vm, i, batch)
+            for batch in repair_batches(list(disk.differing)):
+                copy_paused(src, qmp, manifest, vm, i, batch)
     finally:
         verify.close_view(qmp, nodes)
         src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
@@ -70,7 +70,15 @@ def repair_differences(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Q
     return replace(result, point=manifest.points[-1].id, disks=tuple(disks))
 
 
-def _batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+def replica_via_link(vm: Vm, manifest: Manifest, index: int) -> dict[str, object]:
+    """The replica's top as the source host reaches it: the DR target's export, through the link and its TLS key."""
+    target: dict[str, object] = {"unix": str(link_socket(vm)), "export": manifest.disks[index].export}
+    if manifest.transport == "tls-psk":
+        target |= {"tls_psk_file": str(vm.source_state_dir / "tls" / "keys.psk"), "tls_username": PSK_USER}
+    return target
+
+
+def repair_batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     batches: list[list[tuple[int, int]]] = [[]]
     size = 0
     for offset, length in ranges:
@@ -84,21 +92,18 @@ def _batches(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     return [b for b in batches if b]
 
 
-def _copy_paused(src: RemoteShell, qmp: QmpSession, manifest: Manifest, vm: Vm, index: int,
+def copy_paused(src: RemoteShell, qmp: QmpSession, manifest: Manifest, vm: Vm, index: int,
                  ranges: list[tuple[int, int]]) -> None:
     """Copy ranges of disk `index` from the source into the replica's top, the source paused meanwhile."""
     disk = manifest.disks[index]
-    target: dict[str, object] = {"unix": str(link_socket(vm)), "export": disk.export}
-    if manifest.transport == "tls-psk":
-        target |= {"tls_psk_file": str(vm.source_state_dir / "tls" / "keys.psk"), "tls_username": PSK_USER}
     running = qmp.execute("query-status")["status"] == "running"
     if running:
         qmp.execute("stop")
     try:
         if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
             raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s; nothing repaired")
-        copy_ranges(src, live_disk(str(source_socket(vm)), verify.disk_export(index)), target, ranges,
-                    f"repair of {disk.device}")
+        copy_ranges(src, live_disk(str(source_socket(vm)), verify.disk_export(index)),
+                    replica_via_link(vm, manifest, index), ranges, f"repair of {disk.device}")
     finally:
         if running:
             qmp.execute("cont")

@@ -14,9 +14,11 @@ preference:
    previous resync). Copy those blocks with bitmap backups while the VM runs,
    pause the VM for one last small round, start fresh mirrors with sync=none
    (in sync at once), resume the VM.
-3. "full": neither survived (QEMU was killed: its bitmap comes back
-   inconsistent). drtool says so and copies every allocated block again;
-   never a silent partial sync.
+3. "hash": neither survived (QEMU was killed: its bitmap comes back
+   inconsistent) but the replica was complete once: a mirror starts for new
+   writes, both sides are hashed, and only the chunks that differ are sent
+   (services/check_resync.py, drtool check's machinery).
+4. "full": the initial sync never finished: every allocated block is copied.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted targe
 @dataclass(frozen=True)
 class ResyncResult:
     vm: str
-    action: str  # none | resumed | bitmap | full
+    action: str  # none | resumed | bitmap | hash | full
     bytes_sent: int
     seconds: float
     paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
@@ -92,7 +94,7 @@ def resync(inventory, reach: Reach, vm_name: str, on_progress: ProgressCallback 
                 rotate_bitmaps(qmp, manifest, current_nodes(qmp, manifest))
                 result = ResyncResult(vm.name, "resumed", sent, time.monotonic() - started, 0.0, restarted)
             else:
-                result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted)
+                result = _restart_replication(qmp, manifest, vm, jobs, on_progress, started, restarted, reach)
         save_manifest(dr, vm, manifest.with_state("protected", f"resync: {result.action}"))
     return result
 
@@ -133,7 +135,8 @@ def _resume(qmp: QmpSession, manifest: Manifest, on_progress: ProgressCallback |
 
 
 def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict,
-                         on_progress: ProgressCallback | None, started: float, restarted: bool) -> ResyncResult:
+                         on_progress: ProgressCallback | None, started: float, restarted: bool,
+                         reach: Reach) -> ResyncResult:
     if jobs:  # some but not all jobs survived: start over together
         cancel_mirrors(qmp, manifest)
     nodes = current_nodes(qmp, manifest)
@@ -145,8 +148,16 @@ def _restart_replication(qmp: QmpSession, manifest: Manifest, vm: Vm, jobs: dict
         rotate_bitmaps(qmp, manifest, nodes)
         return ResyncResult(manifest.vm, "bitmap", sent, time.monotonic() - started, paused, restarted,
                             "replication jobs were gone; sent the blocks drtool's persistent bitmap recorded")
-    why = ("the initial sync never completed" if manifest.state != "protected" else
-           "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost")
+    if manifest.state == "protected":  # the replica was whole once: send only what differs now
+        from drtool.services.check_resync import hash_resync
+
+        done = hash_resync(reach, qmp, manifest, vm, nodes)
+        wait_until_ready(qmp, manifest, on_progress)
+        add_bitmaps(qmp, manifest, nodes)
+        return ResyncResult(manifest.vm, "hash", done.sent_bytes, time.monotonic() - started, 0.0, restarted,
+                            "the source QEMU stopped uncleanly (its persistent bitmap is lost): compared digests "
+                            f"in {done.rounds} round(s) ({done.digest_bytes} bytes), sent the chunks that differ")
+    why = "the initial sync never completed"
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
     add_bitmaps(qmp, manifest, nodes)

@@ -10,7 +10,7 @@ from drtool.errors import UsageError
 from drtool.mechanics.hasher import ZERO, ChunkHashes
 from drtool.mechanics.verify import chunks_touched, judge, ranges_of, zero_digest
 from drtool.services.check import CheckReport, CheckStatus, DiskCheck, Thresholds, VmCheck, _judge, check
-from drtool.services.check_repair import REPAIR_BATCH, _batches
+from drtool.services.check_repair import REPAIR_BATCH, repair_batches
 from drtool.services.status import DiskStatus, StatusReport, VmStatus
 from drtool.units import parse_duration, parse_size
 
@@ -135,7 +135,7 @@ def test_bad_requests_are_refused_before_any_host_is_contacted():
 
 
 def test_repairs_are_cut_into_batches_of_bounded_size():
-    batches = _batches([(0, REPAIR_BATCH + MiB), (10 * REPAIR_BATCH, MiB)])
+    batches = repair_batches([(0, REPAIR_BATCH + MiB), (10 * REPAIR_BATCH, MiB)])
     assert batches == [[(0, REPAIR_BATCH)], [(REPAIR_BATCH, MiB), (10 * REPAIR_BATCH, MiB)]]
 
 
