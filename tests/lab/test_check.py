@@ -213,3 +213,33 @@ def test_resync_after_the_source_is_killed_sends_only_what_differs(lab: Lab, lab
           f"{report['detail']}")
     code, checked = check_json(lab_config, lab_vm.name)
     assert code == 0, checked["vms"][0]["summary"]
+
+
+def test_a_hash_resync_killed_half_way_and_run_again_leaves_the_replica_whole(lab: Lab, lab_vm: LabVm,
+                                                                               lab_config: Path):
+    import signal
+    import subprocess
+    import sys
+
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    lab_vm.guest_write("vd0", 0, 48 * MiB, 0x41)
+    wait_in_sync(lab_vm)
+    lab.cut_site_link("site-a", "site-b")
+    try:
+        lab_vm.guest_write("vd0", 10 * MiB, 4 * MiB, 0x77)
+        lab_vm.kill()
+    finally:
+        lab.restore_site_link("site-a", "site-b")
+    lab_vm.relaunch()
+    with Writer(lab_vm, region=40 * MiB) as writer:  # the guest keeps writing through all of it
+        first = subprocess.Popen([sys.executable, "-m", "drtool", "--config", str(lab_config), "resync",
+                                  lab_vm.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.0)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+        report = json.loads(drtool_ok(lab_config, "resync", lab_vm.name, "--json").stdout)
+        assert report["action"] == "hash", report  # the killed run never left mirrors that look in sync
+        code, checked = check_json(lab_config, lab_vm.name)
+    assert not writer.failure, writer.failure
+    assert code == 0, checked["vms"][0]["summary"]
+    assert writer.count > 5
