@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import DrtoolError, QmpError
-from drtool.mechanics.hasher import DIGEST_SIZE, ZERO, ChunkHashes
+from drtool.mechanics.hasher import DIGEST_SIZE, ZERO, ChunkHashes, dirty_extents, live_disk
+from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 
 EXPORT_PREFIX = "drtool-check"
@@ -97,6 +98,19 @@ def unexport(qmp: QmpSession, export_id: str, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
+def written_chunks(qmp: QmpSession, shell: RemoteShell, socket_path: PurePosixPath, i: int, node: str,
+                   bitmap: str, chunk: int) -> set[int]:
+    """Freeze disk i's bitmap (in-flight writes drain into it first) and read which chunks it marks."""
+    freeze_bitmap(qmp, [node], bitmap)
+    export_bitmap(qmp, i, node, bitmap)
+    try:
+        extents = dirty_extents(shell, live_disk(str(socket_path), bitmap_export(i)), bitmap,
+                                f"the blocks written to disk {i}")
+    finally:
+        unexport(qmp, bitmap_export(i))
+    return chunks_touched(extents, chunk)
+
+
 def drop_bitmap(qmp: QmpSession, nodes: Sequence[str], name: str) -> None:
     for node in nodes:
         _quietly(qmp, "block-dirty-bitmap-remove", {"node": node, "name": name})
@@ -144,7 +158,9 @@ def chunks_touched(extents: Iterable[tuple[int, int]], chunk: int) -> set[int]:
 
 def judge(source: ChunkHashes, replica: ChunkHashes, chunk: int, moved: set[int]) -> Verdicts:
     """Compare two sides' digests chunk by chunk; a chunk written since the point is not judged."""
-    same, differ, later = set(), set(), set()
+    same: set[int] = set()
+    differ: set[int] = set()
+    later: set[int] = set()
     compared = 0
     size = min(source.size, replica.size)
     for offset in sorted(set(source.chunks) | set(replica.chunks)):

@@ -7,11 +7,13 @@ is the point's frozen image. Each host then hashes its own side in chunks
 (mechanics/hasher.py): the DR host the point's image, the source host the
 live disk through a read-only NBD export of its QEMU. Only digests cross the
 network. A chunk the bitmap shows unwritten since before the pause held, while
-it was read, exactly its content at the point: its digests decide. A chunk the
-guest wrote meanwhile is compared again in the next round, against a newer
-point; after MAX_ROUNDS, chunks rewritten in every round are reported as not
-compared (never as different). Points taken by the check other than the
-newest are deleted at the end.
+it was read, exactly its content at the point: its digests decide. The chunks
+the guest wrote meanwhile are compared again: in further rounds against newer
+points while more than PAUSED_LIMIT of them are left (at most MAX_ROUNDS), then
+with the source paused and its mirrors drained, source disk against the
+replica's top. Chunks still open after that (a disk rewritten faster than it
+can be compared) are reported as not compared, never as different. Points
+taken by the check other than the newest are deleted at the end.
 
 Results follow the monitoring-plugin convention (CheckStatus), not ExitCode.
 """
@@ -28,12 +30,12 @@ from pathlib import PurePosixPath
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, UsageError
 from drtool.mechanics.blockinfo import parse_query_block
-from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.hasher import DEFAULT_CHUNK, ChunkHashes, hash_chunks, image_file, live_disk, dirty_extents
-from drtool.mechanics.replication import JobState, current_nodes, job_id, query_jobs
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, target_pid
+from drtool.mechanics.hasher import DEFAULT_CHUNK, ChunkHashes, hash_chunks, image_file, live_disk
+from drtool.mechanics.replication import JobState, current_nodes, job_id, query_jobs, wait_quiet
 from drtool.mechanics import verify
 from drtool.mechanics.points import delete_points
-from drtool.services.checkpoint import take_consistent_point, target_session
+from drtool.services.checkpoint import DRAIN_TIMEOUT, take_consistent_point, target_session
 from drtool.services.concurrent import map_concurrently
 from drtool.services.status import point_age, replication_state
 from drtool.state.manifest import Manifest, now
@@ -44,6 +46,7 @@ from drtool.transport.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 4
+PAUSED_LIMIT = 64 << 20  # bytes of chunks still open that are compared with the source paused
 LAG_SAMPLES = 10  # query the jobs this often, 0.1 s apart: a mirror with writes in flight is not lagging
 DEFAULT_WARN_LAG = 64 << 20
 
@@ -105,6 +108,7 @@ class VmCheck:
     rounds: int = 0
     disks: tuple[DiskCheck, ...] = ()
     repair_error: str = ""  # --repair was asked and failed: the differences stand
+    paused_seconds: float = 0.0  # how long the check paused the source, in all
 
     @property
     def differing_bytes(self) -> int:
@@ -262,11 +266,32 @@ class _DiskTally:
     src_seconds: float = 0.0
     dr_seconds: float = 0.0
 
+    def add(self, verdicts: verify.Verdicts, source_side: ChunkHashes, replica_side: ChunkHashes) -> None:
+        """One round's verdicts: what the guest wrote meanwhile stays pending."""
+        self.size = min(source_side.size, replica_side.size)
+        self.same |= verdicts.same
+        self.differ |= verdicts.differ
+        self.pending = set(verdicts.moved)
+        self.compared += verdicts.compared_bytes
+        self.src_read += source_side.bytes_read
+        self.dr_read += replica_side.bytes_read
+        self.wire += source_side.wire_bytes + replica_side.wire_bytes
+        self.src_seconds += source_side.seconds
+        self.dr_seconds += replica_side.seconds
+
+
+@dataclass
+class Compared:
+    manifest: Manifest  # with the points the comparison took
+    tallies: list[_DiskTally]
+    rounds: int
+    taken: list[str]  # ids of the points taken, oldest first
+    paused_seconds: float  # how long the source was paused in all
+
 
 def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm,
-                      manifest: Manifest, chunk: int, only: dict[int, set[int]] | None = None
-                      ) -> tuple[Manifest, list[_DiskTally], int, list[str]]:
-    """Rounds of (bitmap, point, hash both sides, judge); (manifest, per-disk tallies, rounds, points taken)."""
+                      manifest: Manifest, chunk: int, only: dict[int, set[int]] | None = None) -> Compared:
+    """Rounds of (bitmap, point, hash both sides, judge), then the rest with the source paused."""
     src = reach.shell(vm.host)
     nodes = current_nodes(qmp, manifest)
     socket_path = source_socket(vm)
@@ -275,12 +300,15 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
                for i in range(len(manifest.disks))]
     taken: list[str] = []
     rounds = 0
+    paused_total = 0.0
+    before = sum(d.virtual_size for d in manifest.disks) + 1
     verify.open_view(qmp, nodes, socket_path)
     try:
         for rounds in range(1, MAX_ROUNDS + 1):
             bitmap = verify.add_bitmap(qmp, nodes)
             manifest, paused = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
             point = manifest.points[-1]
+            paused_total += paused
             log.info("%s round %d: point %s taken, source paused %.3f s", vm.name, rounds, point.id, paused)
             taken.append(point.id)
             for i, disk in enumerate(manifest.disks):
@@ -288,60 +316,82 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
                 if tally.pending is not None and not tally.pending:
                     continue
                 offsets = None if tally.pending is None else sorted(tally.pending)
-                jobs = [lambda: hash_chunks(src, live_disk(str(socket_path), verify.disk_export(i)), chunk,
-                                            offsets, f"{disk.device} on {vm.host}"),
-                        lambda: hash_chunks(dr, image_file(point.images[disk.device]), chunk, offsets,
-                                            f"{disk.device} point {point.id} on {vm.dr_host}")]
-                source_side, replica_side = map_concurrently(lambda job: job(), jobs)
+                source_side, replica_side = hash_both(
+                    src, dr, live_disk(str(socket_path), verify.disk_export(i)), image_file(point.images[disk.device]),
+                    chunk, offsets, f"{vm.name} {disk.device}")
                 log.info("%s %s: hashed %d bytes on the source in %.2f s, %d on the DR host in %.2f s", vm.name,
                          disk.device, source_side.bytes_read, source_side.seconds, replica_side.bytes_read,
                          replica_side.seconds)
-                tally.size = min(source_side.size, replica_side.size)
-                _tally(tally, source_side, replica_side, chunk, i, src, qmp, nodes[i], bitmap, socket_path, vm)
+                moved = verify.written_chunks(qmp, src, socket_path, i, nodes[i], bitmap, chunk)
+                tally.add(verify.judge(source_side, replica_side, chunk, moved), source_side, replica_side)
             verify.drop_bitmap(qmp, nodes, bitmap)
             log.info("%s round %d judged; still to compare: %s", vm.name, rounds,
                      [len(t.pending or ()) for t in tallies])
-            if all(t.pending is not None and not t.pending for t in tallies):
+            left = sum(len(t.pending or ()) for t in tallies) * chunk
+            if left <= PAUSED_LIMIT or left >= before:  # small enough, or more rounds would not shrink it
                 break
+            before = left
+        if any(t.pending for t in tallies) and sum(len(t.pending or ()) for t in tallies) * chunk <= PAUSED_LIMIT:
+            paused_total += _compare_paused(src, dr, qmp, vm, manifest, tallies, chunk, socket_path)
     finally:
         verify.close_view(qmp, nodes)
         src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
-    return manifest, tallies, rounds, taken
+    return Compared(manifest, tallies, rounds, taken, round(paused_total, 3))
 
 
-def _tally(tally: _DiskTally, source_side: ChunkHashes, replica_side: ChunkHashes, chunk: int, i: int,
-           src: RemoteShell, qmp: QmpSession, node: str, bitmap: str, socket_path: PurePosixPath, vm: Vm) -> None:
-    """Judge one disk's digests of this round; what the guest wrote meanwhile stays pending.
+def _compare_paused(src: RemoteShell, dr: RemoteShell, qmp: QmpSession, vm: Vm, manifest: Manifest,
+                    tallies: list[_DiskTally], chunk: int, socket_path: PurePosixPath) -> float:
+    """The chunks the guest kept writing, compared with the source paused and its mirrors drained.
 
-    The disk's bitmap is frozen once its hashing is done (the transaction drains
-    in-flight writes first), exported, and its dirty ranges read over NBD.
+    Nothing moves on either side then: the source disk and the replica's top
+    (read through the DR target's export) hold the same instant.
     """
-    verify.freeze_bitmap(qmp, [node], bitmap)
-    verify.export_bitmap(qmp, i, node, bitmap)
+    running = qmp.execute("query-status")["status"] == "running"
+    started = time.monotonic()
+    if running:
+        qmp.execute("stop")
     try:
-        moved = verify.chunks_touched(
-            dirty_extents(src, live_disk(str(socket_path), verify.bitmap_export(i)), bitmap,
-                          f"written blocks of disk {i} on {vm.host}"), chunk)
+        if not wait_quiet(qmp, manifest, DRAIN_TIMEOUT):
+            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {DRAIN_TIMEOUT:g} s")
+        for i, tally in enumerate(tallies):
+            if tally.pending:
+                source_side, replica_side = hash_both(
+                    src, dr, live_disk(str(socket_path), verify.disk_export(i)), replica_export(vm, manifest, i),
+                    chunk, sorted(tally.pending), f"{vm.name} {manifest.disks[i].device}")
+                tally.add(verify.judge(source_side, replica_side, chunk, set()), source_side, replica_side)
     finally:
-        verify.unexport(qmp, verify.bitmap_export(i))
-    verdicts = verify.judge(source_side, replica_side, chunk, moved)
-    tally.same |= verdicts.same
-    tally.differ |= verdicts.differ
-    tally.pending = set(verdicts.moved)
-    tally.compared += verdicts.compared_bytes
-    tally.src_read += source_side.bytes_read
-    tally.dr_read += replica_side.bytes_read
-    tally.wire += source_side.wire_bytes + replica_side.wire_bytes
-    tally.src_seconds += source_side.seconds
-    tally.dr_seconds += replica_side.seconds
+        if running:
+            qmp.execute("cont")
+        paused = time.monotonic() - started
+    log.info("%s: compared the last chunks with the source paused for %.3f s", vm.name, paused)
+    return paused
+
+
+def replica_export(vm: Vm, manifest: Manifest, index: int) -> dict[str, object]:
+    """The replica's top as the DR host reaches it: its target's NBD export."""
+    spec: dict[str, object] = {"tcp": manifest.nbd_address, "port": manifest.nbd_port,
+                               "export": manifest.disks[index].export}
+    if manifest.transport == "tls-psk":
+        spec |= {"tls_psk_file": str(TargetLayout(vm.replica_dir).tls_dir / "keys.psk"), "tls_username": PSK_USER}
+    return spec
+
+
+def hash_both(src: RemoteShell, dr: RemoteShell, source: dict[str, object], replica: dict[str, object], chunk: int,
+              offsets: list[int] | None, what: str) -> tuple[ChunkHashes, ChunkHashes]:
+    """Each host hashes its own side of one disk, both at once."""
+    jobs = [lambda: hash_chunks(src, source, chunk, offsets, f"{what} on the source host"),
+            lambda: hash_chunks(dr, replica, chunk, offsets, f"{what} on the DR host")]
+    source_side, replica_side = map_concurrently(lambda job: job(), jobs)
+    return source_side, replica_side
 
 
 def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession, vm: Vm, manifest: Manifest,
              base: VmCheck, thresholds: Thresholds) -> VmCheck:
     started = time.monotonic()
-    manifest, tallies, rounds, taken = compare_at_points(reach, dr, qmp, target, vm, manifest, thresholds.chunk)
+    outcome = compare_at_points(reach, dr, qmp, target, vm, manifest, thresholds.chunk)
     seconds = time.monotonic() - started
-    manifest = drop_points(target, dr, vm, manifest, taken[:-1])
+    manifest = drop_points(target, dr, vm, outcome.manifest, outcome.taken[:-1])
+    tallies = outcome.tallies
     disks = []
     for disk, tally in zip(base.disks, tallies):
         chunk = thresholds.chunk
@@ -352,7 +402,8 @@ def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession,
             seconds=round(seconds, 3), source_read_bytes=tally.src_read, replica_read_bytes=tally.dr_read,
             wire_bytes=tally.wire, source_hash_seconds=round(tally.src_seconds, 3),
             replica_hash_seconds=round(tally.dr_seconds, 3)))
-    return replace(base, point=manifest.points[-1].id, rounds=rounds, disks=tuple(disks))
+    return replace(base, point=manifest.points[-1].id, rounds=outcome.rounds, disks=tuple(disks),
+                   paused_seconds=outcome.paused_seconds)
 
 
 def drop_points(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest, ids: list[str]) -> Manifest:

@@ -55,8 +55,10 @@ def repair_differences(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Q
         src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
     chunk = thresholds.chunk
     only = {i: verify.chunks_touched(d.differing, chunk) for i, d in enumerate(result.disks) if d.differing}
-    manifest, tallies, _, taken = compare_at_points(reach, dr, qmp, target, vm, manifest, chunk, only)
-    manifest = drop_points(target, dr, vm, manifest, [result.point, *taken[:-1]] if result.point else taken[:-1])
+    outcome = compare_at_points(reach, dr, qmp, target, vm, manifest, chunk, only)
+    earlier = [result.point] if result.point else []
+    manifest = drop_points(target, dr, vm, outcome.manifest, [*earlier, *outcome.taken[:-1]])
+    tallies = outcome.tallies
     disks: list[DiskCheck] = []
     for i, disk in enumerate(result.disks):
         if i not in only:

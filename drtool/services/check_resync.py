@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.mechanics import verify
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout
-from drtool.mechanics.hasher import ChunkHashes, copy_ranges, dirty_extents, hash_chunks, live_disk
+from drtool.mechanics.hasher import ChunkHashes, copy_ranges, live_disk
 from drtool.mechanics.replication import start_mirrors
-from drtool.services.check import MAX_ROUNDS, source_socket
+from drtool.services.check import MAX_ROUNDS, hash_both, replica_export, source_socket
 from drtool.services.check_repair import replica_via_link
-from drtool.services.concurrent import map_concurrently
 from drtool.state.manifest import Manifest
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -44,15 +43,6 @@ class HashResync:
     sent_bytes: int  # chunk bytes copied into the replica
     digest_bytes: int  # what the digests and requests took on the network
     rounds: int
-
-
-def replica_export(vm: Vm, manifest: Manifest, index: int) -> dict[str, object]:
-    """The replica's top as the DR host reaches it: its target's NBD export."""
-    spec: dict[str, object] = {"tcp": manifest.nbd_address, "port": manifest.nbd_port,
-                               "export": manifest.disks[index].export}
-    if manifest.transport == "tls-psk":
-        spec |= {"tls_psk_file": str(TargetLayout(vm.replica_dir).tls_dir / "keys.psk"), "tls_username": PSK_USER}
-    return spec
 
 
 def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes: list[str],
@@ -92,14 +82,14 @@ def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes
 
 
 def _copy(src: RemoteShell, vm: Vm, manifest: Manifest, i: int, offsets: set[int], chunk: int,
-          socket_path: object) -> int:
+          socket_path: PurePosixPath) -> int:
     ranges = verify.ranges_of(offsets, chunk, manifest.disks[i].virtual_size)
     return copy_ranges(src, live_disk(str(socket_path), verify.disk_export(i)), replica_via_link(vm, manifest, i),
                        ranges, f"resync of {manifest.disks[i].device}")
 
 
 def _finish_paused(src: RemoteShell, qmp: QmpSession, vm: Vm, manifest: Manifest, nodes: list[str], bitmap: str,
-                   look: dict[int, set[int] | None], chunk: int, socket_path: object) -> int:
+                   look: dict[int, set[int] | None], chunk: int, socket_path: PurePosixPath) -> int:
     """Source paused: copy what was written since the last bitmap began (and what is still open), start mirrors."""
     sent = 0
     running = qmp.execute("query-status")["status"] == "running"
@@ -107,14 +97,8 @@ def _finish_paused(src: RemoteShell, qmp: QmpSession, vm: Vm, manifest: Manifest
         qmp.execute("stop")
     try:
         for i, node in enumerate(nodes):
-            verify.freeze_bitmap(qmp, [node], bitmap)
-            verify.export_bitmap(qmp, i, node, bitmap)
-            try:
-                extents = dirty_extents(src, live_disk(str(socket_path), verify.bitmap_export(i)), bitmap,
-                                        f"written blocks of {manifest.disks[i].device}")
-            finally:
-                verify.unexport(qmp, verify.bitmap_export(i))
-            left = verify.chunks_touched(extents, chunk) | (look[i] or set())
+            written = verify.written_chunks(qmp, src, socket_path, i, node, bitmap, chunk)
+            left = written | (look[i] or set())
             if left:
                 sent += _copy(src, vm, manifest, i, left, chunk, socket_path)
         verify.drop_bitmap(qmp, nodes, bitmap)
@@ -128,21 +112,12 @@ def _finish_paused(src: RemoteShell, qmp: QmpSession, vm: Vm, manifest: Manifest
 def _round(src: RemoteShell, dr: RemoteShell, qmp: QmpSession, vm: Vm, manifest: Manifest, node: str, i: int,
            bitmap: str, chunk: int, offsets: list[int] | None) -> tuple[set[int], set[int], int]:
     """Hash disk i on both sides; (chunks that differ and were not written, chunks written, digest bytes)."""
-    device = manifest.disks[i].device
-    jobs = [lambda: hash_chunks(src, live_disk(str(source_socket(vm)), verify.disk_export(i)), chunk, offsets,
-                                f"{device} on {vm.host}"),
-            lambda: hash_chunks(dr, replica_export(vm, manifest, i), chunk, offsets,
-                                f"replica of {device} on {vm.dr_host}")]
     nothing = ChunkHashes(manifest.disks[i].virtual_size, {}, 0, 0.0)
-    source_side, replica_side = map_concurrently(lambda job: job(), jobs) if offsets != [] else (nothing, nothing)
+    source_side, replica_side = (nothing, nothing) if offsets == [] else hash_both(
+        src, dr, live_disk(str(source_socket(vm)), verify.disk_export(i)), replica_export(vm, manifest, i), chunk,
+        offsets, f"{vm.name} {manifest.disks[i].device}")
     # the bitmap is read even when nothing was hashed: it holds the writes the next round looks at
-    verify.freeze_bitmap(qmp, [node], bitmap)
-    verify.export_bitmap(qmp, i, node, bitmap)
-    try:
-        moved = verify.chunks_touched(dirty_extents(src, live_disk(str(source_socket(vm)), verify.bitmap_export(i)),
-                                                    bitmap, f"written blocks of {device}"), chunk)
-    finally:
-        verify.unexport(qmp, verify.bitmap_export(i))
+    moved = verify.written_chunks(qmp, src, source_socket(vm), i, node, bitmap, chunk)
     verdicts = verify.judge(source_side, replica_side, chunk, moved)
     return set(verdicts.differ), moved, _wire(source_side, replica_side)
 
