@@ -121,9 +121,15 @@ def test_a_byte_changed_behind_qemus_back_is_found_in_its_chunk_and_repaired(lab
     assert [e["status"] for e in history["entries"]][-3:] == ["CRITICAL", "OK", "OK"], history
 
 
-def test_broken_replication_is_critical_and_an_old_point_a_warning(lab: Lab, lab_vm: LabVm, lab_config: Path):
+def test_broken_replication_is_critical_and_an_old_point_a_warning(lab: Lab, lab_vm: LabVm, lab_config: Path,
+                                                                   tmp_path: Path):
     drtool_ok(lab_config, "protect", lab_vm.name)
     drtool_ok(lab_config, "checkpoint", lab_vm.name)
+    prom = tmp_path / "status.prom"
+    drtool_ok(lab_config, "status", lab_vm.name, "--prometheus", str(prom))
+    metrics = prom.read_text()
+    assert f'drtool_replication_in_sync{{vm="{lab_vm.name}"}} 1' in metrics, metrics
+    assert f'drtool_newest_point_age_seconds{{vm="{lab_vm.name}"}}' in metrics, metrics
     time.sleep(2.5)
     code, report = check_json(lab_config, lab_vm.name, "--warn-rpo", "2s", "--crit-rpo", "1h")
     assert code == 1, report

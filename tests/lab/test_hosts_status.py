@@ -31,7 +31,8 @@ QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon")
 HOST_KEYS = {"name", "address", "reachable", "host_key", "tools", "replica_space", "error", "exit_code"}
 TOOL_KEYS = {"name", "version", "detail"}
 SPACE_KEYS = {"vm", "replica_dir", "measured_on", "available_bytes", "error"}
-VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code"}
+VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code",
+           "newest_point_age"}
 DISK_KEYS = {
     "device", "node_name", "format", "virtual_size", "image", "protected", "replication", "lag_bytes",
 }  # fmt: skip
@@ -219,6 +220,7 @@ def test_status_json_schema_contract(lab: Lab, lab_vm: LabVm, lab_config: Path, 
     assert types == {
         "name": "str", "host": "str", "dr_host": "str", "run_state": "str", "protection": "str",
         "disks": "list", "mode": "NoneType", "transport": "NoneType", "error": "str", "exit_code": "int",
+        "newest_point_age": "NoneType",
     }  # fmt: skip  (mode and transport are null while the VM is unprotected)
     assert {k: type(v).__name__ for k, v in vm["disks"][0].items()} == {
         "device": "str", "node_name": "str", "format": "str", "virtual_size": "int", "image": "str",
