@@ -43,27 +43,36 @@ def bitmap_export(i: int) -> str:
     return f"{EXPORT_PREFIX}-bm{i}"
 
 
-def open_view(qmp: QmpSession, nodes: Sequence[str], socket_path: PurePosixPath) -> None:
-    """Export each disk node read-only on an NBD server bound to socket_path."""
-    close_view(qmp, nodes)
+def open_view(qmp: QmpSession, nodes: Sequence[str], socket_path: PurePosixPath, leftover: bool) -> None:
+    """Export each disk node read-only on an NBD server bound to socket_path.
+
+    leftover: drtool's socket exists, so an NBD server a killed check started
+    may still run: it is stopped first. A server drtool did not start is never
+    stopped (QEMU runs one at a time: then the check cannot run now).
+    """
+    close_view(qmp, nodes, stop_server=leftover)
     try:
         qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket_path)}}})
     except QmpError as err:
         raise CheckUnavailable(f"cannot start an NBD server in the source QEMU: {err.qemu_desc}",
                                hint="QEMU runs one NBD server at a time: is a backup or migration using it? "
                                "try again later") from err
-    for i, node in enumerate(nodes):
-        qmp.execute("block-export-add", {"type": "nbd", "id": disk_export(i), "node-name": node,
-                                         "name": disk_export(i), "writable": False})
+    try:
+        for i, node in enumerate(nodes):
+            qmp.execute("block-export-add", {"type": "nbd", "id": disk_export(i), "node-name": node,
+                                             "name": disk_export(i), "writable": False})
+    except QmpError:
+        close_view(qmp, nodes, stop_server=True)
+        raise
 
 
-def close_view(qmp: QmpSession, nodes: Sequence[str], timeout: float = 10) -> None:
-    """Remove drtool's check exports and bitmaps, and the NBD server when only drtool used it."""
+def close_view(qmp: QmpSession, nodes: Sequence[str], stop_server: bool, timeout: float = 10) -> None:
+    """Remove drtool's check exports and bitmaps; stop the NBD server if drtool started it and no one else uses it."""
     exports = qmp.execute("query-block-exports")
     for export_id in [e["id"] for e in exports if str(e.get("id", "")).startswith(EXPORT_PREFIX)]:
         unexport(qmp, export_id, timeout)
     others = [e for e in qmp.execute("query-block-exports") if not str(e.get("id", "")).startswith(EXPORT_PREFIX)]
-    if not others:
+    if stop_server and not others:
         _quietly(qmp, "nbd-server-stop", {})
     remove_bitmaps(qmp, nodes)
 

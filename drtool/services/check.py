@@ -20,9 +20,10 @@ Results follow the monitoring-plugin convention (CheckStatus), not ExitCode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import PurePosixPath
@@ -253,6 +254,20 @@ def source_socket(vm: Vm) -> PurePosixPath:
     return vm.source_state_dir / "check.nbd.sock"
 
 
+@contextlib.contextmanager
+def source_view(src: RemoteShell, qmp: QmpSession, vm: Vm, nodes: Sequence[str]) -> Iterator[PurePosixPath]:
+    """The source disks exported read-only on drtool's socket while the block runs; its path."""
+    socket_path = source_socket(vm)
+    src.run(["mkdir", "-p", "-m", "700", "--", str(vm.source_state_dir)], timeout=30)
+    leftover = src.run(["test", "-S", str(socket_path)], check=False, timeout=30).ok
+    verify.open_view(qmp, nodes, socket_path, leftover)
+    try:
+        yield socket_path
+    finally:
+        verify.close_view(qmp, nodes, stop_server=True)
+        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
+
+
 @dataclass
 class _DiskTally:
     same: set[int] = field(default_factory=set)
@@ -294,16 +309,13 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
     """Rounds of (bitmap, point, hash both sides, judge), then the rest with the source paused."""
     src = reach.shell(vm.host)
     nodes = current_nodes(qmp, manifest)
-    socket_path = source_socket(vm)
-    src.run(["mkdir", "-p", "-m", "700", "--", str(vm.source_state_dir)], timeout=30)
     tallies = [_DiskTally(pending=None if only is None else set(only.get(i, set())))
                for i in range(len(manifest.disks))]
     taken: list[str] = []
     rounds = 0
     paused_total = 0.0
     before = sum(d.virtual_size for d in manifest.disks) + 1
-    verify.open_view(qmp, nodes, socket_path)
-    try:
+    with source_view(src, qmp, vm, nodes) as socket_path:
         for rounds in range(1, MAX_ROUNDS + 1):
             bitmap = verify.add_bitmap(qmp, nodes)
             manifest, paused = take_consistent_point(qmp, target, manifest, vm, dr, "paused")
@@ -333,9 +345,6 @@ def compare_at_points(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Qm
             before = left
         if any(t.pending for t in tallies) and sum(len(t.pending or ()) for t in tallies) * chunk <= PAUSED_LIMIT:
             paused_total += _compare_paused(src, dr, qmp, vm, manifest, tallies, chunk, socket_path)
-    finally:
-        verify.close_view(qmp, nodes)
-        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
     return Compared(manifest, tallies, rounds, taken, round(paused_total, 3))
 
 

@@ -27,6 +27,7 @@ from drtool.services.check import (
     compare_at_points,
     drop_points,
     source_socket,
+    source_view,
 )
 from drtool.services.checkpoint import DRAIN_TIMEOUT
 from drtool.state.manifest import Manifest
@@ -44,15 +45,10 @@ def repair_differences(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: Q
         raise DrtoolError(f"the manifest of {vm.name} vanished during the check")
     src = reach.shell(vm.host)
     nodes = current_nodes(qmp, manifest)
-    socket_path = source_socket(vm)
-    verify.open_view(qmp, nodes, socket_path)
-    try:
+    with source_view(src, qmp, vm, nodes):
         for i, disk in enumerate(result.disks):
             for batch in repair_batches(list(disk.differing)):
                 copy_paused(src, qmp, manifest, vm, i, batch)
-    finally:
-        verify.close_view(qmp, nodes)
-        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
     chunk = thresholds.chunk
     only = {i: verify.chunks_touched(d.differing, chunk) for i, d in enumerate(result.disks) if d.differing}
     outcome = compare_at_points(reach, dr, qmp, target, vm, manifest, chunk, only)

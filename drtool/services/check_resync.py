@@ -28,7 +28,7 @@ from drtool.domain import Vm
 from drtool.mechanics import verify
 from drtool.mechanics.hasher import ChunkHashes, copy_ranges, live_disk
 from drtool.mechanics.replication import start_mirrors
-from drtool.services.check import MAX_ROUNDS, hash_both, replica_export, source_socket
+from drtool.services.check import MAX_ROUNDS, hash_both, replica_export, source_socket, source_view
 from drtool.services.check_repair import replica_via_link
 from drtool.state.manifest import Manifest
 from drtool.transport.connections import Reach, RemoteShell
@@ -48,12 +48,9 @@ class HashResync:
 def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes: list[str],
                 chunk: int = RESYNC_CHUNK) -> HashResync:
     src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
-    socket_path = source_socket(vm)
-    src.run(["mkdir", "-p", "-m", "700", "--", str(vm.source_state_dir)], timeout=30)
-    verify.open_view(qmp, nodes, socket_path)
     look: dict[int, set[int] | None] = {i: None for i in range(len(nodes))}  # None: every chunk
     sent = digests = rounds = 0
-    try:
+    with source_view(src, qmp, vm, nodes) as socket_path:
         bitmap = verify.add_bitmap(qmp, nodes)
         for rounds in range(1, MAX_ROUNDS + 1):
             to_copy: dict[int, set[int]] = {}
@@ -75,9 +72,6 @@ def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes
             if not any(written.values()):
                 break
         sent += _finish_paused(src, qmp, vm, manifest, nodes, bitmap, look, chunk, socket_path)
-    finally:
-        verify.close_view(qmp, nodes)
-        src.run(["rm", "-f", "--", str(socket_path)], check=False, timeout=30)
     return HashResync(sent, digests, rounds)
 
 

@@ -252,3 +252,32 @@ def test_a_hash_resync_killed_half_way_and_run_again_leaves_the_replica_whole(la
     assert not writer.failure, writer.failure
     assert code == 0, checked["vms"][0]["summary"]
     assert writer.count > 5
+
+
+def test_a_check_killed_half_way_is_cleaned_up_by_the_next(lab: Lab, lab_vm: LabVm, lab_config: Path,
+                                                            tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    lab_vm.guest_write("vd0", 0, 32 * MiB, 0x42)
+    wait_in_sync(lab_vm)
+    first = subprocess.Popen([sys.executable, "-m", "drtool", "--config", str(lab_config), "check", lab_vm.name],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(e["id"].startswith("drtool-check") for e in lab_vm.qmp("query-block-exports")):
+        assert time.monotonic() < deadline and first.poll() is None, "the check never exported the disk"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    if lab_vm.status() != "running":  # killed inside its pause, as a killed checkpoint would leave it
+        lab_vm.qmp("cont")
+    code, report = check_json(lab_config, lab_vm.name)
+    assert code == 0, report["vms"][0]["summary"]
+    assert lab_vm.qmp("query-block-exports") == []
+    bitmaps = [b.get("name", "") for n in lab_vm.qmp("query-named-block-nodes", flat=True) for b in n.get("dirty-bitmaps", [])]
+    assert not [b for b in bitmaps if b.startswith("drtool-check")], bitmaps
+    # no NBD server is left running in the source QEMU: the lab can start one
+    lab_vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "probe.sock")}})
+    lab_vm.qmp("nbd-server-stop")
