@@ -38,7 +38,7 @@ from drtool.mechanics import verify
 from drtool.mechanics.points import delete_points
 from drtool.services.checkpoint import DRAIN_TIMEOUT, take_consistent_point, target_session
 from drtool.services.concurrent import map_concurrently
-from drtool.services.status import point_age, replication_state
+from drtool.services.status import point_age, replication_state, worst_state
 from drtool.state.manifest import Manifest, now
 from drtool.state.store import FAILOVER_STATES, load_settled_manifest, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
@@ -149,9 +149,8 @@ def check_vm(reach: Reach, vm: Vm, thresholds: Thresholds, repair: bool = False)
 
         try:
             keep_result(reach.shell(vm.dr_host), vm, result)
-        except DrtoolError as err:
-            result = replace(result, status=max(result.status, CheckStatus.UNKNOWN),
-                             summary=f"{result.summary}; the result could not be kept: {err}")
+        except DrtoolError as err:  # the verdict stands; the history misses it
+            result = replace(result, summary=f"{result.summary}; the result could not be kept: {err}")
     return result
 
 
@@ -174,7 +173,7 @@ def _check_locked(reach: Reach, dr: RemoteShell, vm: Vm, thresholds: Thresholds,
         states = [replication_state(jobs.get(job_id(i))) for i in range(len(manifest.disks))]
         lags = [jobs[job_id(i)].remaining if job_id(i) in jobs else None for i in range(len(manifest.disks))]
         lag = sum(n for n in lags if n is not None) if any(n is not None for n in lags) else None
-        worst = _worst(states)
+        worst = worst_state(states)
         base = VmCheck(vm.name, CheckStatus.OK, "", replication=worst, lag_bytes=lag, newest_point_age=age,
                        disks=tuple(DiskCheck(d.device, d.virtual_size, s, n)
                                    for d, s, n in zip(manifest.disks, states, lags)))
@@ -203,14 +202,6 @@ def _sample_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:
             break
         time.sleep(0.1)
     return best
-
-
-_SEVERITY = ("in sync", "lagging", "seeding", "broken")
-
-
-def _worst(states: list[str]) -> str:
-    rank = [next((i for i, p in enumerate(_SEVERITY) if s.startswith(p)), len(_SEVERITY)) for s in states]
-    return states[rank.index(max(rank))] if states else "unprotected"
 
 
 def _judge(result: VmCheck, thresholds: Thresholds, left_out: list[str], broken: bool = False) -> VmCheck:

@@ -96,7 +96,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
     missing = [d for d in vm.disks if d not in {disk.device for disk in disks}]
     error = f"configured disk(s) not attached: {', '.join(missing)}" if missing else ""
     states = [d.replication for d in disks if d.device in replicated]
-    protection = manifest_error or (_worst(states) if manifest else UNPROTECTED)
+    protection = manifest_error or (worst_state(states) if manifest else UNPROTECTED)
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
         newest_point_age=point_age(manifest),
@@ -141,7 +141,7 @@ def point_age(manifest: Manifest | None) -> float | None:
 _SEVERITY = ("in sync", "lagging", "seeding", "broken")
 
 
-def _worst(states: list[str]) -> str:
+def worst_state(states: list[str]) -> str:
     if not states:
         return UNPROTECTED
     return max(states, key=lambda s: next(i for i, p in enumerate(_SEVERITY) if s.startswith(p)))
