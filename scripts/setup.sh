@@ -13,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-system-common qemu-utils \
-    openssh-server openssh-client iproute2 socat procps \
+    openssh-server openssh-client iproute2 socat procps python3-libnbd \
     python3 python3-venv python3-pip ca-certificates \
     busybox-static
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 
 from drtool import __version__
-from drtool.errors import DrtoolError, ExitCode, Interrupted
+from drtool.errors import DrtoolError, ExitCode, Interrupted, UsageError
 
 from .output import Output
 
@@ -80,8 +80,8 @@ class AppState:
             return service(inventory, conns, *args, **kwargs)
 
     @contextlib.contextmanager
-    def guard(self, json_mode: bool = False) -> Iterator[Output]:
-        """Run a command body: one error line and its exit code on failure."""
+    def guard(self, json_mode: bool = False, error_code: int | None = None) -> Iterator[Output]:
+        """Run a command body: one error line and its exit code (or error_code) on failure."""
         if json_mode:
             self.output.json_mode = True
         try:
@@ -92,10 +92,11 @@ class AppState:
             if self.verbose:
                 self.output.traceback()
             if self.output.json_mode:
-                self.output.json_error(int(err.exit_code), err.message, err.hint)
+                self.output.json_error(int(err.exit_code) if error_code is None else error_code, err.message,
+                                       err.hint)
             else:
                 self.output.error(str(err))
-            raise typer.Exit(int(err.exit_code)) from None
+            raise typer.Exit(int(err.exit_code) if error_code is None else error_code) from None
         except KeyboardInterrupt:
             self.output.error("interrupted")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
@@ -105,7 +106,7 @@ class AppState:
             self.output.error(
                 f"internal error: {type(err).__name__}: {err} (run with --verbose for details)"
             )
-            raise typer.Exit(int(ExitCode.FAILED)) from None
+            raise typer.Exit(int(ExitCode.FAILED) if error_code is None else error_code) from None
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:
@@ -208,6 +209,9 @@ def hosts_check(
 def status(
     ctx: typer.Context,
     vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    prometheus: Annotated[Optional[Path], typer.Option("--prometheus", help="Also write node_exporter textfile "
+                                                       "metrics to FILE (atomically).", dir_okay=False,
+                                                       metavar="FILE")] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Show each VM's host, run state, disks and protection state.
@@ -224,6 +228,10 @@ def status(
     state = _state(ctx)
     with state.guard(json_mode) as out:
         report = state.call(vm_status, vms or [])
+        if prometheus is not None:
+            from .prometheus import status_metrics, write_textfile
+
+            write_textfile(prometheus, status_metrics(report))
         out.render({"vms": report.vms}, lambda _: status_table(report))
         out.errors((v.name, v.error) for v in report.vms if v.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
@@ -330,6 +338,65 @@ def checkpoint_command(
         report = state.call(checkpoint, vms or [], all_vms=all_vms)
         out.render({"results": report.results}, lambda _: checkpoint_table(report))
         out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
+    raise typer.Exit(int(report.exit_code))
+
+
+@app.command("check")
+def check_command(
+    ctx: typer.Context,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to check.")] = None,
+    all_vms: Annotated[bool, typer.Option("--all", help="Every VM of the inventory (for cron).")] = False,
+    warn_rpo: Annotated[Optional[str], typer.Option("--warn-rpo", help="WARNING when the newest point is "
+                                                    "older, e.g. 15m.")] = None,
+    crit_rpo: Annotated[Optional[str], typer.Option("--crit-rpo", help="CRITICAL when the newest point is "
+                                                    "older, e.g. 2h.")] = None,
+    warn_lag: Annotated[str, typer.Option("--warn-lag", help="WARNING when replication stays this far "
+                                          "behind.")] = "64M",
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="Bytes hashed per digest.")] = "1M",
+    repair: Annotated[bool, typer.Option("--repair", help="Re-send the ranges that differ, then check "
+                                         "them again.")] = False,
+    history: Annotated[bool, typer.Option("--history", help="List the VM's kept check results.")] = False,
+    nagios: Annotated[bool, typer.Option("--nagios", help="Print one status line with performance "
+                                         "data.")] = False,
+    prometheus: Annotated[Optional[Path], typer.Option("--prometheus", help="Write node_exporter textfile "
+                                                       "metrics to FILE (atomically).", dir_okay=False)] = None,
+    json_mode: JsonOption = False,
+) -> None:
+    """Compare each replica with its source as of one instant (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)."""
+    from drtool.services.check import CheckStatus, Thresholds, check
+    from drtool.units import parse_duration, parse_size
+
+    from . import render
+    from .prometheus import check_metrics, write_textfile
+
+    state = _state(ctx)
+    # monitoring-plugin convention: anything that is not a verdict is UNKNOWN (3); --nagios with --json
+    # is refused in one plain line (which of the two outputs would carry the error?)
+    with state.guard(json_mode and not nagios, error_code=int(CheckStatus.UNKNOWN)) as out:
+        if history:
+            from drtool.services.check_history import check_history
+
+            if len(vms or []) != 1 or all_vms or repair:
+                raise UsageError("--history takes one VM and no other action")
+            out.render(state.call(check_history, (vms or [])[0]), render.check_history_table)
+            raise typer.Exit(0)
+        if nagios and json_mode:
+            raise UsageError("--nagios and --json are two different outputs: pick one")
+        try:
+            thresholds = Thresholds(
+                warn_rpo=parse_duration(warn_rpo) if warn_rpo else None,
+                crit_rpo=parse_duration(crit_rpo) if crit_rpo else None,
+                warn_lag=parse_size(warn_lag), chunk=parse_size(chunk_size))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        report = state.call(check, vms or [], all_vms=all_vms, thresholds=thresholds, repair=repair)
+        if prometheus is not None:
+            write_textfile(prometheus, check_metrics(report))
+        if nagios:
+            out.show(render.nagios_line(report))
+        else:
+            out.render({"vms": report.vms, "status": report.exit_code.name}, lambda _: render.check_table(report))
+            out.errors((v.vm, v.summary) for v in report.vms if v.status != CheckStatus.OK)
     raise typer.Exit(int(report.exit_code))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
+from drtool.services.check_history import CheckHistory
 from drtool.services.checkpoint import CheckpointReport, PointsReport
 from drtool.services.dr_inventory import ExportResult
 from drtool.services.drill import DrillCleanup, DrillResult
@@ -15,6 +16,7 @@ from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
+from drtool.state.checks import CheckReport
 from drtool.state.protection import Health
 from drtool.units import human_size
 
@@ -68,7 +70,7 @@ def status_table(report: StatusReport) -> Table:
             protection += f"\n{vm.mode} to {vm.dr_host}\n{vm.transport}"
             if vm.transport == "plain":
                 protection += " (unencrypted: inventory opted out of TLS)"
-        head = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
+        head: list[str | Text] = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
         if vm.error:
             table.add_row(*head, Text(vm.error, style="red"))
             head = ["", "", "", ""]
@@ -182,3 +184,67 @@ def drill_summary(result: DrillResult) -> str:
 
 def drill_cleanup_summary(result: DrillCleanup) -> str:
     return f"{result.vm}: test VM and overlays removed" if result.removed else f"{result.vm}: no test VM to remove"
+
+
+_CHECK_STYLE = {0: "green", 1: "yellow", 2: "red", 3: "magenta"}
+
+
+def _ranges(ranges: tuple[tuple[int, int], ...], limit: int = 8) -> str:
+    shown = [f"{o}+{n}" for o, n in ranges[:limit]]
+    return ", ".join(shown) + (f" (+{len(ranges) - limit} more)" if len(ranges) > limit else "")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "no point"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def check_table(report: CheckReport) -> Table:
+    table = Table(title="Checks", title_justify="left")
+    for col in ("vm", "status", "replication", "lag", "newest point", "disk", "compared", "differs at",
+                "time", "rate", "summary"):
+        table.add_column(col, overflow="fold")
+    for vm in report.vms:
+        head: list[str | Text] = [vm.vm, Text(vm.status.name, style=_CHECK_STYLE[int(vm.status)]),
+                Text(vm.replication.value, style=_replication_style(vm.replication)),
+                human_size(vm.lag_bytes) if vm.lag_bytes is not None else "-", _age(vm.newest_point_age)]
+        if not vm.disks:
+            table.add_row(*head, "-", "-", "-", f"{vm.seconds:.1f} s", "-", vm.summary)
+        for disk in vm.disks:
+            differs = _ranges(disk.differing) or "-"
+            if disk.repaired:
+                differs += f"\n(repaired: {_ranges(disk.repaired)})"
+            table.add_row(*head, disk.device, human_size(disk.compared_bytes), differs, f"{disk.seconds:.1f} s",
+                          f"{human_size(disk.rate)}/s", vm.summary)
+            head = ["", "", "", "", ""]
+    return table
+
+
+def nagios_line(report: CheckReport) -> str:
+    """One line: STATUS - summary | performance data (the monitoring-plugin format)."""
+    status = report.exit_code
+    summaries = [f"{v.vm}: {v.summary}" for v in report.vms if v.status == status] or ["no VM checked"]
+    perf = []
+    for v in report.vms:
+        perf.append(f"'{v.vm}_differing'={v.differing_bytes}B;;0")
+        if v.lag_bytes is not None:
+            perf.append(f"'{v.vm}_lag'={v.lag_bytes}B")
+        if v.newest_point_age is not None:
+            perf.append(f"'{v.vm}_point_age'={v.newest_point_age:.0f}s")
+        perf.append(f"'{v.vm}_duration'={v.seconds:.1f}s")
+    return f"DRTOOL {status.name} - {'; '.join(summaries)} | {' '.join(perf)}"
+
+
+def check_history_table(history: CheckHistory) -> Table:
+    table = Table(title=f"Checks of {history.vm}", title_justify="left")
+    for col in ("started", "status", "took", "point", "compared", "differing", "repaired", "summary"):
+        table.add_column(col, overflow="fold")
+    for e in history.entries:
+        table.add_row(e.started_at, Text(e.status, style={"OK": "green", "WARNING": "yellow"}.get(e.status, "red")),
+                      f"{e.seconds:.1f} s", e.point or "-", human_size(e.compared_bytes),
+                      human_size(e.differing_bytes), human_size(e.repaired_bytes), e.summary)
+    return table

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
-from drtool.mechanics.blockinfo import parse_query_block
 from drtool.errors import DrtoolError, QmpError
+from drtool.mechanics.blockinfo import parse_query_block
 from drtool.state.manifest import Manifest
+from drtool.state.protection import Health
 from drtool.transport.qmp import QmpSession
 
 TLS_ID = "drtool-tls"
@@ -85,6 +86,21 @@ class JobState:
     @property
     def broken(self) -> bool:
         return self.ended or self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
+
+
+def replication_health(job: JobState | None, target_running: bool = True) -> tuple[Health, str]:
+    """One disk's replication health, and why in words."""
+    if not target_running:
+        return Health.BROKEN, "the DR target is not running; run drtool resync"
+    if job is None or job.ended:
+        return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
+    if job.io_status != "ok" or job.paused:
+        return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "
+                               "run drtool resync")
+    if not job.ready:
+        pct = 100.0 * job.offset / job.length if job.length else 0.0
+        return Health.SEEDING, f"{pct:.0f}% copied"
+    return (Health.IN_SYNC, "") if job.remaining == 0 else (Health.LAGGING, f"{job.remaining} bytes behind")
 
 
 def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPath,

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
+from drtool.mechanics.hasher import SYSTEM_PYTHON
 from drtool.mechanics.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
 
-# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py)
-# and the replication link (mechanics/link_relay.py).
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "python3")
-_VERSION = re.compile(r"version\s+(\S+)", re.IGNORECASE)
+# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py) and the
+# replication link (mechanics/link_relay.py); python3's nbd module (libnbd) the check's
+# hasher (mechanics/hasher.py), which starts qemu-nbd to read points.
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-nbd", "qemu-storage-daemon", "python3", "python3-libnbd")
+_PACKAGES = {"python3-libnbd": "python3-libnbd (Debian, Ubuntu, Fedora, RHEL)"}
+_VERSION = re.compile(r"(?:version|qemu-nbd)\s+(\S+)", re.IGNORECASE)
 _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 
 
@@ -101,9 +104,15 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
 
 
 def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
-    result = shell.run([tool, "--version"], check=False, timeout=30)
+    if tool == "python3-libnbd":
+        argv = [SYSTEM_PYTHON, "-c", "import nbd; print('version', nbd.NBD().get_version())"]
+    else:
+        argv = [tool, "--version"]
+    result = shell.run(argv, check=False, timeout=30)
     if not result.ok:
         why = "not found" if result.exit_status == 127 else (result.err.strip() or f"exit {result.exit_status}")
+        if tool in _PACKAGES:
+            why = f"missing: install {_PACKAGES[tool]}"
         return ToolCheck(tool, None, why)
     text = result.out + result.err
     pattern = _PYTHON_VERSION if tool == "python3" else _VERSION

@@ -14,9 +14,15 @@ preference:
    previous resync). Copy those blocks with bitmap backups while the VM runs,
    pause the VM for one last small round, start fresh mirrors with sync=none
    (in sync at once), resume the VM.
-3. "full": neither survived (QEMU was killed: its bitmap comes back
-   inconsistent). drtool says so and copies every allocated block again;
-   never a silent partial sync.
+3. "hash": neither survived (QEMU was killed: its bitmap comes back
+   inconsistent) but the replica was complete once (not seeding): both sides
+   are hashed and only the chunks that differ are sent, then mirrors start
+   with sync=none (mechanics/hash_resync.py, drtool check's machinery).
+4. "full": the initial sync never finished: every allocated block is copied.
+
+In tiers 3 and 4 the manifest trusts no bitmap while the copy runs; the new
+persistent bitmap is added before the copy (every write from then on is in
+it) and trusted only once the replicas are in sync.
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, start_target, target_pid
+from drtool.mechanics.dr_target import (
+    PSK_USER,
+    TargetLayout,
+    source_tls_dir,
+    start_target,
+    target_pid,
+)
+from drtool.mechanics.hash_resync import hash_resync
 from drtool.mechanics.link import link_socket, start_link
 from drtool.mechanics.pausing import resume_own_pause, resume_source
 from drtool.mechanics.points import load_settled_manifest
-from drtool.state.manifest import Manifest, now
-from drtool.state.protection import Protection
-from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
     DiskProgress,
     JobState,
@@ -44,18 +54,21 @@ from drtool.mechanics.replication import (
     cancel_mirrors,
     current_nodes,
     detach_target,
+    distrusting_bitmaps,
     job_id,
+    mirror_dirty_bytes,
     nbd_node,
     query_jobs,
-    start_mirrors,
-    mirror_dirty_bytes,
     remove_bitmaps,
     rotate_bitmaps,
+    start_mirrors,
     trusted_bitmap,
     trusting_bitmap,
-    distrusting_bitmaps,
     wait_until_ready,
 )
+from drtool.state.manifest import Manifest, now
+from drtool.state.protection import Protection
+from drtool.state.records import SourcePause
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -66,7 +79,7 @@ RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted targe
 @dataclass(frozen=True)
 class ResyncResult:
     vm: str
-    action: str  # none | resumed | bitmap | full
+    action: str  # none | resumed | bitmap | hash | full
     bytes_sent: int
     seconds: float
     paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
@@ -202,10 +215,17 @@ def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs:
         why = "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost"
     else:
         why = "no change tracking was trusted (a full copy had not finished)"
-    # Nothing trusted while the copy runs: killed half-way, the next resync copies in full again.
+    # Nothing trusted while the copy runs: killed half-way, the next resync copies (or compares) again.
     manifest = distrusting_bitmaps(manifest)
     save(manifest)
     name = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
+    if not seeding:  # the replicas were whole once: compare digests, send only what differs
+        done = hash_resync(run.reach, qmp, manifest, vm, nodes)
+        wait_until_ready(qmp, manifest, on_progress)
+        manifest = trusting_bitmap(manifest, name)
+        return ResyncResult(manifest.vm, "hash", done.sent_bytes, time.monotonic() - started, 0.0, restarted,
+                            f"{why}: compared digests in {done.rounds} round(s) ({done.digest_bytes} bytes), "
+                            "sent the chunks that differ"), manifest
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
     manifest = trusting_bitmap(manifest, name)

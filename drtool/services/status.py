@@ -10,8 +10,14 @@ from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.dr_vm import dr_vm_session
-from drtool.mechanics.replication import JobState, job_id, query_jobs
+from drtool.mechanics.replication import (
+    JobState,
+    job_id,
+    query_jobs,
+    replication_health,
+)
 from drtool.services.concurrent import map_concurrently
+from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
 from drtool.state.store import load_manifest, select_vm
@@ -45,6 +51,7 @@ class VmStatus:
     exit_code: ExitCode = ExitCode.OK
     reason: str = ""  # the protection in words
     state: Protection | None = None  # the manifest's protection state (None: no manifest)
+    newest_point_age: float | None = None  # s since the newest point in time was taken
 
 
 @dataclass(frozen=True)
@@ -111,10 +118,11 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
             reason = f"in sync, but a resync was interrupted: run drtool resync {vm.name}"
         pause = manifest.source_pause
         if pause is not None and run_state != "running":
-            reason = "; ".join(filter(None, (reason, f"paused by an interrupted drtool {pause.by} since {pause.at}: "
-                                                     f"drtool resync {vm.name} resumes it")))
+            paused = f"paused by an interrupted drtool {pause.by} since {pause.at}: drtool resync {vm.name} resumes it"
+            reason = "; ".join(filter(None, (reason, paused)))
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
+        newest_point_age=point_age(manifest),
         mode=manifest.mode if manifest else None,
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
@@ -146,21 +154,6 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
                              None, "runs on the DR host") for d in devices)
     return VmStatus(vm.name, vm.dr_host, vm.dr_host, run_state, protection, disks, mode=manifest.mode,
                     transport=manifest.transport, reason=reason, state=manifest.state)
-
-
-def replication_health(job: JobState | None, target_running: bool = True) -> tuple[Health, str]:
-    """One disk's replication health, and why in words."""
-    if not target_running:
-        return Health.BROKEN, "the DR target is not running; run drtool resync"
-    if job is None or job.ended:
-        return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
-    if job.io_status != "ok" or job.paused:
-        return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "
-                               "run drtool resync")
-    if not job.ready:
-        pct = 100.0 * job.offset / job.length if job.length else 0.0
-        return Health.SEEDING, f"{pct:.0f}% copied"
-    return (Health.IN_SYNC, "") if job.remaining == 0 else (Health.LAGGING, f"{job.remaining} bytes behind")
 
 
 def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool,

@@ -32,7 +32,7 @@ HOST_KEYS = {"name", "address", "reachable", "host_key", "tools", "replica_space
 TOOL_KEYS = {"name", "version", "detail"}
 SPACE_KEYS = {"vm", "replica_dir", "measured_on", "available_bytes", "error"}
 VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code",
-           "reason", "state"}
+           "reason", "state", "newest_point_age"}
 DISK_KEYS = {
     "device", "node_name", "format", "virtual_size", "image", "protected", "replication", "lag_bytes", "reason",
 }  # fmt: skip
@@ -220,8 +220,8 @@ def test_status_json_schema_contract(lab: Lab, lab_vm: LabVm, lab_config: Path, 
     assert types == {
         "name": "str", "host": "str", "dr_host": "str", "run_state": "str", "protection": "str",
         "disks": "list", "mode": "NoneType", "transport": "NoneType", "error": "str", "exit_code": "int",
-        "reason": "str", "state": "NoneType",
-    }  # fmt: skip  (mode, transport and state are null while the VM is unprotected)
+        "reason": "str", "state": "NoneType", "newest_point_age": "NoneType",
+    }  # fmt: skip  (mode, transport, state and the point's age are null while the VM is unprotected)
     assert {k: type(v).__name__ for k, v in vm["disks"][0].items()} == {
         "device": "str", "node_name": "str", "format": "str", "virtual_size": "int", "image": "str",
         "protected": "bool", "replication": "str", "lag_bytes": "NoneType", "reason": "str",

@@ -148,14 +148,14 @@ def test_resync_after_a_clean_source_restart_uses_the_persistent_bitmap(lab, lab
     assert_replicas_identical(lab, lab_vm)
 
 
-def test_resync_after_the_source_qemu_is_killed_says_full_sync(lab, lab_vm, lab_config):
+def test_resync_after_the_source_qemu_is_killed_compares_digests(lab, lab_vm, lab_config):
     drtool_ok(lab_config, "protect", lab_vm.name)
     wait_in_sync(lab_vm)
     lab_vm.kill()
     lab_vm.relaunch()
     lab_vm.guest_write("vd0", 3 * MiB, MiB, 0x31)
     report = json.loads(drtool_ok(lab_config, "resync", lab_vm.name, "--json").stdout)
-    assert report["action"] == "full" and "uncleanly" in report["detail"], report
+    assert report["action"] == "hash" and "uncleanly" in report["detail"], report
     assert_replicas_identical(lab, lab_vm)
 
 
