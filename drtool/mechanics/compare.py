@@ -26,7 +26,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError
 from drtool.mechanics import verify
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout
+from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir
 from drtool.mechanics.hasher import ChunkHashes, hash_chunks, image_file, live_disk
 from drtool.mechanics.link import link_socket
 from drtool.mechanics.pausing import DRAIN_TIMEOUT, paused_source, take_consistent_point
@@ -73,7 +73,7 @@ def replica_via_link(vm: Vm, manifest: Manifest, index: int) -> dict[str, object
     """The replica's top as the source host reaches it: the DR target's export, through the link and its TLS key."""
     target: dict[str, object] = {"unix": str(link_socket(vm)), "export": manifest.disks[index].export}
     if manifest.transport == "tls-psk":
-        target |= {"tls_psk_file": str(vm.source_state_dir / "tls" / "keys.psk"), "tls_username": PSK_USER}
+        target |= {"tls_psk_file": str(source_tls_dir(vm) / "keys.psk"), "tls_username": PSK_USER}
     return target
 
 
