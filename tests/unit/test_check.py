@@ -8,9 +8,17 @@ from drtool.cli.prometheus import check_metrics, status_metrics, write_textfile
 from drtool.cli.render import nagios_line
 from drtool.errors import UsageError
 from drtool.mechanics.hasher import ZERO, ChunkHashes
-from drtool.mechanics.verify import chunks_touched, judge, ranges_of, zero_digest
-from drtool.services.check import CheckReport, CheckStatus, DiskCheck, Thresholds, VmCheck, _judge, check
 from drtool.mechanics.repair import REPAIR_BATCH, repair_batches
+from drtool.mechanics.verify import chunks_touched, judge, ranges_of, zero_digest
+from drtool.services.check import (
+    CheckReport,
+    CheckStatus,
+    DiskCheck,
+    Thresholds,
+    VmCheck,
+    _judge,
+    check,
+)
 from drtool.services.status import DiskStatus, StatusReport, VmStatus
 from drtool.state.protection import Health
 from drtool.units import parse_duration, parse_size
@@ -59,9 +67,9 @@ def test_dirty_ranges_map_to_every_chunk_they_touch():
     assert ranges_of({0, MiB, 3 * MiB}, MiB, 8 * MiB) == [(0, 2 * MiB), (3 * MiB, MiB)]
 
 
-def vm_check(**kw) -> VmCheck:  # noqa: ANN003
-    base = dict(vm="web", status=CheckStatus.OK, summary="", replication=Health.IN_SYNC, lag_bytes=0,
-                newest_point_age=60.0, disks=(DiskCheck("vd0", 8 * MiB, Health.IN_SYNC, 0, compared_bytes=MiB),))
+def vm_check(**kw) -> VmCheck:
+    base = {"vm": "web", "status": CheckStatus.OK, "summary": "", "replication": Health.IN_SYNC, "lag_bytes": 0,
+            "newest_point_age": 60.0, "disks": (DiskCheck("vd0", 8 * MiB, Health.IN_SYNC, 0, compared_bytes=MiB),)}
     return VmCheck(**(base | kw))
 
 
