@@ -43,7 +43,7 @@ from drtool.mechanics.dr_target import (
 )
 from drtool.mechanics.hash_resync import hash_resync
 from drtool.mechanics.link import link_socket, start_link
-from drtool.mechanics.pausing import resume_own_pause, resume_source
+from drtool.mechanics.pausing import paused_source, resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import (
     DiskProgress,
@@ -66,9 +66,8 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
-from drtool.state.manifest import Manifest, now
+from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
-from drtool.state.records import SourcePause
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -247,19 +246,11 @@ def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap
     """Copy the bitmap's blocks while the VM runs, then once more paused, then mirror from now on."""
     qmp = run.qmp
     sent = _bitmap_backup_round(qmp, manifest, nodes, bitmap)
-    was_running = qmp.execute("query-status")["status"] == "running"
-    if was_running:  # recorded first: if drtool dies paused, the next command resumes the VM
-        save_manifest(run.dr, run.vm, replace(manifest, source_pause=SourcePause("resync", now())))
     paused_at = time.monotonic()
-    if was_running:
-        qmp.execute("stop")
-    try:
+    with paused_source(run.reach, run.dr, run.vm, manifest, qmp, "resync"):  # recorded first
+        paused_at = time.monotonic()
         sent += _bitmap_backup_round(qmp, manifest, nodes, bitmap)
         start_mirrors(qmp, manifest, nodes, sync="none")
-    finally:
-        if was_running:
-            resume_source(run.reach, run.vm, qmp)
-            save_manifest(run.dr, run.vm, manifest)
     return sent, time.monotonic() - paused_at
 
 
