@@ -80,7 +80,7 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
     host = inventory.hosts[name]
     try:
         shell = reach.shell(name)
-        tools = tuple(_check_tool(shell, tool) for tool in REQUIRED_TOOLS)
+        tools = tuple(map_concurrently(lambda tool: _check_tool(shell, tool), REQUIRED_TOOLS))  # 6 round trips at once
         space = tuple(
             _check_space(shell, vm.name, str(vm.replica_dir))
             for vm in sorted(inventory.vms.values(), key=lambda v: v.name)

@@ -30,6 +30,7 @@ QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon")
 
 HOST_KEYS = {"name", "address", "reachable", "host_key", "tools", "replica_space", "error", "exit_code"}
 TOOL_KEYS = {"name", "version", "detail"}
+ENVELOPE = {"schema_version", "command"}  # every --json answer (cli/output.py)
 SPACE_KEYS = {"vm", "replica_dir", "measured_on", "available_bytes", "error"}
 VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code",
            "reason", "state", "newest_point_age"}
@@ -134,7 +135,7 @@ def test_hosts_check_json(lab: Lab, lab_vm: LabVm, lab_config: Path, json_first:
     args = ("--json", "hosts", "check") if json_first else ("hosts", "check", "--json")
     result, data = drtool_json(lab_config, *args)
     assert result.returncode == ExitCode.OK and result.stderr == "", result.stderr
-    assert set(data) == {"hosts"}
+    assert set(data) == {*ENVELOPE, "hosts"} and data["schema_version"] == 1
     hosts = by_name(data["hosts"])
     assert list(hosts) == ["site-a", "site-b"]
     versions = {tool: local_version(tool) for tool in QEMU_TOOLS}
@@ -212,7 +213,7 @@ def test_status_json_schema_contract(lab: Lab, lab_vm: LabVm, lab_config: Path, 
     )  # fmt: skip
     result, data = drtool_json(lab_config, "status", "--json")
     assert result.returncode == ExitCode.OK
-    assert set(data) == {"vms"}
+    assert set(data) == {*ENVELOPE, "vms"} and data["schema_version"] == 1
     [vm] = data["vms"]
     assert set(vm) == VM_KEYS
     assert vm["disks"] and all(set(d) == DISK_KEYS for d in vm["disks"])
