@@ -23,6 +23,7 @@ this tier again (never "in sync" by mistake):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -51,6 +52,7 @@ class HashResync:
     sent_bytes: int  # chunk bytes copied into the replica
     digest_bytes: int  # what the digests and requests took on the network
     rounds: int
+    paused_seconds: float  # how long the source was paused for the last chunks
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,10 @@ def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes
                      {i: len(c) for i, c in to_copy.items()}, [len(w) for w in written.values()])
             if not any(written.values()):
                 break
+        paused_at = time.monotonic()
         sent += _finish_paused(sides, nodes, bitmap, look)
-    return HashResync(sent, digests, rounds)
+        paused = time.monotonic() - paused_at
+    return HashResync(sent, digests, rounds, round(paused, 3))
 
 
 def _copy(sides: _Sides, i: int, offsets: set[int]) -> int:

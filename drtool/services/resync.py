@@ -81,7 +81,7 @@ class ResyncResult:
     action: str  # none | resumed | bitmap | hash | full
     bytes_sent: int
     seconds: float
-    paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
+    paused_seconds: float = 0.0  # how long the VM was paused (bitmap and hash resyncs)
     target_restarted: bool = False
     detail: str = ""
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
@@ -222,7 +222,8 @@ def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs:
         done = hash_resync(run.reach, qmp, manifest, vm, nodes)
         wait_until_ready(qmp, manifest, on_progress)
         manifest = trusting_bitmap(manifest, name)
-        return ResyncResult(manifest.vm, "hash", done.sent_bytes, time.monotonic() - started, 0.0, restarted,
+        return ResyncResult(manifest.vm, "hash", done.sent_bytes, time.monotonic() - started, done.paused_seconds,
+                            restarted,
                             f"{why}: compared digests in {done.rounds} round(s) ({done.digest_bytes} bytes), "
                             "sent the chunks that differ"), manifest
     start_mirrors(qmp, manifest, nodes, sync="full")
