@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -242,8 +244,6 @@ def test_resync_after_the_source_is_killed_sends_only_what_differs(lab: Lab, lab
 
 def test_a_hash_resync_killed_half_way_and_run_again_leaves_the_replica_whole(lab: Lab, lab_vm: LabVm,
                                                                                lab_config: Path):
-    import signal
-    import sys
 
     drtool_ok(lab_config, "protect", lab_vm.name)
     lab_vm.guest_write("vd0", 0, 48 * MiB, 0x41)
@@ -271,8 +271,6 @@ def test_a_hash_resync_killed_half_way_and_run_again_leaves_the_replica_whole(la
 
 def test_a_check_killed_half_way_is_cleaned_up_by_the_next(lab: Lab, lab_vm: LabVm, lab_config: Path,
                                                             tmp_path: Path):
-    import signal
-    import sys
 
     drtool_ok(lab_config, "protect", lab_vm.name)
     lab_vm.guest_write("vd0", 0, 32 * MiB, 0x42)
