@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -52,7 +52,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 @dataclass
 class AppState:
-    config: Optional[Path] = None
+    config: Path | None = None
     json_mode: bool = False
     verbose: bool = False
     output: Output = field(default_factory=Output)
@@ -131,7 +131,7 @@ def _version(value: bool) -> None:
 def main(
     ctx: typer.Context,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--config", "-c", help="Inventory file (else $DRTOOL_CONFIG, ./drtool.toml, "
                      "~/.config/drtool/drtool.toml).", envvar=None, dir_okay=False, metavar="PATH"),
     ] = None,
@@ -182,7 +182,8 @@ def inventory_export(
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
+    hosts: Annotated[list[str] | None,
+                     typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Check SSH reachability, host keys, QEMU tools and free space for replicas.
@@ -207,7 +208,7 @@ def hosts_check(
 @app.command("status")
 def status(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Show each VM's host, run state, disks and protection state.
@@ -307,7 +308,7 @@ def resync_command(
 @app.command("checkpoint")
 def checkpoint_command(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
@@ -361,7 +362,7 @@ def failover_command(
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
                                         "fail over from the newest point anyway. With --rollback: discard "
                                         "what the DR copy wrote, however long it ran.")] = False,
-    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).",
+    point: Annotated[str | None, typer.Option("--point", help="Start from this point (see drtool points).",
                                                  metavar="ID")] = None,
     test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
                                        "replication goes on.")] = False,
@@ -419,28 +420,26 @@ def failover_command(
             out.render(result, render.failover_summary)
 
 
-def _usage_error_class() -> type[Exception]:
-    """Click's UsageError, wherever this typer keeps click (recent typers vendor it)."""
-    try:
-        from typer._click.exceptions import UsageError
-    except ImportError:
-        from click.exceptions import UsageError  # type: ignore[no-redef]
-    return UsageError
+def _is_usage_error(err: Exception) -> bool:
+    """Click's UsageError (unknown option, missing argument...), wherever this typer keeps click."""
+    return any(cls.__name__ == "UsageError" for cls in type(err).__mro__)
 
 
 def run() -> None:
     """Console-script entry point: usage errors too are one line and exit 2."""
     import sys
 
-    usage_error = _usage_error_class()
     try:
         code = app(standalone_mode=False, prog_name="drtool")
-    except usage_error as err:  # unknown option or command, missing or bad argument
-        where = err.ctx.command_path if err.ctx is not None else "drtool"
-        message = err.format_message().replace("\n", " ").rstrip(".")
-        sys.stderr.write(f"drtool: error: {message}; see {where} --help\n")
-        sys.exit(int(ExitCode.USAGE))
     except typer.Abort:  # end of input at a prompt
         sys.stderr.write("drtool: error: interrupted\n")
         sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as err:
+        if not _is_usage_error(err):
+            raise
+        ctx = getattr(err, "ctx", None)
+        where = ctx.command_path if ctx is not None else "drtool"
+        message = str(getattr(err, "format_message", err.__str__)()).replace("\n", " ").rstrip(".")
+        sys.stderr.write(f"drtool: error: {message}; see {where} --help\n")
+        sys.exit(int(ExitCode.USAGE))
     sys.exit(code if isinstance(code, int) else 0)

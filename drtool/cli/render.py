@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -30,7 +31,8 @@ def hosts_table(report: HostsReport) -> Table:
     for h in report.hosts:
         tools = "\n".join(f"{t.name} {t.version or '(' + t.detail + ')'}" for t in h.tools)
         space = "\n".join(
-            f"{s.vm}: {human_size(s.available_bytes)} free at {s.measured_on}" if s.error == "" else f"{s.vm}: {s.error}"
+            f"{s.vm}: {human_size(s.available_bytes)} free at {s.measured_on}" if s.error == ""
+            else f"{s.vm}: {s.error}"
             for s in h.replica_space
         ) or "-"
         table.add_row(
@@ -68,7 +70,8 @@ def status_table(report: StatusReport) -> Table:
             protection += f"\n{vm.mode} to {vm.dr_host}\n{vm.transport}"
             if vm.transport == "plain":
                 protection += " (unencrypted: inventory opted out of TLS)"
-        head = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
+        head: list[RenderableType] = [vm.name, vm.host, state,
+                                      Text(protection, style=_replication_style(vm.protection))]
         if vm.error:
             table.add_row(*head, Text(vm.error, style="red"))
             head = ["", "", "", ""]

@@ -32,9 +32,6 @@ from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, s
 from drtool.mechanics.link import link_socket, start_link
 from drtool.mechanics.pausing import resume_own_pause, resume_source
 from drtool.mechanics.points import load_settled_manifest
-from drtool.state.manifest import Manifest, now
-from drtool.state.protection import Protection
-from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
     DiskProgress,
     JobState,
@@ -44,18 +41,21 @@ from drtool.mechanics.replication import (
     cancel_mirrors,
     current_nodes,
     detach_target,
+    distrusting_bitmaps,
     job_id,
+    mirror_dirty_bytes,
     nbd_node,
     query_jobs,
-    start_mirrors,
-    mirror_dirty_bytes,
     remove_bitmaps,
     rotate_bitmaps,
+    start_mirrors,
     trusted_bitmap,
     trusting_bitmap,
-    distrusting_bitmaps,
     wait_until_ready,
 )
+from drtool.state.manifest import Manifest, now
+from drtool.state.protection import Protection
+from drtool.state.records import SourcePause
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
