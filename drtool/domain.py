@@ -46,7 +46,7 @@ class Host:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     replication_address: str | None = None  # where other hosts reach this one's NBD; default: address
-    drtool_dir: PurePosixPath = PurePosixPath("/var/lib/drtool")  # drtool's own files on this host
+    drtool_dir: PurePosixPath = PurePosixPath("/var/lib/drtool")  # noqa: RUF009 - immutable; drtool's files here
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -52,7 +52,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 
 @dataclass
 class AppState:
-    config: Optional[Path] = None
+    config: Path | None = None
     json_mode: bool = False
     verbose: bool = False
     output: Output = field(default_factory=Output)
@@ -132,7 +132,7 @@ def _version(value: bool) -> None:
 def main(
     ctx: typer.Context,
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--config", "-c", help="Inventory file (else $DRTOOL_CONFIG, ./drtool.toml, "
                      "~/.config/drtool/drtool.toml).", envvar=None, dir_okay=False, metavar="PATH"),
     ] = None,
@@ -183,7 +183,8 @@ def inventory_export(
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
+    hosts: Annotated[list[str] | None,
+                     typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Check SSH reachability, host keys, QEMU tools and free space for replicas.
@@ -208,8 +209,8 @@ def hosts_check(
 @app.command("status")
 def status(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
-    prometheus: Annotated[Optional[Path], typer.Option("--prometheus", help="Also write node_exporter textfile "
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    prometheus: Annotated[Path | None, typer.Option("--prometheus", help="Also write node_exporter textfile "
                                                        "metrics to FILE (atomically).", dir_okay=False,
                                                        metavar="FILE")] = None,
     json_mode: JsonOption = False,
@@ -315,7 +316,7 @@ def resync_command(
 @app.command("checkpoint")
 def checkpoint_command(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
@@ -344,11 +345,11 @@ def checkpoint_command(
 @app.command("check")
 def check_command(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to check.")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to check.")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every VM of the inventory (for cron).")] = False,
-    warn_rpo: Annotated[Optional[str], typer.Option("--warn-rpo", help="WARNING when the newest point is "
+    warn_rpo: Annotated[str | None, typer.Option("--warn-rpo", help="WARNING when the newest point is "
                                                     "older, e.g. 15m.")] = None,
-    crit_rpo: Annotated[Optional[str], typer.Option("--crit-rpo", help="CRITICAL when the newest point is "
+    crit_rpo: Annotated[str | None, typer.Option("--crit-rpo", help="CRITICAL when the newest point is "
                                                     "older, e.g. 2h.")] = None,
     warn_lag: Annotated[str, typer.Option("--warn-lag", help="WARNING when replication stays this far "
                                           "behind.")] = "64M",
@@ -358,7 +359,7 @@ def check_command(
     history: Annotated[bool, typer.Option("--history", help="List the VM's kept check results.")] = False,
     nagios: Annotated[bool, typer.Option("--nagios", help="Print one status line with performance "
                                          "data.")] = False,
-    prometheus: Annotated[Optional[Path], typer.Option("--prometheus", help="Write node_exporter textfile "
+    prometheus: Annotated[Path | None, typer.Option("--prometheus", help="Write node_exporter textfile "
                                                        "metrics to FILE (atomically).", dir_okay=False)] = None,
     json_mode: JsonOption = False,
 ) -> None:
@@ -428,7 +429,7 @@ def failover_command(
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
                                         "fail over from the newest point anyway. With --rollback: discard "
                                         "what the DR copy wrote, however long it ran.")] = False,
-    point: Annotated[Optional[str], typer.Option("--point", help="Start from this point (see drtool points).",
+    point: Annotated[str | None, typer.Option("--point", help="Start from this point (see drtool points).",
                                                  metavar="ID")] = None,
     test: Annotated[bool, typer.Option("--test", help="A drill: start a copy on a point, isolated; "
                                        "replication goes on.")] = False,
@@ -486,28 +487,26 @@ def failover_command(
             out.render(result, render.failover_summary)
 
 
-def _usage_error_class() -> type[Exception]:
-    """Click's UsageError, wherever this typer keeps click (recent typers vendor it)."""
-    try:
-        from typer._click.exceptions import UsageError
-    except ImportError:
-        from click.exceptions import UsageError  # type: ignore[no-redef]
-    return UsageError
+def _is_usage_error(err: Exception) -> bool:
+    """Click's UsageError (unknown option, missing argument...), wherever this typer keeps click."""
+    return any(cls.__name__ == "UsageError" for cls in type(err).__mro__)
 
 
 def run() -> None:
     """Console-script entry point: usage errors too are one line and exit 2."""
     import sys
 
-    usage_error = _usage_error_class()
     try:
         code = app(standalone_mode=False, prog_name="drtool")
-    except usage_error as err:  # unknown option or command, missing or bad argument
-        where = err.ctx.command_path if err.ctx is not None else "drtool"
-        message = err.format_message().replace("\n", " ").rstrip(".")
-        sys.stderr.write(f"drtool: error: {message}; see {where} --help\n")
-        sys.exit(int(ExitCode.USAGE))
     except typer.Abort:  # end of input at a prompt
         sys.stderr.write("drtool: error: interrupted\n")
         sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as err:
+        if not _is_usage_error(err):
+            raise
+        ctx = getattr(err, "ctx", None)
+        where = ctx.command_path if ctx is not None else "drtool"
+        message = str(getattr(err, "format_message", err.__str__)()).replace("\n", " ").rstrip(".")
+        sys.stderr.write(f"drtool: error: {message}; see {where} --help\n")
+        sys.exit(int(ExitCode.USAGE))
     sys.exit(code if isinstance(code, int) else 0)

@@ -32,7 +32,8 @@ def hosts_table(report: HostsReport) -> Table:
     for h in report.hosts:
         tools = "\n".join(f"{t.name} {t.version or '(' + t.detail + ')'}" for t in h.tools)
         space = "\n".join(
-            f"{s.vm}: {human_size(s.available_bytes)} free at {s.measured_on}" if s.error == "" else f"{s.vm}: {s.error}"
+            f"{s.vm}: {human_size(s.available_bytes)} free at {s.measured_on}" if s.error == ""
+            else f"{s.vm}: {s.error}"
             for s in h.replica_space
         ) or "-"
         table.add_row(

@@ -169,7 +169,7 @@ def teardown_state(state: Mapping[str, Any], popens: Mapping[int, subprocess.Pop
     def step(what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - teardown keeps going
+        except Exception as exc:
             problems.append(f"{what}: {exc}")
             return None
 
@@ -567,7 +567,8 @@ class Lab:
             "except OSError:\n"
             "    sys.exit(1)\n"
         )
-        proc = self.exec(from_host, [sys.executable, "-c", script, address, str(port), str(timeout)], timeout=timeout + 10)
+        proc = self.exec(from_host, [sys.executable, "-c", script, address, str(port), str(timeout)],
+                         timeout=timeout + 10)
         return proc.returncode == 0
 
     # ------------------------------------------------------------------ VMs

@@ -17,9 +17,9 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
-from drtool.state.manifest import Manifest
-from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
+from drtool.mechanics.replication import TLS_PRIORITY
+from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"

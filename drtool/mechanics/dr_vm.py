@@ -156,7 +156,7 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
         out += ["-pidfile", str(layout.pidfile)]
     if isolate_network:
         out += ["-nic", "none"]
-    return out + ["-daemonize"]
+    return [*out, "-daemonize"]
 
 
 def _run_path(path: str, qmp_socket: str, layout: RunLayout) -> str:

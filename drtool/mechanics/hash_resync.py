@@ -76,7 +76,7 @@ def hash_resync(reach: Reach, qmp: QmpSession, manifest: Manifest, vm: Vm, nodes
     `manifest` is the current one (saved around the final pause).
     """
     src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
-    look: dict[int, set[int] | None] = {i: None for i in range(len(nodes))}  # None: every chunk
+    look: dict[int, set[int] | None] = dict.fromkeys(range(len(nodes)))  # None: every chunk
     sent = digests = rounds = 0
     with source_view(src, qmp, vm, nodes) as socket_path:
         sides = _Sides(reach, src, dr, qmp, vm, manifest, socket_path, chunk)

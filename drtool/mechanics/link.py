@@ -27,9 +27,9 @@ from pathlib import Path, PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError, UsageError
-from drtool.state.manifest import Manifest
 from drtool.mechanics.dr_target import TargetLayout, stop_target
 from drtool.mechanics.remote import make_dirs, running_pid, stop_process
+from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
 
 LINK_TIMEOUT = 10  # s without an acknowledgement before a link counts as dead

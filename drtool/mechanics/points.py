@@ -22,10 +22,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from drtool.mechanics.dr_target import TargetLayout
-from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.domain import Vm
-from drtool.mechanics.dr_target import target_pid
+from drtool.errors import DrtoolError, Refused, UsageError
+from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.state.manifest import Manifest, RecoveryPoint, now
 from drtool.state.records import PendingPoint
 from drtool.state.store import load_manifest, save_manifest

@@ -292,7 +292,7 @@ def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> st
     """
     remove_bitmaps(qmp, nodes)
     name = _bitmap_name()
-    for disk, node in zip(manifest.disks, nodes):
+    for disk, node in zip(manifest.disks, nodes, strict=True):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
     return name
 
@@ -327,7 +327,7 @@ def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], ti
     (remove_bitmaps keep=name): killed in between, the trusted one is still there.
     """
     name = _bitmap_name()
-    for disk, node in zip(manifest.disks, nodes):
+    for disk, node in zip(manifest.disks, nodes, strict=True):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
     if not wait_quiet(qmp, manifest, timeout, nodes):
         # not provably caught up: drop the new generation (the old ones hold all of it

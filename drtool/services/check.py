@@ -112,7 +112,7 @@ def _check_locked(reach: Reach, dr: RemoteShell, vm: Vm, thresholds: Thresholds,
         lag = sum(n for n in lags if n is not None) if any(n is not None for n in lags) else None
         base = VmCheck(vm.name, CheckStatus.OK, "", replication=worst(healths), lag_bytes=lag, newest_point_age=age,
                        disks=tuple(DiskCheck(d.device, d.virtual_size, h, n)
-                                   for d, h, n in zip(manifest.disks, healths, lags)))
+                                   for d, h, n in zip(manifest.disks, healths, lags, strict=True)))
         if not manifest.state.replicas_consistent or any(h not in (Health.IN_SYNC, Health.LAGGING) for h in healths):
             return _judge(replace(base, summary=_why_not_compared(manifest)), thresholds, left_out, broken=True)
         compared = _compare(reach, dr, qmp, target, vm, manifest, base, thresholds)
@@ -188,7 +188,7 @@ def _compare(reach: Reach, dr: RemoteShell, qmp: QmpSession, target: QmpSession,
     manifest = drop_points(target, dr, vm, outcome.manifest, outcome.taken[:-1])
     tallies = outcome.tallies
     disks = []
-    for disk, tally in zip(base.disks, tallies):
+    for disk, tally in zip(base.disks, tallies, strict=True):
         chunk = thresholds.chunk
         disks.append(replace(
             disk, compared_bytes=tally.compared,

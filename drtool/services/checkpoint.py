@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
-from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
+from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
 from drtool.mechanics.points import delete_points, load_settled_manifest
 from drtool.retention import points_to_delete
@@ -55,7 +55,8 @@ class CheckpointReport:
         return max((r.exit_code for r in self.results), default=ExitCode.OK)
 
 
-def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False) -> CheckpointReport:
+def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (),
+               all_vms: bool = False) -> CheckpointReport:
     if not names and not all_vms:
         raise UsageError("name a VM or pass --all")
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from drtool.domain import Host, Inventory, Vm
+from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -28,12 +30,9 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
-from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import link_socket, start_link, stop_link
-from drtool.state.manifest import Manifest, ReplicaDisk
-from drtool.state.protection import Protection
-from drtool.mechanics.remote import free_space, make_dirs, remove
+from drtool.mechanics.remote import Space, free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
     add_bitmaps,
@@ -48,8 +47,10 @@ from drtool.mechanics.replication import (
     wait_until_ready,
 )
 from drtool.state.kept import forget_entry, keep_entry
+from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.state.protection import Protection
 from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach
+from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
 from drtool.units import human_size
@@ -115,7 +116,7 @@ def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
         raise errors[0]
 
 
-def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001
+def protect(inventory: Inventory, reach: Reach, vm_name: str, *, wait: bool = True,
             on_progress: ProgressCallback | None = None) -> ProtectResult:
     started = time.monotonic()
     vm = select_vm(inventory, vm_name)
@@ -130,7 +131,7 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
     return result
 
 
-def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
+def _check_not_protected(existing: Manifest | None, vm: Vm) -> None:
     if existing is None:
         return
     if existing.state is Protection.UNPROTECTED:
@@ -146,7 +147,9 @@ def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
                   f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
 
 
-def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started) -> ProtectResult:  # noqa: ANN001
+def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, layout: TargetLayout,
+                    qmp: QmpSession, wait: bool, on_progress: ProgressCallback | None,
+                    started: float) -> ProtectResult:
     """protect's work once the lock is held and the VM is not protected yet."""
     devices = _check_source(qmp, vm)
     in_use = sum(d.allocated for d in devices)
@@ -217,7 +220,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
                          time.monotonic() - started, in_use)
 
 
-def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
+def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
     state = qmp.execute("query-status")["status"]
     if state not in RUNNING_STATES:
         raise Refused(f"{vm.name} is not running on {vm.host} (QEMU reports {state!r})",
@@ -242,7 +245,7 @@ def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
     return devices
 
 
-def _check_room(vm, space, devices: list[BlockDevice], in_use: int) -> None:  # noqa: ANN001
+def _check_room(vm: Vm, space: Space, devices: list[BlockDevice], in_use: int) -> None:
     if not space.creatable:
         raise Refused(f"replica_dir {vm.replica_dir} cannot be created on {vm.dr_host}: "
                       f"{space.measured_on} is not a writable directory",
@@ -258,7 +261,8 @@ def _check_room(vm, space, devices: list[BlockDevice], in_use: int) -> None:  # 
         )
 
 
-def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = False) -> UnprotectResult:  # noqa: ANN001
+def unprotect(inventory: Inventory, reach: Reach, vm_name: str, *,
+              delete_replicas: bool = False) -> UnprotectResult:
     vm = select_vm(inventory, vm_name)
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)

@@ -12,8 +12,14 @@ from __future__ import annotations
 import select
 import time
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 from drtool.errors import Refused, RemoteCommandError
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from drtool.transport.ssh import SshConnection
 
 LOCK_DIR = PurePosixPath("/run/lock")
 _HELD = b"drtool-lock-held\n"
@@ -26,11 +32,11 @@ class LockBusy(Refused):
 
 
 class VmLock:
-    def __init__(self, conn, vm_name: str, timeout: float = 15) -> None:  # noqa: ANN001 - an SshConnection
+    def __init__(self, conn: SshConnection, vm_name: str, timeout: float = 15) -> None:
         self._conn = conn
         self._vm = vm_name
         self._timeout = timeout
-        self._chan = None
+        self._chan: paramiko.Channel | None = None
         self.path = LOCK_DIR / f"drtool.{vm_name}.lock"
 
     def acquire(self) -> VmLock:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import getpass
 import select
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -86,7 +85,7 @@ def resolve_endpoint(host: Host, ssh_config_path: Path | None = None) -> Endpoin
         known: tuple[Path, ...] = (host.known_hosts,)
     else:
         files = shlex.split(options.get("userknownhostsfile", "~/.ssh/known_hosts"))
-        known = tuple(Path(f).expanduser() for f in files) + (Path("/etc/ssh/ssh_known_hosts"),)
+        known = (*tuple(Path(f).expanduser() for f in files), Path("/etc/ssh/ssh_known_hosts"))
     return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"))
 
 
@@ -101,7 +100,7 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         self._host = host
         self._endpoint = endpoint
 
-    def missing_host_key(self, client, hostname, key) -> None:  # noqa: ANN001
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         ep = self._endpoint
         target = shlex.quote(str(ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")))
         raise HostKeyError(
@@ -195,7 +194,7 @@ class SshConnection:
                 ep.hostname,
                 port=ep.port,
                 username=ep.user,
-                key_filename=list(ep.key_filenames) or None,
+                key_filename=list(ep.key_filenames) or None,  # type: ignore[arg-type]  # a list works too
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
@@ -225,7 +224,7 @@ class SshConnection:
                 f"cannot log in to {where} as {ep.user}: {err}",
                 hint="check identity_file and user in the inventory, or your ssh-agent",
             ) from err
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             client.close()
             raise HostUnreachable(f"{where} did not answer within {timeout:g} s") from err
         except paramiko.SSHException as err:
@@ -238,7 +237,7 @@ class SshConnection:
             raise HostUnreachable(f"SSH to {where} failed: {err}") from err
         except paramiko.ssh_exception.NoValidConnectionsError as err:
             client.close()
-            reasons = sorted({e.strerror or str(e) for e in err.errors.values()})
+            reasons = sorted({getattr(e, "strerror", None) or str(e) for e in err.errors.values()})
             raise HostUnreachable(f"cannot reach {where}: {'; '.join(reasons)}") from err
         except OSError as err:
             client.close()
