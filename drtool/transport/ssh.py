@@ -125,6 +125,7 @@ class _Lane:
     channels: list[paramiko.Channel] = field(default_factory=list)
     locks: list[paramiko.Channel] = field(default_factory=list)  # channels holding a VM lock (locks.py)
     capacity: int = CHANNELS_PER_CONNECTION  # lowered when the server refuses a channel
+    opening: int = 0  # channels being opened right now (outside the connection's lock)
 
     @property
     def alive(self) -> bool:
@@ -256,22 +257,29 @@ class SshConnection:
         for _ in range(CHANNEL_ATTEMPTS):
             with self._lock:
                 lanes = self._live_lanes()
-                lane = next((ln for ln in lanes if ln.alive and ln.open_count() < ln.capacity), None)
+                lane = next((ln for ln in lanes if ln.alive and ln.open_count() + ln.opening < ln.capacity), None)
                 if lane is None:
                     lane = _Lane(self._open())
                     lanes.append(lane)
-                transport = lane.client.get_transport()
-                assert transport is not None
-                try:
-                    chan = transport.open_session(timeout=self.host.connect_timeout)
-                except paramiko.ChannelException:
-                    # the server allows fewer sessions per connection than we assumed
-                    lane.capacity = max(1, lane.open_count())
-                    continue
-                except paramiko.SSHException as err:
-                    raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+                lane.opening += 1  # a place taken; the round trip itself runs unlocked, beside others
+            transport = lane.client.get_transport()
+            try:
+                if transport is None:
+                    raise paramiko.SSHException("the connection closed")
+                chan = transport.open_session(timeout=self.host.connect_timeout)
+            except paramiko.ChannelException:
+                with self._lock:  # the server allows fewer sessions per connection than we assumed
+                    lane.opening -= 1
+                    lane.capacity = max(1, lane.open_count() + lane.opening)
+                continue
+            except paramiko.SSHException as err:
+                with self._lock:
+                    lane.opening -= 1
+                raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+            with self._lock:
+                lane.opening -= 1
                 lane.channels.append(chan)
-                return chan
+            return chan
         raise HostUnreachable(f"{self.host.name} refused {CHANNEL_ATTEMPTS} SSH channels in a row",
                               hint="check MaxSessions in its sshd_config")
 

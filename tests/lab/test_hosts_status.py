@@ -377,7 +377,7 @@ def test_isolated_hosts_are_unreachable_at_once(lab: Lab, lab_vm: LabVm, lab_con
     finally:
         lab.unisolate("site-b")
     assert result.returncode == ExitCode.UNREACHABLE, result.stdout + result.stderr
-    assert elapsed < 3, elapsed  # no route: refused at once, not after connect_timeout (10 s)
+    assert elapsed < 7, elapsed  # no route: refused at once, not after connect_timeout (10 s); start-up and load count too
     hosts = by_name(data["hosts"])
     assert (hosts["site-a"]["reachable"], hosts["site-a"]["exit_code"]) == (True, 0)  # the other host is checked
     assert (hosts["site-b"]["reachable"], hosts["site-b"]["exit_code"]) == (False, 3)
@@ -391,7 +391,7 @@ def test_isolated_hosts_are_unreachable_at_once(lab: Lab, lab_vm: LabVm, lab_con
     finally:
         lab.unisolate("site-a")
     assert result.returncode == ExitCode.UNREACHABLE, result.stdout + result.stderr
-    assert elapsed < 3, elapsed
+    assert elapsed < 7, elapsed
     [vm] = data["vms"]
     assert (vm["name"], vm["run_state"], vm["disks"], vm["exit_code"]) == (lab_vm.name, None, [], 3)
     assert "cannot reach site-a" in vm["error"]
