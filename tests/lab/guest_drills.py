@@ -87,7 +87,7 @@ def run_drtool(config: Path, *args: str, lie: str | None = None) -> subprocess.C
     return result
 
 
-def wait_dr_saw_source_go(lab: Lab, timeout: float = 10.0) -> None:
+def wait_dr_saw_source_go(lab: Lab, timeout: float = 30.0) -> None:
     """Until site-b has no TCP connection from site-a left (under load the close takes a moment)."""
     peer = lab.peer_address("site-b", "site-a")
     deadline = time.monotonic() + timeout
