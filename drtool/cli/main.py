@@ -419,6 +419,38 @@ def failover_command(
             out.render(result, render.failover_summary)
 
 
+@app.command("recover")
+def recover_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The failed-over VM to bring home.", metavar="VM")],
+    reprotect: Annotated[bool, typer.Option("--reprotect", help="Replicate the DR copy back onto the original "
+                                            "host's old images, sending only what differs.")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """After a failover: protect the VM back towards its original host (--reprotect).
+
+    Run the same command again to finish one that was interrupted. It refuses
+    while a QEMU runs on the original host's old images (a split brain).
+
+    \b
+    Example:
+      drtool recover web --reprotect
+    """
+    from drtool.errors import UsageError
+    from drtool.services.recover import reprotect as reprotect_service
+
+    from .progress import SyncProgress
+    from .render import reprotect_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        if not reprotect:
+            raise UsageError("say what to recover: --reprotect")
+        with SyncProgress(out, "reprotect") as progress:
+            result = state.call(reprotect_service, vm, on_progress=progress)
+        out.render(result, reprotect_summary)
+
+
 def _usage_error_class() -> type[Exception]:
     """Click's UsageError, wherever this typer keeps click (recent typers vendor it)."""
     try:

@@ -13,6 +13,7 @@ from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
+from drtool.services.recover import ReprotectResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
 from drtool.state.protection import Health
@@ -182,3 +183,14 @@ def drill_summary(result: DrillResult) -> str:
 
 def drill_cleanup_summary(result: DrillCleanup) -> str:
     return f"{result.vm}: test VM and overlays removed" if result.removed else f"{result.vm}: no test VM to remove"
+
+
+def reprotect_summary(result: ReprotectResult) -> str:
+    if result.already:
+        return f"{result.vm}: reprotected already and in sync ({result.from_host} -> {result.to_host}); nothing to do"
+    share = 100.0 * result.sent_bytes / result.disk_bytes if result.disk_bytes else 0.0
+    return (f"{result.vm}: reprotected {result.from_host} -> {result.to_host} in {result.seconds:.1f} s"
+            + (" (an interrupted run finished)" if result.resumed else "")
+            + f": {human_size(result.sent_bytes)} sent of {human_size(result.disk_bytes)} disk ({share:.1f}%), "
+            f"{human_size(result.rewound_bytes)} of newer writes on {result.to_host} set back to point "
+            f"{result.point} (found by hashes: {human_size(result.hashed_bytes)} of digests crossed)")
