@@ -88,10 +88,15 @@ class ReprotectResult:
     already: bool = False  # it was reprotected and in sync: nothing done
 
 
-def reverse_vm(vm: Vm) -> Vm:
-    """The VM as replication back home sees it: runs on the DR host, replicates onto the original host."""
+def reverse_vm(inventory: Inventory, vm: Vm) -> Vm:
+    """The VM as replication back home sees it: runs on the DR host, replicates onto the original host.
+
+    Its link relay lives in <drtool_dir>/rev on the DR host (socket and pid file named by the VM): a
+    UNIX socket path must stay under 108 bytes. Its target's files go to <source_dir>/reverse.
+    """
     return replace(vm, host=vm.dr_host, qmp_socket=dr_run_layout(vm.replica_dir).qmp_socket, dr_host=vm.host,
-                   replica_dir=vm.source_state_dir / "reverse", source_dir=vm.replica_dir / "reverse")
+                   replica_dir=vm.source_state_dir / "reverse",
+                   source_dir=inventory.hosts[vm.dr_host].drtool_dir / "rev")
 
 
 def reverse_manifest(manifest: Manifest, inventory: Inventory, vm: Vm, nodes: dict[str, str],
@@ -153,7 +158,7 @@ class _Reprotect:
                  dr: RemoteShell, home: RemoteShell) -> None:
         self.inventory, self.reach, self.vm, self.manifest, self.record = inventory, reach, vm, manifest, record
         self.dr, self.home = dr, home
-        self.rvm = reverse_vm(vm)
+        self.rvm = reverse_vm(inventory, vm)
         self.layout = TargetLayout(self.rvm.replica_dir)
 
     def save(self, state: Protection | None = None, note: str = "") -> None:

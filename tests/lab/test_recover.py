@@ -1,0 +1,120 @@
+"""drtool recover against the real lab: the old site returns (split brain), reprotect sends only what differs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from drtool.errors import ExitCode
+from drtool.lab.vm import qmp_execute
+
+from .replication_helpers import drtool, drtool_ok, images_identical, replica_has, status_json, wait_in_sync
+
+pytestmark = pytest.mark.lab
+MiB = 1 << 20
+DISK = 64 * MiB
+
+
+def dr_vm_socket(lab, vm) -> Path:
+    return lab.replica_dir(vm.name) / "vm" / "drtool.qmp"
+
+
+def dr_guest_write(lab, vm, offset: int, length: int, pattern: int) -> None:
+    """A write as the DR copy's guest makes it: qemu-io on the device's backend, through the DR VM's monitor."""
+    reply = qmp_execute(dr_vm_socket(lab, vm), "human-monitor-command", {
+        "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -P 0x{pattern:02x} {offset} {length}"',
+    }, 30)
+    assert not str(reply).strip(), reply
+
+
+def dr_mirrors_drained(lab, vm, timeout: float = 60) -> None:
+    """With the DR copy paused: wait until its reverse mirrors have copied everything."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = [j for j in qmp_execute(dr_vm_socket(lab, vm), "query-block-jobs", {}, 30)
+                if str(j["device"]).startswith("drtool-")]
+        if jobs and all(j["ready"] and j["len"] == j["offset"] for j in jobs):
+            time.sleep(0.5)  # a copy the last poll missed lands within the mirror's 100 ms slice
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"reverse mirrors of {vm.name} did not drain: {jobs}")
+
+
+def kill_pidfile(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture
+def cleanup(lab, lab_vm):
+    yield
+    lab.restore_site_link("site-a", "site-b")
+    kill_pidfile(lab.replica_dir(lab_vm.name) / "vm" / "qemu.pid")
+    kill_pidfile(lab.host_dir("site-a") / "drtool" / lab_vm.name / "reverse" / "target.pid")
+    kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{lab_vm.name}.link.pid")
+
+
+def test_unplanned_failover_from_a_point_then_reprotect_overwrites_the_old_primarys_newer_writes(
+        lab, lab_vm, lab_config, cleanup):
+    vm = lab_vm
+    drtool_ok(lab_config, "protect", vm.name)
+    vm.guest_write("vd0", 0, MiB, 0x11)
+    wait_in_sync(vm)
+    drtool_ok(lab_config, "checkpoint", vm.name)
+    point = json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())["points"][-1]["id"]
+    # newer writes on the old primary that never reach the DR side: the link is cut first
+    lab.cut_site_link("site-a", "site-b")
+    vm.guest_write("vd0", 10 * MiB, MiB, 0x22)
+    vm.guest_write("vd0", 0, 4096, 0x23)
+    vm.kill()
+    lab.restore_site_link("site-a", "site-b")
+    drtool_ok(lab_config, "failover", vm.name, "--force", "--point", point, "--yes")
+    dr_guest_write(lab, vm, 20 * MiB, MiB, 0x33)  # the DR copy's guest writes after the failover
+
+    # the old site returns with its VM started again (paused: nothing written): a split brain
+    vm.relaunch(start=False)
+    try:
+        status = drtool(lab_config, "status", vm.name)
+        assert status.returncode == ExitCode.FAILED, status.stdout + status.stderr
+        assert "split brain: VM runs on both sites" in status.stdout + status.stderr
+        refused = drtool(lab_config, "recover", vm.name, "--reprotect")
+        assert refused.returncode == ExitCode.REFUSED, refused.stderr
+        assert "split brain" in refused.stderr and f"pid {vm.pid}" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        vm.kill()
+    assert Path(str(vm.disks["vd0"]) + ".drtool-failed-over").exists(), "the old image carries drtool's marker"
+
+    result = json.loads(drtool_ok(lab_config, "recover", vm.name, "--reprotect", "--json").stdout)
+    assert result["rewound_bytes"] == 2 * MiB, result  # the two 1 MiB chunks the old primary wrote after the point
+    assert 0 < result["sent_bytes"] < DISK // 10, result  # about the 1 MiB the DR copy wrote
+    assert result["hashed_bytes"] < MiB, result
+    assert status_json(lab_config, vm.name)["state"] == "reprotected"
+
+    dr_guest_write(lab, vm, 30 * MiB, MiB, 0x44)  # replicated home as it happens
+    qmp_execute(dr_vm_socket(lab, vm), "stop", {}, 30)
+    dr_mirrors_drained(lab, vm)
+    same, detail = images_identical(lab.replica_dir(vm.name) / "failover" / "vd0.qcow2", vm.disks["vd0"])
+    assert same, detail
+    assert replica_has(vm.disks["vd0"], 10 * MiB, MiB, 0x00), "the old primary's newer write is gone"
+    assert replica_has(vm.disks["vd0"], 30 * MiB, MiB, 0x44)
+    qmp_execute(dr_vm_socket(lab, vm), "cont", {}, 30)
+
+    again = json.loads(drtool_ok(lab_config, "recover", vm.name, "--reprotect", "--json").stdout)
+    assert again["already"] is True
+
+
+def test_recover_refuses_a_vm_that_has_not_failed_over(lab, lab_vm, lab_config, cleanup):
+    drtool_ok(lab_config, "protect", lab_vm.name)
+    refused = drtool(lab_config, "recover", lab_vm.name, "--reprotect")
+    assert refused.returncode == ExitCode.REFUSED and "has not failed over" in refused.stderr
+    unknown = drtool(lab_config, "recover", "nosuchvm", "--reprotect")
+    assert unknown.returncode == ExitCode.USAGE and len(unknown.stderr.strip().splitlines()) == 1
+    nothing = drtool(lab_config, "recover", lab_vm.name)
+    assert nothing.returncode == ExitCode.USAGE
