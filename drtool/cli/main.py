@@ -425,29 +425,35 @@ def recover_command(
     vm: Annotated[str, typer.Argument(help="The failed-over VM to bring home.", metavar="VM")],
     reprotect: Annotated[bool, typer.Option("--reprotect", help="Replicate the DR copy back onto the original "
                                             "host's old images, sending only what differs.")] = False,
+    failback: Annotated[bool, typer.Option("--failback", help="Once reprotected: run the VM on its original "
+                                           "host again (RPO 0), protected to its DR host.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """After a failover: protect the VM back towards its original host (--reprotect).
+    """After a failover: protect the VM back towards its original host (--reprotect), then fail back (--failback).
 
     Run the same command again to finish one that was interrupted. It refuses
     while a QEMU runs on the original host's old images (a split brain).
 
     \b
-    Example:
+    Examples:
       drtool recover web --reprotect
+      drtool recover web --failback
     """
     from drtool.errors import UsageError
-    from drtool.services.recover import reprotect as reprotect_service
+    from drtool.services import recover
 
     from .progress import SyncProgress
-    from .render import reprotect_summary
+    from .render import failback_summary, reprotect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        if not reprotect:
-            raise UsageError("say what to recover: --reprotect")
+        if reprotect == failback:
+            raise UsageError("say what to recover: one of --reprotect, --failback")
+        if failback:
+            out.render(state.call(recover.failback, vm), failback_summary)
+            return
         with SyncProgress(out, "reprotect") as progress:
-            result = state.call(reprotect_service, vm, on_progress=progress)
+            result = state.call(recover.reprotect, vm, on_progress=progress)
         out.render(result, reprotect_summary)
 
 

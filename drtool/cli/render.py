@@ -13,7 +13,7 @@ from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
-from drtool.services.recover import ReprotectResult
+from drtool.services.recover import FailbackResult, ReprotectResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
 from drtool.state.protection import Health
@@ -194,3 +194,11 @@ def reprotect_summary(result: ReprotectResult) -> str:
             + f": {human_size(result.sent_bytes)} sent of {human_size(result.disk_bytes)} disk ({share:.1f}%), "
             f"{human_size(result.rewound_bytes)} of newer writes on {result.to_host} set back to point "
             f"{result.point} (found by hashes: {human_size(result.hashed_bytes)} of digests crossed)")
+
+
+def failback_summary(result: FailbackResult) -> str:
+    dropped = (f"; points of the branch it did not run on left the manifest: {', '.join(result.dropped_points)}"
+               if result.dropped_points else "")
+    return (f"{result.vm}: failed back: runs on {result.host}, protected to {result.dr_host} again; "
+            f"RTO {result.rto_seconds:.1f} s, RPO 0" + (" (an interrupted failback finished)" if result.resumed
+                                                        else "") + dropped)

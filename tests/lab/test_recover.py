@@ -118,3 +118,70 @@ def test_recover_refuses_a_vm_that_has_not_failed_over(lab, lab_vm, lab_config, 
     assert unknown.returncode == ExitCode.USAGE and len(unknown.stderr.strip().splitlines()) == 1
     nothing = drtool(lab_config, "recover", lab_vm.name)
     assert nothing.returncode == ExitCode.USAGE
+
+
+def home_qemu_pids(vm) -> list[int]:
+    """QEMU processes whose command line names the VM's monitor (drtool's failback starts one, daemonized)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if argv and b"qemu-system" in argv[0] and any(str(vm.qmp_socket).encode() in a for a in argv):
+                    pids.append(int(entry.name))
+    return pids
+
+
+def home_write(vm, offset: int, length: int, pattern: int) -> None:
+    reply = qmp_execute(vm.lab_qmp_socket, "human-monitor-command", {
+        "command-line": f'qemu-io -d /machine/peripheral/vd0/virtio-backend "write -P 0x{pattern:02x} {offset} {length}"',
+    }, 30)
+    assert not str(reply).strip(), reply
+
+
+def killed_run(config: Path, step: str, *args: str) -> None:
+    env = {**os.environ, "DRTOOL_TEST_HOOKS": "1", "DRTOOL_FAULT_AFTER_STEP": step}
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), *args], env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == -signal.SIGKILL, (step, result.returncode, result.stderr)
+
+
+def test_round_trip_planned_failover_reprotect_failback_killed_half_way_each(lab, lab_vm, lab_config, cleanup):
+    vm = lab_vm
+    drtool_ok(lab_config, "protect", vm.name)
+    vm.guest_write("vd0", 0, 2 * MiB, 0x11)
+    wait_in_sync(vm)
+    drtool_ok(lab_config, "failover", vm.name, "--yes")
+    dr_guest_write(lab, vm, 8 * MiB, 2 * MiB, 0x55)  # 2 MiB of 64: about 3% changed at the DR site
+
+    killed_run(lab_config, "mirrors-started", "recover", vm.name, "--reprotect")
+    assert status_json(lab_config, vm.name)["state"] == "reprotecting"
+    result = json.loads(drtool_ok(lab_config, "recover", vm.name, "--reprotect", "--json").stdout)
+    assert result["resumed"] is True and result["rewound_bytes"] == 0, result  # a planned failover: nothing newer
+    assert 0 < result["sent_bytes"] < DISK // 10, result
+
+    dr_guest_write(lab, vm, 12 * MiB, MiB, 0x66)  # written while reprotected: must come home too
+    killed_run(lab_config, "reverse-stopped", "recover", vm.name, "--failback")
+    assert status_json(lab_config, vm.name)["state"] == "failing-back"
+    try:
+        back = json.loads(drtool_ok(lab_config, "recover", vm.name, "--failback", "--json").stdout)
+        assert back["resumed"] is True and back["host"] == "site-a"
+        assert not (lab.replica_dir(vm.name) / "vm" / "qemu.pid").exists() or not any(
+            Path(f"/proc/{p}").exists() for p in [int((lab.replica_dir(vm.name) / "vm" / "qemu.pid").read_text())])
+        entry = status_json(lab_config, vm.name)
+        assert (entry["host"], entry["state"], entry["run_state"]) == ("site-a", "protected", "running"), entry
+        for offset, length, pattern in ((0, 2 * MiB, 0x11), (8 * MiB, 2 * MiB, 0x55), (12 * MiB, MiB, 0x66)):
+            assert replica_has(vm.disks["vd0"], offset, length, pattern), f"0x{pattern:02x} did not come home"
+        home_write(vm, 20 * MiB, MiB, 0x77)  # protected in the original direction again
+        deadline = time.monotonic() + 60
+        top = Path(json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())["disks"][0]["replica_image"])
+        while not replica_has(top, 20 * MiB, MiB, 0x77):
+            assert time.monotonic() < deadline, "the write at home did not reach the DR replica"
+            time.sleep(0.5)
+        drtool_ok(lab_config, "resync", vm.name)
+        drtool_ok(lab_config, "checkpoint", vm.name)
+    finally:
+        for pid in home_qemu_pids(vm):
+            os.kill(pid, signal.SIGKILL)

@@ -28,6 +28,8 @@ sends the whole top again).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import dataclass, replace
 
@@ -70,6 +72,14 @@ from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
 
 REWOUND, TARGET_STARTED, MIRRORS_STARTED, IN_SYNC = "rewound", "target-started", "mirrors-started", "in-sync"
+# Test hook: SIGKILL drtool right after this step is recorded (only with DRTOOL_TEST_HOOKS=1), as failover's.
+FAULT_ENV = "DRTOOL_FAULT_AFTER_STEP"
+HOOKS_ENV = "DRTOOL_TEST_HOOKS"
+
+
+def killed_after(step: str) -> None:
+    if os.environ.get(HOOKS_ENV) == "1" and os.environ.get(FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ def reprotect(inventory: Inventory, reach: Reach, name: str, *,
         if record is None or manifest.state is Protection.FAILED_OVER:
             record = ReprotectRecord(now(), "hashes", manifest.failover.point if manifest.failover else None,
                                      free_nbd_port(home), disk_bytes=sum(d.virtual_size for d in manifest.disks))
-        work = _Reprotect(inventory, reach, vm, manifest, record, dr, home)
+        work = ReverseReplication(inventory, reach, vm, manifest, record, dr, home)
         if manifest.state is Protection.REPROTECTED and work.healthy():
             return work.result(started, resumed=False, already=True)
         work.save(Protection.REPROTECTING, "reprotect started" if not resumed else "reprotect resumed")
@@ -153,7 +163,7 @@ def _require_failed_over(manifest: Manifest | None, vm: Vm) -> Manifest:
     return manifest
 
 
-class _Reprotect:
+class ReverseReplication:
     def __init__(self, inventory: Inventory, reach: Reach, vm: Vm, manifest: Manifest, record: ReprotectRecord,
                  dr: RemoteShell, home: RemoteShell) -> None:
         self.inventory, self.reach, self.vm, self.manifest, self.record = inventory, reach, vm, manifest, record
@@ -169,8 +179,9 @@ class _Reprotect:
     def step(self, name: str, **changes: object) -> None:
         self.record = self.record.with_step(name, **changes)
         self.save()
+        killed_after(name)
 
-    def _reverse(self, qmp: QmpSession) -> Manifest:
+    def reverse_of(self, qmp: QmpSession) -> Manifest:
         by_device = {d.device: d.node_name for d in parse_query_block(qmp.execute("query-block"))}
         missing = [d.device for d in self.manifest.disks if d.device not in by_device]
         if missing:
@@ -179,7 +190,7 @@ class _Reprotect:
 
     def healthy(self) -> bool:
         with dr_vm_session(self.reach, self.vm) as qmp:
-            reverse = self._reverse(qmp)
+            reverse = self.reverse_of(qmp)
             jobs = query_jobs(qmp, reverse)
         return len(jobs) == len(reverse.disks) and not any(j.broken or not j.ready for j in jobs.values())
 
@@ -189,7 +200,7 @@ class _Reprotect:
             if status not in ("running", "paused"):
                 raise Refused(f"the DR copy of {self.vm.name} is {status!r} on {self.vm.dr_host}",
                               hint="start it (drtool failover finishes a failover), then reprotect")
-            reverse = self._reverse(qmp)
+            reverse = self.reverse_of(qmp)
             jobs = query_jobs(qmp, reverse)
             if len(jobs) == len(reverse.disks) and not any(j.ended for j in jobs.values()) \
                     and self.record.done(MIRRORS_STARTED):
