@@ -13,7 +13,7 @@ from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
-from drtool.services.recover import FailbackResult, ReprotectResult
+from drtool.services.recover import FailbackResult, ReprotectResult, RestoreResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
 from drtool.state.protection import Health
@@ -202,3 +202,13 @@ def failback_summary(result: FailbackResult) -> str:
     return (f"{result.vm}: failed back: runs on {result.host}, protected to {result.dr_host} again; "
             f"RTO {result.rto_seconds:.1f} s, RPO 0" + (" (an interrupted failback finished)" if result.resumed
                                                         else "") + dropped)
+
+
+def restore_summary(result: RestoreResult) -> str:
+    lines = [f"{result.vm}: point {result.point} restored" + (" in place" if result.in_place else "")]
+    for d in result.disks:
+        rate = d.sent_bytes / d.seconds if d.seconds else 0.0
+        lines.append(f"  {d.device} -> {d.host}:{d.path}: {human_size(d.sent_bytes)} sent of "
+                     f"{human_size(d.virtual_size)} ({human_size(int(rate))}/s), "
+                     + ("verified by hash: equal to the point" if d.verified else "NOT verified"))
+    return "\n".join(lines)

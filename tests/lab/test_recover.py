@@ -14,7 +14,14 @@ import pytest
 from drtool.errors import ExitCode
 from drtool.lab.vm import qmp_execute
 
-from .replication_helpers import drtool, drtool_ok, images_identical, replica_has, status_json, wait_in_sync
+from .replication_helpers import (
+    drtool,
+    drtool_ok,
+    images_identical,
+    replica_has,
+    status_json,
+    wait_in_sync,
+)
 
 pytestmark = pytest.mark.lab
 MiB = 1 << 20
@@ -185,3 +192,47 @@ def test_round_trip_planned_failover_reprotect_failback_killed_half_way_each(lab
     finally:
         for pid in home_qemu_pids(vm):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_restore_a_point_before_a_bad_write_to_another_host_and_in_place(lab, lab_vm, lab_config, cleanup):
+    vm = lab_vm
+    drtool_ok(lab_config, "protect", vm.name)
+    vm.guest_write("vd0", 4 * MiB, 2 * MiB, 0xAA)
+    wait_in_sync(vm)
+    drtool_ok(lab_config, "checkpoint", vm.name)
+    manifest = json.loads((lab.replica_dir(vm.name) / "manifest.json").read_text())
+    point, point_image = manifest["points"][-1]["id"], Path(manifest["points"][-1]["images"]["vd0"])
+    vm.guest_write("vd0", 4 * MiB, MiB, 0xBB)  # the bad write
+    wait_in_sync(vm)
+
+    target = lab.host_dir("site-a") / "restored-vd0.qcow2"
+    result = json.loads(drtool_ok(lab_config, "recover", vm.name, "--restore", "--point", point, "--disk", "vd0",
+                                  "--to", f"site-a:{target}", "--json").stdout)
+    [restored] = result["disks"]
+    assert restored["verified"] is True and restored["sent_bytes"] == 2 * MiB, restored  # holes not sent
+    same, detail = images_identical(point_image, target)
+    assert same, detail
+    assert replica_has(target, 4 * MiB, 2 * MiB, 0xAA)
+
+    # bad input: one line, its exit code, nothing changed
+    before = target.stat().st_mtime_ns
+    for args, code in (
+        (("--point", "nosuch", "--to", f"site-a:{target}.2"), ExitCode.USAGE),
+        (("--point", point, "--disk", "vd9", "--to", f"site-a:{target}.2"), ExitCode.USAGE),
+        (("--point", point, "--to", f"nohost:{target}.2"), ExitCode.USAGE),
+        (("--point", point, "--to", "site-a:relative.qcow2"), ExitCode.USAGE),
+        (("--point", point, "--to", f"site-a:{target}"), ExitCode.REFUSED),  # exists, no --overwrite
+        (("--point", point, "--in-place"), ExitCode.REFUSED),  # the VM runs
+    ):
+        bad = drtool(lab_config, "recover", vm.name, "--restore", *args)
+        assert bad.returncode == code, (args, bad.returncode, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert target.stat().st_mtime_ns == before and not Path(f"{target}.2").exists()
+    assert replica_has(vm.disks["vd0"], 4 * MiB, MiB, 0xBB), "a refused --in-place changed the disk"
+
+    vm.stop()
+    result = json.loads(drtool_ok(lab_config, "recover", vm.name, "--restore", "--point", point, "--in-place",
+                                  "--json").stdout)
+    assert result["disks"][0]["sent_bytes"] == MiB, result  # only the chunk the bad write changed
+    same, detail = images_identical(point_image, vm.disks["vd0"])
+    assert same, detail
