@@ -56,6 +56,7 @@ from drtool.mechanics.replication import (
     distrusting_bitmaps,
     wait_until_ready,
 )
+from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -82,7 +83,10 @@ def resync(inventory: Inventory, reach: Reach, vm_name: str,
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
     with reach.lock(vm):
-        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        manifest = load_settled_manifest(dr, vm)
+        if manifest is not None:  # after a failover: a QEMU back on the old images is said first (split brain)
+            refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "resync")
+        manifest = require_protected(manifest, vm)
         manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
         notes = (resumed,) if resumed else ()
         restarted = False

@@ -94,6 +94,8 @@ def test_unplanned_failover_from_a_point_then_reprotect_overwrites_the_old_prima
         assert refused.returncode == ExitCode.REFUSED, refused.stderr
         assert "split brain" in refused.stderr and f"pid {vm.pid}" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
+        resync = drtool(lab_config, "resync", vm.name)
+        assert resync.returncode == ExitCode.REFUSED and "split brain" in resync.stderr, resync.stderr
     finally:
         vm.kill()
     assert Path(str(vm.disks["vd0"]) + ".drtool-failed-over").exists(), "the old image carries drtool's marker"
