@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 def drtool_json(config: Path, *args: str, timeout: float = 1800) -> tuple[Any, float]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), *args, "--json"],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL)
+                          check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, stdin=subprocess.DEVNULL)
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"drtool {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
@@ -83,7 +83,7 @@ def one_share(lab: Lab, size: int, percent: int, workdir: Path) -> dict[str, Any
     replica_dir = lab.replica_dir(name)
     try:
         device_write(vm.lab_qmp_socket, 0, size, 0x11)  # a full disk: the full copy sends all of it
-        protected, protect_wall = drtool_json(config, "protect", name)
+        protected, _ = drtool_json(config, "protect", name)
         full_bytes, full_seconds = int(protected["bytes_in_use"]), float(protected["seconds"])
         drtool_json(config, "failover", name, "--yes")
         changed = size * percent // 100
@@ -98,6 +98,7 @@ def one_share(lab: Lab, size: int, percent: int, workdir: Path) -> dict[str, Any
             "sent_vs_changed": round(sent / changed, 3) if changed else None,
             "sent_vs_full": round(sent / full_bytes, 3),
             "time_vs_full": round(float(result["seconds"]) / full_seconds, 3),
+            "reprotect_step_seconds": result["step_seconds"],
         }
         if percent == 10:
             row |= restore_vs_convert(lab, config, name, replica_dir, workdir)

@@ -154,6 +154,7 @@ class ReprotectRecord:
     hashed_bytes: int = 0  # digests that crossed the network for that
     sent_bytes: int = 0  # what the mirrors copied
     disk_bytes: int = 0  # the disks' virtual size, beside it
+    step_seconds: dict[str, float] = field(default_factory=dict)  # how long each step took (its last run)
     seconds: float | None = None
     finished_at: str | None = None
 

@@ -187,7 +187,6 @@ def failed_over_world() -> tuple[RecoverWorld, RecoverReach, Any]:
     world = RecoverWorld()
     from .world import protected_world
 
-    _, _, inv = protected_world()
     base, _, _ = protected_world()
     manifest = base.manifest
     point = RecoveryPoint("p1", "2026-11-27T10:00:00+00:00", "paused", 0.1, {"vd0": str(REPLICAS / "vd0.qcow2")})

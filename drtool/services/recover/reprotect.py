@@ -93,6 +93,7 @@ class ReprotectResult:
     hashed_bytes: int  # digests that crossed the network to find them
     sent_bytes: int  # what the mirrors copied
     disk_bytes: int  # the disks' virtual size
+    step_seconds: dict[str, float]  # each step's time (rewound: hashing both sides and the rewind itself)
     seconds: float
     resumed: bool  # an interrupted reprotect was finished, not started over
     already: bool = False  # it was reprotected and in sync: nothing done
@@ -144,8 +145,9 @@ def reprotect(inventory: Inventory, reach: Reach, name: str, *,
             return work.result(started, resumed=False, already=True)
         work.save(Protection.REPROTECTING, "reprotect started" if not resumed else "reprotect resumed")
         work.run(on_progress)
-        work.record = work.record.with_step(IN_SYNC, seconds=round(time.monotonic() - started, 3),
-                                            finished_at=now())
+        took = round(time.monotonic() - work.step_started, 3)
+        work.record = work.record.with_step(IN_SYNC, seconds=round(time.monotonic() - started, 3), finished_at=now(),
+                                            step_seconds=work.record.step_seconds | {IN_SYNC: took})
         work.save(Protection.REPROTECTED, "reprotect in sync")
     return work.result(started, resumed=resumed)
 
@@ -170,6 +172,7 @@ class ReverseReplication:
         self.dr, self.home = dr, home
         self.rvm = reverse_vm(inventory, vm)
         self.layout = TargetLayout(self.rvm.replica_dir)
+        self.step_started = time.monotonic()
 
     def save(self, state: Protection | None = None, note: str = "") -> None:
         manifest = self.manifest if state is None else self.manifest.transition(state, note)
@@ -177,7 +180,9 @@ class ReverseReplication:
         save_manifest(self.dr, self.vm, self.manifest)
 
     def step(self, name: str, **changes: object) -> None:
-        self.record = self.record.with_step(name, **changes)
+        took = round(time.monotonic() - self.step_started, 3)
+        self.step_started = time.monotonic()
+        self.record = self.record.with_step(name, step_seconds=self.record.step_seconds | {name: took}, **changes)
         self.save()
         killed_after(name)
 
@@ -266,5 +271,5 @@ class ReverseReplication:
     def result(self, started: float, *, resumed: bool, already: bool = False) -> ReprotectResult:
         r = self.record
         return ReprotectResult(self.vm.name, self.vm.dr_host, self.vm.host, r.method, r.point, r.rewound_bytes,
-                               r.hashed_bytes, r.sent_bytes, r.disk_bytes, time.monotonic() - started, resumed,
+                               r.hashed_bytes, r.sent_bytes, r.disk_bytes, r.step_seconds, time.monotonic() - started, resumed,
                                already)
