@@ -19,13 +19,33 @@ import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from drtool.domain import Inventory
+from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.mechanics.block_hashes import copy_chunks, differing_offsets, hash_image
+from drtool.mechanics.block_hashes import (
+    CHUNK,
+    ZERO,
+    copy_chunks,
+    differing_offsets,
+    hash_image,
+)
+from drtool.mechanics.dr_target import (
+    TargetLayout,
+    free_nbd_port,
+    new_psk,
+    push_psk,
+    qemu_opt,
+    start_target,
+    stop_target,
+)
 from drtool.mechanics.old_site import qemu_on_images
 from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.remote import make_dirs, remove
+from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.store import require_protected, select_vm
-from drtool.transport.connections import Reach
+from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.ssh import resolve_endpoint
+
+RESTORE_EXPORT = "restore"
 
 
 @dataclass(frozen=True)
@@ -101,8 +121,12 @@ def restore(inventory: Inventory, reach: Reach, name: str, *, point_id: str, dis
                            timeout=120)
             source_image = point.images[replica.device]
             ours = hash_image(dr, source_image, "qcow2", f"point {point.id} {replica.device}")
-            theirs = hash_image(target, path, fmt, f"{host_name}:{path}")
-            sent = copy_chunks(dr, source_image, "qcow2", target, path, fmt, differing_offsets(ours, theirs))
+            if create:  # a new image: qemu-img convert on the DR host into an NBD export of it (TLS)
+                _convert_over_nbd(inventory, dr, target, vm, host_name, source_image, path, replica.virtual_size)
+                sent = sum(CHUNK for c in ours.chunks if c != ZERO)  # zeros go as NBD write-zeroes, no data
+            else:
+                theirs = hash_image(target, path, fmt, f"{host_name}:{path}")
+                sent = copy_chunks(dr, source_image, "qcow2", target, path, fmt, differing_offsets(ours, theirs))
             after = hash_image(target, path, fmt, f"{host_name}:{path}")
             left = differing_offsets(ours, after)
             if left:
@@ -111,3 +135,34 @@ def restore(inventory: Inventory, reach: Reach, name: str, *, point_id: str, dis
             restored.append(RestoredDisk(replica.device, host_name, path, replica.virtual_size, sent,
                                          round(time.monotonic() - started, 3), True))
     return RestoreResult(vm.name, point.id, tuple(restored), in_place)
+
+
+def _convert_over_nbd(inventory: Inventory, dr: RemoteShell, target: RemoteShell, vm: Vm, host_name: str,
+                      source_image: str, path: str, size: int) -> None:
+    """The point's image into `path` on another host: an NBD export of it there (TLS with a fresh PSK),
+    `qemu-img convert -n` on the DR host into it. Zeros travel as NBD write-zeroes, without data."""
+    host = inventory.hosts[host_name]
+    layout = TargetLayout(host.drtool_dir / "restore" / vm.name)
+    address = host.replication_address or resolve_endpoint(host).hostname
+    export = Manifest(vm.name, vm.dr_host, host_name, "async", "tls-psk", address, free_nbd_port(target),
+                      (ReplicaDisk(RESTORE_EXPORT, "", "qcow2", size, source_image, path, RESTORE_EXPORT),))
+    client_dir = vm.replica_dir / "restore-tls"
+    psk = new_psk()
+    make_dirs(target, layout.replica_dir)
+    push_psk(target, layout.tls_dir, psk)
+    push_psk(dr, client_dir, psk)
+    try:
+        start_target(target, export, layout)
+        nbd = (f"driver=nbd,server.type=inet,server.host={address},server.port={export.nbd_port},"
+               f"export={RESTORE_EXPORT},tls-creds=drtool-restore-tls")
+        creds = f"tls-creds-psk,id=drtool-restore-tls,endpoint=client,dir={qemu_opt(str(client_dir))},username=drtool"
+        result = dr.run(["qemu-img", "convert", "-n", "--object", creds, "-f", "qcow2", "--target-image-opts",
+                         "--", source_image, nbd], check=False, timeout=24 * 3600)
+        if not result.ok:
+            detail = [line for line in result.err.strip().splitlines() if line.strip()]
+            raise DrtoolError(f"copying point image {source_image} to {host_name}:{path} failed"
+                              + (f": {detail[-1]}" if detail else ""), hint="run the restore again (--overwrite)")
+    finally:
+        stop_target(target, layout)
+        remove(target, layout.replica_dir)
+        remove(dr, client_dir)
