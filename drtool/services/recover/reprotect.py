@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
@@ -260,8 +261,12 @@ class ReverseReplication:
             raise Refused(f"{self.vm.name}'s failover point {self.record.point!r} is gone from its manifest")
         rewound = hashed = 0
         for disk in self.manifest.disks:
-            ours = hash_image(self.dr, point.images[disk.device], "qcow2", f"point {point.id} {disk.device}")
-            theirs = hash_image(self.home, disk.source_image, disk.format, f"{self.vm.host}:{disk.source_image}")
+            with ThreadPoolExecutor(max_workers=2) as pool:  # each host hashes its own image, at once
+                ours_f = pool.submit(hash_image, self.dr, point.images[disk.device], "qcow2",
+                                     f"point {point.id} {disk.device}")
+                theirs_f = pool.submit(hash_image, self.home, disk.source_image, disk.format,
+                                       f"{self.vm.host}:{disk.source_image}")
+            ours, theirs = ours_f.result(), theirs_f.result()
             hashed += ours.wire_bytes + theirs.wire_bytes
             differ = differing_offsets(ours, theirs)
             rewound += copy_chunks(self.dr, point.images[disk.device], "qcow2", self.home, disk.source_image,
