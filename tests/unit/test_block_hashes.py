@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from drtool.mechanics.block_hashes import CHUNK, copy_chunks, differing_offsets, hash_image
+from drtool.mechanics.block_hashes import (
+    CHUNK,
+    copy_chunks,
+    differing_offsets,
+    hash_image,
+)
 
 from .local_shell import LocalShell
 
@@ -31,7 +36,7 @@ def test_hashes_find_exactly_the_differing_chunks_and_the_copy_makes_the_images_
     assert differ == [3 * CHUNK, 5 * CHUNK]
     copied = copy_chunks(shell, point, "qcow2", shell, old, "qcow2", differ)
     assert copied == 2 * CHUNK
-    assert subprocess.run(["qemu-img", "compare", "-q", point, old]).returncode == 0
+    assert subprocess.run(["qemu-img", "compare", "-q", point, old], check=False).returncode == 0
 
 
 def test_a_zeroed_chunk_equals_an_unallocated_one(tmp_path: Path) -> None:

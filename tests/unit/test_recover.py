@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from drtool.errors import ExitCode
+from drtool.errors import ExitCode, Refused
 from drtool.mechanics import old_site, pausing, replication
 from drtool.mechanics.old_site import SplitBrain
 from drtool.services import failover
@@ -124,3 +124,13 @@ def test_reprotect_refuses_a_split_brain_and_changes_nothing() -> None:
     with pytest.raises(SplitBrain, match="pid 4242"):
         reprotect(inv, reach, "web")
     assert world.files[str(REPLICAS / "manifest.json")] == before and not world.rev_target
+
+
+def test_failover_and_rollback_refuse_a_vm_that_recover_is_bringing_home() -> None:
+    world, reach, inv = failed_over_world()
+    reprotect(inv, reach, "web")
+    with pytest.raises(Refused, match="already failed over"):
+        failover.failover(inv, reach, "web")
+    with pytest.raises(Refused, match="reprotected"):
+        failover.rollback(inv, reach, "web")
+    assert world.manifest.state is Protection.REPROTECTED and world.dr_vm is not None
