@@ -487,6 +487,66 @@ def failover_command(
             out.render(result, render.failover_summary)
 
 
+@app.command("recover")
+def recover_command(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="The failed-over VM to bring home.", metavar="VM")],
+    reprotect: Annotated[bool, typer.Option("--reprotect", help="Replicate the DR copy back onto the original "
+                                            "host's old images, sending only what differs.")] = False,
+    failback: Annotated[bool, typer.Option("--failback", help="Once reprotected: run the VM on its original "
+                                           "host again (RPO 0), protected to its DR host.")] = False,
+    restore: Annotated[bool, typer.Option("--restore", help="Write a point's content to a new image "
+                                          "(--to) or back into the stopped VM's disks (--in-place).")] = False,
+    point: Annotated[str | None, typer.Option("--point", help="With --restore: the point (see drtool points).",
+                                                 metavar="ID")] = None,
+    disk: Annotated[str | None, typer.Option("--disk", help="With --restore: only this disk.",
+                                                metavar="DEV")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="With --restore: a new image on an inventory host.",
+                                              metavar="HOST:PATH")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="With --restore: into the VM's own disks "
+                                           "(the VM stopped).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --restore --to: replace an existing "
+                                            "file.")] = False,
+    json_mode: JsonOption = False,
+) -> None:
+    """After a failover: protect the VM back towards its original host (--reprotect), then fail back (--failback).
+
+    Run the same command again to finish one that was interrupted. It refuses
+    while a QEMU runs on the original host's old images (a split brain).
+
+    \b
+    Examples:
+      drtool recover web --reprotect
+      drtool recover web --failback
+      drtool recover web --restore --point p20261127T101500000 --disk vd0 --to kvm3:/srv/web-vd0.qcow2
+      drtool recover web --restore --point p20261127T101500000 --in-place
+    """
+    from drtool.errors import UsageError
+    from drtool.services import recover
+
+    from .progress import SyncProgress
+    from .render import failback_summary, reprotect_summary, restore_summary
+
+    state = _state(ctx)
+    with state.guard(json_mode) as out:
+        if sum((reprotect, failback, restore)) != 1:
+            raise UsageError("say what to recover: one of --reprotect, --failback, --restore")
+        if not restore and (point or disk or to or in_place or overwrite):
+            raise UsageError("--point, --disk, --to, --in-place and --overwrite go with --restore")
+        if restore:
+            if point is None:
+                raise UsageError("--restore needs --point ID (see drtool points)")
+            out.render(state.call(recover.restore, vm, point_id=point, disk=disk, to=to, in_place=in_place,
+                                  overwrite=overwrite), restore_summary)
+            return
+        if failback:
+            out.render(state.call(recover.failback, vm), failback_summary)
+            return
+        with SyncProgress(out, "reprotect") as progress:
+            result = state.call(recover.reprotect, vm, on_progress=progress)
+        out.render(result, reprotect_summary)
+
+
 def _is_usage_error(err: Exception) -> bool:
     """Click's UsageError (unknown option, missing argument...), wherever this typer keeps click."""
     return any(cls.__name__ == "UsageError" for cls in type(err).__mro__)

@@ -14,6 +14,7 @@ from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
 from drtool.services.hosts import HostsReport
 from drtool.services.protect import ProtectResult, UnprotectResult
+from drtool.services.recover import FailbackResult, ReprotectResult, RestoreResult
 from drtool.services.resync import ResyncResult
 from drtool.services.status import StatusReport
 from drtool.state.checks import CheckReport
@@ -249,3 +250,32 @@ def check_history_table(history: CheckHistory) -> Table:
                       f"{e.seconds:.1f} s", e.point or "-", human_size(e.compared_bytes),
                       human_size(e.differing_bytes), human_size(e.repaired_bytes), e.summary)
     return table
+
+
+def reprotect_summary(result: ReprotectResult) -> str:
+    if result.already:
+        return f"{result.vm}: reprotected already and in sync ({result.from_host} -> {result.to_host}); nothing to do"
+    share = 100.0 * result.sent_bytes / result.disk_bytes if result.disk_bytes else 0.0
+    return (f"{result.vm}: reprotected {result.from_host} -> {result.to_host} in {result.seconds:.1f} s"
+            + (" (an interrupted run finished)" if result.resumed else "")
+            + f": {human_size(result.sent_bytes)} sent of {human_size(result.disk_bytes)} disk ({share:.1f}%), "
+            f"{human_size(result.rewound_bytes)} of newer writes on {result.to_host} set back to point "
+            f"{result.point} (found by hashes: {human_size(result.hashed_bytes)} of digests crossed)")
+
+
+def failback_summary(result: FailbackResult) -> str:
+    dropped = (f"; points of the branch it did not run on left the manifest: {', '.join(result.dropped_points)}"
+               if result.dropped_points else "")
+    return (f"{result.vm}: failed back: runs on {result.host}, protected to {result.dr_host} again; "
+            f"RTO {result.rto_seconds:.1f} s, RPO 0" + (" (an interrupted failback finished)" if result.resumed
+                                                        else "") + dropped)
+
+
+def restore_summary(result: RestoreResult) -> str:
+    lines = [f"{result.vm}: point {result.point} restored" + (" in place" if result.in_place else "")]
+    for d in result.disks:
+        rate = d.sent_bytes / d.seconds if d.seconds else 0.0
+        lines.append(f"  {d.device} -> {d.host}:{d.path}: {human_size(d.sent_bytes)} sent of "
+                     f"{human_size(d.virtual_size)} ({human_size(int(rate))}/s), "
+                     + ("verified by hash: equal to the point" if d.verified else "NOT verified"))
+    return "\n".join(lines)

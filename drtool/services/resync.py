@@ -43,6 +43,7 @@ from drtool.mechanics.dr_target import (
 )
 from drtool.mechanics.hash_resync import hash_resync
 from drtool.mechanics.link import link_socket, start_link
+from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
 from drtool.mechanics.pausing import paused_source, resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import (
@@ -94,7 +95,10 @@ def resync(inventory: Inventory, reach: Reach, vm_name: str,
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
     with reach.lock(vm):
-        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        manifest = load_settled_manifest(dr, vm)
+        if manifest is not None:  # after a failover: a QEMU back on the old images is said first (split brain)
+            refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "resync")
+        manifest = require_protected(manifest, vm)
         manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
         notes = (resumed,) if resumed else ()
         restarted = False

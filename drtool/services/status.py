@@ -10,6 +10,7 @@ from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.dr_vm import dr_vm_session
+from drtool.mechanics.old_site import look_at_old_site
 from drtool.mechanics.replication import (
     JobState,
     job_id,
@@ -143,6 +144,14 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
     else:
         protection = Health.FAILED_OVER
         reason = f"failed over to {vm.dr_host} at {record.finished_at if record else '?'}"
+        if manifest.state.reverse:  # drtool recover's stages
+            reason = f"{manifest.state.value} (to {vm.host}); {reason}"
+    old_site = look_at_old_site(reach, vm, manifest)
+    if old_site is not None and old_site.split_brain:
+        split = f"split brain: VM runs on both sites: {old_site.describe()}"
+        return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, Health.SPLIT_BRAIN, error=split,
+                        exit_code=ExitCode.FAILED, mode=manifest.mode, transport=manifest.transport,
+                        reason=f"{split}; stop it there", state=manifest.state)
     try:
         with dr_vm_session(reach, vm) as qmp:
             run_state = qmp.execute("query-status")["status"]

@@ -27,7 +27,7 @@ from typing import Any
 from drtool.domain import Host, Inventory, ReplicationMode, Vm
 from drtool.errors import HostUnreachable, QmpError, RemoteCommandError, VmUnreachable
 from drtool.mechanics import dr_vm as dr_vm_module
-from drtool.mechanics import remote
+from drtool.mechanics import old_site, remote
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
 from drtool.state.manifest import Manifest, ReplicaDisk
@@ -87,6 +87,7 @@ class World:
     qmp_faults: dict[str, str] = field(default_factory=dict)  # source QMP command -> "kill" | "drop" (one shot)
     _triggers: list[tuple[Callable[[dict[str, Any]], bool], str]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    old_images_marked: bool = False  # drtool's failed-over marker beside the source image (mechanics/old_site)
 
     # --- the model ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -199,6 +200,14 @@ class World:
                 ("qemu-system", str(REPLICAS / "test" / "qemu.pid"), self.drill_vm is not None)]
 
     def src_run(self, argv: list[str]) -> tuple[int, str, str]:
+        if argv[:2] == ["python3", "-c"] and argv[2] == old_site._FIND_SCRIPT:  # QEMU on the old images?
+            found = [{"pid": 7, "program": "qemu-system-x86_64", "images": [SOURCE_IMAGE]}] if self.source_alive else []
+            return 0, json.dumps(found), ""
+        if argv[:2] == ["sh", "-c"] and argv[2] == old_site._MARK_SCRIPT:
+            self.old_images_marked = True
+            return 0, "no-libvirt\n", ""
+        if argv[:2] == ["sh", "-c"] and ".drtool-failed-over" in argv[2]:  # marked_images
+            return 0, (SOURCE_IMAGE + "\n") if self.old_images_marked else "", ""
         if argv[0] == "python3":  # read_hardware
             if not self.source_alive:
                 return 3, "", ""

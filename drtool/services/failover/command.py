@@ -60,7 +60,7 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
     dr = reach.shell(vm.dr_host)
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and manifest.state is Protection.FAILED_OVER:
+        if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
         manifest = require_protected(manifest, vm, during_failover=True)

@@ -44,6 +44,9 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if manifest is None or not manifest.state.failing_over or manifest.failover is None:
             raise Refused(f"{vm.name} has no failover to roll back")
         record = manifest.failover
+        if manifest.state.reverse:
+            raise Refused(f"{vm.name} is {manifest.state.value} (drtool recover): a rollback would discard it",
+                          hint=f"finish with drtool recover {vm.name} --failback")
         if record.kind is not FailoverKind.PLANNED:
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
