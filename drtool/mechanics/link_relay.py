@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The socket file appears at bind(), but connecting before listen() is refused: bind a
     # temporary name and rename it once listening, so whoever sees the path can connect.
-    pending = f"{path}.{os.getpid()}"
+    pending = os.path.join(os.path.dirname(path), f".{os.getpid()}")  # no longer than path: sun_path is short
     listener.bind(pending)
     listener.listen(64)
     os.rename(pending, path)
