@@ -48,6 +48,11 @@ inventory_app = typer.Typer(help="Work with the inventory itself.", no_args_is_h
 app.add_typer(inventory_app, name="inventory")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+CRON_LOCK_WAIT = 600  # seconds: longer than a */5 resync or a */15 checkpoint --all usually holds a VM
+WaitOption = Annotated[float, typer.Option(
+    "--wait", min=0, metavar="SECONDS",
+    help=f"Wait up to SECONDS for another drtool working on the same VM (0: refuse at once). "
+         f"[default: {CRON_LOCK_WAIT}]", show_default=False)]
 
 
 @dataclass
@@ -62,22 +67,30 @@ class AppState:
 
         return load_inventory(find_config_path(self.config))
 
-    def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, **kwargs: Any) -> T:
+    def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, lock_wait: float = 0,
+             **kwargs: Any) -> T:
         """Run a service with the inventory and this run's connections (closed after).
 
         An inventory of DR hosts alone (no [vms]) is completed with the VMs
-        those hosts keep entries for, unless kept_vms is false.
+        those hosts keep entries for, unless kept_vms is false. lock_wait:
+        seconds to wait for a VM another drtool is working on; a wait is said
+        on stderr (not under --quiet or --json).
         """
         from drtool.transport.connections import Connections
 
         inventory = self.inventory()
-        with Connections(inventory) as conns:
-            if kept_vms and not inventory.vms:
-                from drtool.services.dr_inventory import adopt_kept_entries
+        with Connections(inventory, lock_wait=lock_wait) as conns:
+            try:
+                if kept_vms and not inventory.vms:
+                    from drtool.services.dr_inventory import adopt_kept_entries
 
-                inventory = adopt_kept_entries(inventory, conns)
-                conns.adopt(inventory)
-            return service(inventory, conns, *args, **kwargs)
+                    inventory = adopt_kept_entries(inventory, conns)
+                    conns.adopt(inventory)
+                return service(inventory, conns, *args, **kwargs)
+            finally:
+                for vm, seconds in conns.lock_waits:
+                    if not self.output.json_mode:
+                        self.output.info(f"{vm}: waited {seconds:.1f} s for another drtool working on it")
 
     @contextlib.contextmanager
     def guard(self, json_mode: bool = False) -> Iterator[Output]:
@@ -284,6 +297,7 @@ def unprotect_command(
 def resync_command(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.", metavar="VM")],
+    wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
     """Bring a broken replica up to date, sending only what changed; does nothing when all is well.
@@ -300,7 +314,7 @@ def resync_command(
     state = _state(ctx)
     with state.guard(json_mode) as out:
         with SyncProgress(out, "resync") as progress:
-            result = state.call(resync, vm, on_progress=progress)
+            result = state.call(resync, vm, on_progress=progress, lock_wait=wait)
         out.render(result, resync_summary)
 
 
@@ -309,6 +323,7 @@ def checkpoint_command(
     ctx: typer.Context,
     vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
+    wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
     """Take a point in time on the DR side, consistent across each VM's disks.
@@ -327,7 +342,7 @@ def checkpoint_command(
     with state.guard(json_mode) as out:
         if bool(vms) == all_vms:
             raise UsageError("name the VMs to checkpoint, or pass --all (not both)")
-        report = state.call(checkpoint, vms or [], all_vms=all_vms)
+        report = state.call(checkpoint, vms or [], all_vms=all_vms, lock_wait=wait)
         out.render({"results": report.results}, lambda _: checkpoint_table(report))
         out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
