@@ -212,7 +212,7 @@ def hosts_check(
     state = _state(ctx)
     with state.guard(json_mode) as out:
         report = state.call(check_hosts, hosts or [], kept_vms=False)
-        out.render({"hosts": report.hosts}, lambda _: hosts_table(report))
+        out.render({"hosts": report.hosts}, lambda _: hosts_table(report, width=out.stdout.width))
         out.errors((h.name, h.error) for h in report.hosts if not h.ok)
     raise typer.Exit(int(report.exit_code))
 
@@ -221,25 +221,38 @@ def hosts_check(
 def status(
     ctx: typer.Context,
     vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    max_lag: Annotated[int, typer.Option("--max-lag", min=0, metavar="MIB",
+                                         help="Exit 1 when a disk lags further behind than this. [default: 64]",
+                                         show_default=False)] = 64,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="One row per disk (as when VMs are named).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Show each VM's host, run state, disks and protection state.
+    """Show each VM's host, run state and protection; exit 1 when any is not well protected.
+
+    Exit 1 when a shown VM's replication is broken, lags past --max-lag, or a
+    VM or disk is not replicated; 0 only when all is well (seeding and failed
+    over count as well).
 
     \b
     Examples:
-      drtool status
-      drtool status web --json
+      drtool status                 one line per VM
+      drtool status web             with its disks
+      drtool status --wide --json
     """
-    from drtool.services.status import vm_status
+    from drtool.services.status import problems, vm_status
 
     from .render import status_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         report = state.call(vm_status, vms or [])
-        out.render({"vms": report.vms}, lambda _: status_table(report))
-        out.errors((v.name, v.error) for v in report.vms if v.exit_code != ExitCode.OK)
-    raise typer.Exit(int(report.exit_code))
+        found = problems(report, max_lag << 20)
+        out.render({"vms": report.vms, "problems": [{"vm": vm, "problem": what} for vm, what in found]},
+                   lambda _: status_table(report, wide=wide or bool(vms), width=out.stdout.width))
+        out.errors((v.name, v.error or "failed") for v in report.vms if v.exit_code != ExitCode.OK)
+        if not out.json_mode:
+            out.errors(found)
+    raise typer.Exit(int(max(report.exit_code, ExitCode.FAILED if found else ExitCode.OK)))
 
 
 @app.command("protect")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
-from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import drill_layout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
@@ -37,10 +37,6 @@ class DrillResult:
 class DrillCleanup:
     vm: str
     removed: bool
-
-
-def drill_layout(vm: Vm) -> RunLayout:
-    return RunLayout(vm.replica_dir / "test")
 
 
 def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str | None = None) -> DrillResult:

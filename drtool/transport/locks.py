@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any
 from pathlib import PurePosixPath
+from typing import Any
 
 from drtool.errors import Refused, RemoteCommandError
 
