@@ -249,7 +249,7 @@ def status(
         found = problems(report, max_lag << 20)
         out.render({"vms": report.vms, "problems": [{"vm": vm, "problem": what} for vm, what in found]},
                    lambda _: status_table(report, wide=wide or bool(vms), width=out.stdout.width))
-        out.errors((v.name, v.error or "failed") for v in report.vms if v.exit_code != ExitCode.OK)
+        out.errors((v.name, v.error) for v in report.vms if v.exit_code != ExitCode.OK)
         if not out.json_mode:
             out.errors(found)
     raise typer.Exit(int(max(report.exit_code, ExitCode.FAILED if found else ExitCode.OK)))

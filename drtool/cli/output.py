@@ -85,10 +85,10 @@ class Output:
         else:
             self.show(human(result))
 
-    def errors(self, failures: Iterable[tuple[str, str]]) -> None:
+    def errors(self, failures: Iterable[tuple[str, str | None]]) -> None:
         """One stderr line per failed item of a report (the table says more)."""
         for name, message in failures:
-            self.error(f"{name}: {message}")
+            self.error(f"{name}: {message or 'failed'}")
 
     def error(self, message: str) -> None:
         self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)

@@ -82,7 +82,7 @@ def _replication_style(health: Health) -> str:
 
 
 def _health_text(health: Health, reason: str | None) -> str:
-    return f"{health.value}: {reason}" if reason else health.value
+    return f"{health.label}: {reason}" if reason else health.label
 
 
 def _drill_text(vm: VmStatus) -> str:
@@ -105,13 +105,13 @@ def status_table(report: StatusReport, wide: bool = False, width: int = 80) -> T
     used = _fixed_columns(table, {
         "vm": [v.name for v in report.vms], "host": [v.host for v in report.vms],
         "state": [v.run_state or "unreachable" for v in report.vms],
-        "protection": [v.protection.value for v in report.vms], "lag": [_vm_lag(v) for v in report.vms],
+        "protection": [v.protection.label for v in report.vms], "lag": [_vm_lag(v) for v in report.vms],
     }, {"vm": 14, "host": 12})  # longer VM or host names end in "…" (status VM shows them whole)
     table.add_column("why", no_wrap=True, overflow="ellipsis", max_width=max(6, width - used - 2))
     for vm in report.vms:
         why = "; ".join(filter(None, (vm.error or vm.reason, _drill_text(vm)))) or "-"
         table.add_row(vm.name, vm.host, _mark(vm.run_state == "running", vm.run_state or "unreachable"),
-                      Text(vm.protection.value, style=_replication_style(vm.protection)), _vm_lag(vm),
+                      Text(vm.protection.label, style=_replication_style(vm.protection)), _vm_lag(vm),
                       Text(why, style="red" if vm.error else ""))
     return table
 
@@ -138,7 +138,7 @@ def _status_wide(report: StatusReport) -> Table:
         for disk in vm.disks:
             table.add_row(
                 *head,
-                disk.device + ("" if disk.protected else " (not selected)"),
+                disk.device + ("" if disk.selected else " (not selected)"),
                 disk.node_name,
                 disk.format,
                 human_size(disk.virtual_size),

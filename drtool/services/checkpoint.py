@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
@@ -39,11 +40,14 @@ CHECKPOINT_DRAIN_TIMEOUT = 5.0
 class CheckpointResult:
     vm: str
     point: RecoveryPoint | None
-    quiesced_seconds: float
-    error: str = ""
+    quiesced_seconds: float | None  # None: no point was taken
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
     deleted: tuple[str, ...] = ()  # points the VM's retention rules let go
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
         with reach.lock(vm):
             manifest = load_settled_manifest(dr, vm)
             if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
-                return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
+                return CheckpointResult(vm.name, None, None, "not protected: skipped")
             manifest = require_protected(manifest, vm)
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
             notes = (resumed,) if resumed else ()
@@ -92,7 +96,7 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                                     ExitCode.FAILED, deleted, notes)
         return CheckpointResult(vm.name, point, seconds, deleted=deleted, notes=notes)
     except DrtoolError as err:
-        return CheckpointResult(vm.name, None, 0.0, str(err), err.exit_code)
+        return CheckpointResult(vm.name, None, None, str(err), err.exit_code)
 
 
 def apply_retention(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest,

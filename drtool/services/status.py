@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
@@ -25,13 +26,14 @@ class DiskStatus:
     format: str
     virtual_size: int
     image: str
-    protected: bool  # selected for protection by the inventory (all disks when none are named)
+    selected: bool  # selected for protection by the inventory (all disks when none are named)
     replication: Health = Health.UNPROTECTED
     lag_bytes: int | None = None  # bytes the replica is behind (the job's len - offset)
     reason: str | None = None  # why, in words: how far seeding is, what broke and what to do
+    protected: bool = False  # replicated to the DR host now (false when unprotected or failed over)
 
     def __post_init__(self) -> None:
-        _absent_is_none(self, "reason")
+        absent_is_none(self, "reason")
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,7 @@ class VmStatus:
     drill: DrillStatus | None = None  # a test failover on the DR host (None: none)
 
     def __post_init__(self) -> None:
-        _absent_is_none(self, "error", "reason")
-
-
-def _absent_is_none(record: object, *names: str) -> None:
-    """An empty text is an absent value: null in --json, never "" (see docs/json.md)."""
-    for name in names:
-        if getattr(record, name) == "":
-            object.__setattr__(record, name, None)
+        absent_is_none(self, "error", "reason")
 
 
 @dataclass(frozen=True)
@@ -198,10 +193,11 @@ def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: 
         device.format,
         device.virtual_size,
         device.image,
-        protected=not vm.disks or device.device in vm.disks,
+        selected=not vm.disks or device.device in vm.disks,
         replication=health,
         lag_bytes=(job.remaining if job else None) if replicated else None,
         reason=reason,
+        protected=health is not Health.UNPROTECTED,
     )
 
 
@@ -221,12 +217,12 @@ def problems(report: StatusReport, max_lag_bytes: int = LAG_BOUND_BYTES) -> list
         if vm.exit_code != ExitCode.OK:
             continue
         if vm.protection in (Health.BROKEN, Health.UNKNOWN, Health.FAILING_OVER):
-            found.append((vm.name, f"{vm.protection.value}: {vm.reason}" if vm.reason else vm.protection.value))
+            found.append((vm.name, f"{vm.protection.label}: {vm.reason}" if vm.reason else vm.protection.label))
         elif vm.protection is Health.UNPROTECTED:
             found.append((vm.name, f"not protected: run drtool protect {vm.name}"))
         if vm.protection in (Health.FAILED_OVER, Health.UNPROTECTED):
             continue
-        unprotected = [d.device for d in vm.disks if d.protected and d.replication is Health.UNPROTECTED]
+        unprotected = [d.device for d in vm.disks if d.selected and d.replication is Health.UNPROTECTED]
         if unprotected:
             found.append((vm.name, f"disk(s) not replicated: {', '.join(unprotected)}"))
         behind = [d for d in vm.disks

@@ -72,7 +72,7 @@ def test_planned_failover_runs_the_vm_on_the_dr_host_with_every_write(lab, prote
     assert not vm.alive, "the source QEMU still runs after a planned failover"
     entry = status_json(lab_config, vm.name)
     assert (entry["host"], entry["run_state"]) == ("site-b", "running")
-    assert entry["protection"].startswith("failed over")
+    assert entry["protection"] == "failed-over"
     # exactly what the source held when it stopped
     same, detail = images_identical(vm.disks["vd0"], Path(dr_tops(lab, vm)["vd0"]))
     assert same, detail
@@ -132,7 +132,7 @@ def test_rollback_after_each_step_leaves_the_source_running_and_protected(lab, p
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     drtool_ok(lab_config, "failover", vm.name, "--rollback", "--yes")
     entry = status_json(lab_config, vm.name)
-    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-a", "running", "in sync"), entry
+    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-a", "running", "in-sync"), entry
     assert not (replica_dir(lab, vm) / "vm" / "qemu.pid").exists() or not _pid_alive(replica_dir(lab, vm))
     # replication works again after the rollback. If drtool relaunched the source QEMU (daemonized,
     # stdout gone), the lab cannot read qemu-io's report: write through the device all the same and

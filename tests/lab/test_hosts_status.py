@@ -341,7 +341,7 @@ def test_paths_with_shell_metacharacters_pass_intact(lab: Lab, tmp_path: Path) -
         assert result.returncode == ExitCode.OK, result.stdout + result.stderr
         [space] = data["hosts"][0]["replica_space"]
         assert space["replica_dir"] == space["measured_on"] == str(replica_dir)  # the dir itself, intact
-        assert space["error"] == "" and space["available_bytes"] > 0
+        assert space["error"] is None and space["available_bytes"] > 0
     finally:
         vm.stop()
     assert canaries_found(lab, work, Path.cwd()) == []

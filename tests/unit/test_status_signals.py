@@ -22,8 +22,9 @@ MiB = 1 << 20
 LONG_IMAGE = "/var/lib/libvirt/images/a-rather-long-directory-name/and-a-long-image-name-too.qcow2"
 
 
-def disk(device: str, health: Health, lag: int | None = 0, protected: bool = True, reason: str = "") -> DiskStatus:
-    return DiskStatus(device, f"{device}-fmt", "qcow2", 20 << 30, LONG_IMAGE, protected, health, lag, reason)
+def disk(device: str, health: Health, lag: int | None = 0, selected: bool = True, reason: str = "") -> DiskStatus:
+    return DiskStatus(device, f"{device}-fmt", "qcow2", 20 << 30, LONG_IMAGE, selected, health, lag, reason,
+                      health not in (Health.UNPROTECTED, Health.FAILED_OVER))
 
 
 def vm(name: str, health: Health, *disks: DiskStatus, state: Protection | None = Protection.PROTECTED,
@@ -51,7 +52,7 @@ def test_broken_lagging_and_unprotected_are_problems():
     bare = vm("mail", Health.UNPROTECTED, disk("vd0", Health.UNPROTECTED, lag=None), state=None)
     one_disk = vm("dns", Health.IN_SYNC, disk("vd0", Health.IN_SYNC), disk("vd1", Health.UNPROTECTED, lag=None))
     not_selected = vm("ok", Health.IN_SYNC, disk("vd0", Health.IN_SYNC),
-                      disk("cd0", Health.UNPROTECTED, lag=None, protected=False))
+                      disk("cd0", Health.UNPROTECTED, lag=None, selected=False))
     found = dict(problems(StatusReport((broken, lagging, slightly, bare, one_disk, not_selected))))
     assert set(found) == {"web", "db", "mail", "dns"}
     assert found["web"].startswith("broken: the DR side did not answer")
