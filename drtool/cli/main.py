@@ -336,6 +336,7 @@ def checkpoint_command(
     ctx: typer.Context,
     vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Pin the new point(s): retention never deletes them.")] = False,
     wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
@@ -345,6 +346,7 @@ def checkpoint_command(
     Examples:
       drtool checkpoint web
       drtool checkpoint --all       (cron: every protected VM, retention applied)
+      drtool checkpoint web --keep  (before an upgrade: kept until drtool points web --unkeep ID)
     """
     from drtool.errors import UsageError
     from drtool.services.checkpoint import checkpoint
@@ -355,7 +357,7 @@ def checkpoint_command(
     with state.guard(json_mode) as out:
         if bool(vms) == all_vms:
             raise UsageError("name the VMs to checkpoint, or pass --all (not both)")
-        report = state.call(checkpoint, vms or [], all_vms=all_vms, lock_wait=wait)
+        report = state.call(checkpoint, vms or [], all_vms=all_vms, keep=keep, lock_wait=wait)
         out.render({"results": report.results}, lambda _: checkpoint_table(report))
         out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
@@ -365,21 +367,33 @@ def checkpoint_command(
 def points_command(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.", metavar="VM")],
+    keep: Annotated[Optional[str], typer.Option("--keep", metavar="ID",
+                                                help="Pin this point: retention never deletes it.")] = None,
+    unkeep: Annotated[Optional[str], typer.Option("--unkeep", metavar="ID",
+                                                  help="Let retention delete this point again.")] = None,
     json_mode: JsonOption = False,
 ) -> None:
-    """List a VM's points in time: id, time, how it was quiesced, tested-at, space used.
+    """List a VM's points in time: id, time, how it was quiesced, space used, tested at; pin one.
 
     \b
-    Example:
+    Examples:
       drtool points web
+      drtool points web --keep p20261127T141107123
     """
-    from drtool.services.checkpoint import list_points
+    from drtool.errors import UsageError
+    from drtool.services.checkpoint import keep_point, list_points
 
     from .render import points_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        out.render(state.call(list_points, vm), points_table)
+        if keep and unkeep:
+            raise UsageError("--keep and --unkeep go one at a time")
+        if keep or unkeep:
+            report = state.call(keep_point, vm, keep or unkeep, kept=bool(keep))
+        else:
+            report = state.call(list_points, vm)
+        out.render(report, points_table)
 
 
 @app.command("failover")

@@ -211,7 +211,8 @@ def points_table(report: PointsReport) -> Table:
     table.add_column("space", no_wrap=True)
     table.add_column("tested at", no_wrap=True)
     for p in report.points:
-        table.add_row(p.id, _short_time(p.time, year=False), f"{p.quiesce} {p.quiesce_seconds:.2f} s",
+        table.add_row(p.id, _short_time(p.time, year=False),
+                      f"{p.quiesce} {p.quiesce_seconds:.2f} s" + (" kept" if p.kept else ""),
                       human_size(report.space.get(p.id)), _short_time(p.tested_at, year=False))
     return table
 
@@ -253,7 +254,8 @@ def rolled_back_summary(result: RolledBack) -> str:
 
 
 def drill_summary(result: DrillResult) -> str:
-    return (f"{result.vm}: test failover of point {result.point} came up ({result.run_state}) in "
+    which = {"taken": "taken now: there was none", "newest": "the newest"}.get(result.point_chosen, "as named")
+    return (f"{result.vm}: test failover of point {result.point} ({which}) came up ({result.run_state}) in "
             f"{result.seconds:.1f} s, isolated (no NIC); monitor {result.qmp_socket}; replication goes on. "
             f"Remove it with: drtool failover {result.vm} --test --cleanup")
 
