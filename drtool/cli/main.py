@@ -14,7 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -22,6 +22,9 @@ from drtool import __version__
 from drtool.errors import DrtoolError, ExitCode, Interrupted
 
 from .output import Output
+
+if TYPE_CHECKING:
+    from .audit import Audit
 
 T = TypeVar("T")
 
@@ -68,13 +71,14 @@ class AppState:
         return load_inventory(find_config_path(self.config))
 
     def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, lock_wait: float = 0,
-             **kwargs: Any) -> T:
+             audit: Audit | None = None, **kwargs: Any) -> T:
         """Run a service with the inventory and this run's connections (closed after).
 
         An inventory of DR hosts alone (no [vms]) is completed with the VMs
         those hosts keep entries for, unless kept_vms is false. lock_wait:
         seconds to wait for a VM another drtool is working on; a wait is said
-        on stderr (not under --quiet or --json).
+        on stderr (not under --quiet or --json). audit: what to record in the
+        system log and the DR host's history (cli/audit.py).
         """
         from drtool.transport.connections import Connections
 
@@ -86,11 +90,24 @@ class AppState:
 
                     inventory = adopt_kept_entries(inventory, conns)
                     conns.adopt(inventory)
-                return service(inventory, conns, *args, **kwargs)
+                try:
+                    result = service(inventory, conns, *args, **kwargs)
+                except DrtoolError as err:
+                    if audit is not None:
+                        self._audit(inventory, conns, audit, audit.failed(err))
+                    raise
+                if audit is not None:
+                    self._audit(inventory, conns, audit, audit.changed(result))
+                return result
             finally:
                 for vm, seconds in conns.lock_waits:
                     if not self.output.json_mode:
                         self.output.info(f"{vm}: waited {seconds:.1f} s for another drtool working on it")
+
+    def _audit(self, inventory: Any, conns: Any, audit: Audit, entries: list[tuple[str, str, int]]) -> None:
+        from .audit import record
+
+        record(inventory, conns, audit, entries, self.output.warning)
 
     @contextlib.contextmanager
     def guard(self, json_mode: bool = False) -> Iterator[Output]:
@@ -271,13 +288,15 @@ def protect_command(
     """
     from drtool.services.protect import protect
 
+    from .audit import Audit, lines
     from .progress import SyncProgress
     from .render import protect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         with SyncProgress(out, "seeding") as progress:
-            result = state.call(protect, vm, wait=not no_wait, on_progress=progress)
+            result = state.call(protect, vm, wait=not no_wait, on_progress=progress, audit=Audit(
+                "protect", [vm], lambda r: lines([(r.vm, f"protected to {r.dr_host}, {r.mode} mode")])))
         out.render(result, protect_summary)  # after the bars stopped: nothing redraws over it
 
 
@@ -299,11 +318,14 @@ def unprotect_command(
     """
     from drtool.services.protect import unprotect
 
+    from .audit import Audit, lines
     from .render import unprotect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        out.render(state.call(unprotect, vm, delete_replicas=delete_replicas), unprotect_summary)
+        audit = Audit("unprotect", [vm], lambda r: lines(
+            [(r.vm, "unprotected" + (", replicas deleted" if r.replicas_deleted else ""))]))
+        out.render(state.call(unprotect, vm, delete_replicas=delete_replicas, audit=audit), unprotect_summary)
 
 
 @app.command("resync")
@@ -321,13 +343,16 @@ def resync_command(
     """
     from drtool.services.resync import resync
 
+    from .audit import Audit, lines
     from .progress import SyncProgress
     from .render import resync_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         with SyncProgress(out, "resync") as progress:
-            result = state.call(resync, vm, on_progress=progress, lock_wait=wait)
+            result = state.call(resync, vm, on_progress=progress, lock_wait=wait, audit=Audit(
+                "resync", [vm], lambda r: lines([] if r.action == "none" else
+                                                [(r.vm, f"resynced ({r.action}), {r.bytes_sent} bytes sent")])))
         out.render(result, resync_summary)
 
 
@@ -351,13 +376,18 @@ def checkpoint_command(
     from drtool.errors import UsageError
     from drtool.services.checkpoint import checkpoint
 
+    from .audit import Audit
     from .render import checkpoint_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         if bool(vms) == all_vms:
             raise UsageError("name the VMs to checkpoint, or pass --all (not both)")
-        report = state.call(checkpoint, vms or [], all_vms=all_vms, keep=keep, lock_wait=wait)
+        audit = Audit("checkpoint", vms or [], lambda rep: [
+            (r.vm, f"point {r.point.id}" + (" (kept)" if keep else "")
+             + (f"; retention deleted {', '.join(r.deleted)}" if r.deleted else "") if r.point else f"failed: {r.error}",
+             int(r.exit_code)) for r in rep.results if r.point is not None or r.exit_code not in (ExitCode.OK, ExitCode.REFUSED)])
+        report = state.call(checkpoint, vms or [], all_vms=all_vms, keep=keep, lock_wait=wait, audit=audit)
         out.render({"results": report.results}, lambda _: checkpoint_table(report))
         out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
@@ -434,6 +464,7 @@ def failover_command(
     from drtool.services.resync import resync
 
     from . import render
+    from .audit import Audit, lines
     from .confirm import confirmer
     from .progress import SyncProgress
 
@@ -446,18 +477,26 @@ def failover_command(
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
         if test and cleanup:
-            out.render(state.call(drill.cleanup_test, vm), render.drill_cleanup_summary)
+            audit = Audit("failover --test --cleanup", [vm],
+                          lambda r: lines([(r.vm, "drill removed")] if r.removed else []))
+            out.render(state.call(drill.cleanup_test, vm, audit=audit), render.drill_cleanup_summary)
         elif test:
-            out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
+            audit = Audit("failover --test", [vm], lambda r: lines(
+                [(r.vm, f"drill of point {r.point} ({r.point_chosen}) {r.run_state}")]))
+            out.render(state.call(drill.test_failover, vm, point, audit=audit), render.drill_summary)
         elif rollback:
-            undone = state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes))
+            audit = Audit("failover --rollback", [vm], lambda r: lines(
+                [(r.vm, f"failover rolled back; source {r.source_state}")]))
+            undone = state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes), audit=audit)
             # replication catches up from the final point: the resync command's own work
             with SyncProgress(out, "resync") as progress:
                 caught_up = state.call(resync, vm, on_progress=progress)
             out.render(render.RolledBack(undone, caught_up), render.rolled_back_summary)
         else:
+            audit = Audit("failover", [vm], lambda r: lines([] if r.dry_run else [
+                (r.vm, f"{r.kind} failover done from {r.point or 'the replicas'}: {r.run_state} on {r.dr_host}")]))
             result = state.call(failover.failover, vm, force=force, point_id=point, dry_run=dry_run,
-                                confirm=confirmer(out, yes))
+                                confirm=confirmer(out, yes), audit=audit)
             out.render(result, render.failover_summary)
 
 

@@ -93,6 +93,10 @@ class Output:
     def error(self, message: str) -> None:
         self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)
 
+    def warning(self, message: str) -> None:
+        """Something went wrong beside the command's own work (it stands): said even under --quiet."""
+        self.stderr.print(f"drtool: warning: {message}", markup=False, highlight=False)
+
     def json_error(self, exit_code: int, message: str, hint: str | None) -> None:
         """The error of a --json run, as JSON on stderr (stdout stays empty)."""
         document = self.envelope(exit_code=exit_code, error=message, hint=hint)

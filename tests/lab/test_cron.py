@@ -26,9 +26,12 @@ def test_resync_and_checkpoint_all_wait_for_each_other(lab, lab_vm, lab_config):
     drtool_ok(lab_config, "protect", lab_vm.name)
     lock = f"/run/lock/drtool.{lab_vm.name}.lock"
     # A third drtool (here a bare flock) holds the VM for 4 s: both cron jobs arrive meanwhile.
-    holder = lab.start_raw_process("site-b", ["flock", lock, "sleep", "4"])
+    holder = lab.start_raw_process("site-b", ["flock", lock, "sleep", "6"])
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", lock, "true"], check=False).returncode == 0:  # until it holds it
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.1)
         refused = drtool(lab_config, "resync", lab_vm.name, "--wait", "0")
         assert refused.returncode == ExitCode.REFUSED, refused.stderr
         assert "another drtool is working on" in refused.stderr and "--wait" in refused.stderr
@@ -50,3 +53,9 @@ def test_resync_and_checkpoint_all_wait_for_each_other(lab, lab_vm, lab_config):
 
     quiet = drtool_ok(lab_config, "-q", "resync", lab_vm.name)
     assert quiet.stdout == "" and quiet.stderr == ""
+
+    # the audit trail on the DR host: protect and the checkpoint; the resyncs changed nothing
+    history = lab.host_dir("site-b") / "drtool" / "history" / f"{lab_vm.name}.jsonl"
+    entries = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(e["command"], e["result"]) for e in entries] == [("protect", "ok"), ("checkpoint", "ok")]
+    assert entries[1]["what"] == f"point {entry['point']['id']}" and entries[1]["user"]
