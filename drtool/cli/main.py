@@ -21,6 +21,7 @@ import typer
 from drtool import __version__
 from drtool.errors import DrtoolError, ExitCode, Interrupted
 
+from .completion import host_names, vm_names
 from .output import Output
 
 if TYPE_CHECKING:
@@ -212,7 +213,8 @@ def inventory_export(
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
+    hosts: Annotated[Optional[list[str]], typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...",
+                                                         autocompletion=host_names)] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Check SSH reachability, host keys, QEMU tools and free space for replicas.
@@ -237,7 +239,7 @@ def hosts_check(
 @app.command("status")
 def status(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to show (default: all).", metavar="[VM]...", autocompletion=vm_names)] = None,
     max_lag: Annotated[int, typer.Option("--max-lag", min=0, metavar="MIB",
                                          help="Exit 1 when a disk lags further behind than this. [default: 64]",
                                          show_default=False)] = 64,
@@ -275,7 +277,7 @@ def status(
 @app.command("protect")
 def protect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).", metavar="VM", autocompletion=vm_names)],
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once replication has started.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
@@ -303,7 +305,7 @@ def protect_command(
 @app.command("unprotect")
 def unprotect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.", metavar="VM", autocompletion=vm_names)],
     delete_replicas: Annotated[
         bool, typer.Option("--delete-replicas", help="Also delete the replicas and the manifest on the DR host.")
     ] = False,
@@ -331,7 +333,7 @@ def unprotect_command(
 @app.command("resync")
 def resync_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.", metavar="VM", autocompletion=vm_names)],
     wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
@@ -359,7 +361,7 @@ def resync_command(
 @app.command("checkpoint")
 def checkpoint_command(
     ctx: typer.Context,
-    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
+    vms: Annotated[Optional[list[str]], typer.Argument(help="VMs to take a point of.", metavar="[VM]...", autocompletion=vm_names)] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Pin the new point(s): retention never deletes them.")] = False,
     wait: WaitOption = CRON_LOCK_WAIT,
@@ -396,7 +398,7 @@ def checkpoint_command(
 @app.command("points")
 def points_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.", metavar="VM", autocompletion=vm_names)],
     keep: Annotated[Optional[str], typer.Option("--keep", metavar="ID",
                                                 help="Pin this point: retention never deletes it.")] = None,
     unkeep: Annotated[Optional[str], typer.Option("--unkeep", metavar="ID",
@@ -429,7 +431,7 @@ def points_command(
 @app.command("failover")
 def failover_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.", metavar="VM", autocompletion=vm_names)],
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
                                         "fail over from the newest point anyway. With --rollback: discard "
                                         "what the DR copy wrote, however long it ran.")] = False,
