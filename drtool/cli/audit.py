@@ -58,7 +58,7 @@ def _syslog() -> logging.Logger | None:
     import logging.handlers  # here: a command's start-up does not pay for it
 
     class QuietSysLogHandler(logging.handlers.SysLogHandler):
-        def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        def handleError(self, record: logging.LogRecord) -> None:
             """A syslog that goes away mid-run costs its lines, never a traceback on the terminal."""
 
     logger = logging.getLogger("drtool.audit")

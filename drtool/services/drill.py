@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from drtool.domain import Inventory, Vm
+from drtool.domain import Inventory
 from drtool.mechanics.dr_vm import drill_layout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.pausing import take_consistent_point, target_session

@@ -34,7 +34,8 @@ SPACE_KEYS = {"vm", "replica_dir", "measured_on", "available_bytes", "error"}
 VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code",
            "reason", "state", "drill"}
 DISK_KEYS = {
-    "device", "node_name", "format", "virtual_size", "image", "protected", "replication", "lag_bytes", "reason",
+    "device", "node_name", "format", "virtual_size", "image", "selected", "replication", "lag_bytes", "reason",
+    "protected",
 }  # fmt: skip
 
 
@@ -140,7 +141,7 @@ def test_hosts_check_json(lab: Lab, lab_vm: LabVm, lab_config: Path, json_first:
     for name, host in hosts.items():
         assert set(host) == HOST_KEYS
         assert host["address"] == lab.address(name)
-        assert (host["reachable"], host["exit_code"], host["error"]) == (True, 0, "")
+        assert (host["reachable"], host["exit_code"], host["error"]) == (True, 0, None)
         assert host["host_key"] == fingerprint(host_key_pub(lab, name))
         tools = by_name(host["tools"])
         assert {*QEMU_TOOLS, "python3"} <= set(tools)  # hosts.REQUIRED_TOOLS may list more
@@ -151,7 +152,7 @@ def test_hosts_check_json(lab: Lab, lab_vm: LabVm, lab_config: Path, json_first:
     [space] = hosts["site-b"]["replica_space"]
     assert set(space) == SPACE_KEYS
     replica_dir = str(lab.host_dir("site-b") / "replicas" / lab_vm.name)
-    assert (space["vm"], space["replica_dir"], space["error"]) == (lab_vm.name, replica_dir, "")
+    assert (space["vm"], space["replica_dir"], space["error"]) == (lab_vm.name, replica_dir, None)
     measured = Path(space["measured_on"])  # the nearest existing directory at or above replica_dir
     assert measured.is_dir() and (measured == Path(replica_dir) or measured in Path(replica_dir).parents)
     assert not any(p.exists() for p in Path(replica_dir).parents if measured in p.parents)
@@ -188,7 +189,8 @@ def test_status_json_of_a_running_vm(lab_vm: LabVm, lab_config: Path, json_first
     assert disk["virtual_size"] == 64 * MiB
     assert disk["image"] == str(lab_vm.disks["vd0"])
     assert disk["node_name"] == "vd0-fmt"  # the lab's -blockdev node-name
-    assert disk["protected"] is True  # no disks listed in the inventory: every disk is selected
+    assert disk["selected"] is True  # no disks listed in the inventory: every disk is selected
+    assert disk["protected"] is False  # but not replicated
 
 
 def test_status_table_of_a_running_vm(lab_vm: LabVm, lab_config: Path) -> None:
@@ -226,7 +228,7 @@ def test_status_json_schema_contract(lab: Lab, lab_vm: LabVm, lab_config: Path, 
     }  # fmt: skip  (mode, transport and state are null while the VM is unprotected)
     assert {k: type(v).__name__ for k, v in vm["disks"][0].items()} == {
         "device": "str", "node_name": "str", "format": "str", "virtual_size": "int", "image": "str",
-        "protected": "bool", "replication": "str", "lag_bytes": "NoneType", "reason": "NoneType",
+        "selected": "bool", "replication": "str", "lag_bytes": "NoneType", "reason": "NoneType", "protected": "bool",
     }  # fmt: skip
     result, data = drtool_json(absent, "status", "--json")
     assert result.returncode == ExitCode.UNREACHABLE
