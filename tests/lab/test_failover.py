@@ -168,6 +168,9 @@ def test_test_failover_changes_nothing_and_cleans_up(lab, protected, lab_config)
     before = _digest(point_image)
     report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--test", "--json").stdout)
     assert report["came_up"] and report["run_state"] == "running" and report["point"] == point["id"]
+    assert report["point_chosen"] == "newest"
+    shown = status_json(lab_config, vm.name)["drill"]  # status shows the running drill
+    assert (shown["point"], shown["running"]) == (point["id"], True), shown
     test_dir = replica_dir(lab, vm) / "test"
     # no network: the test VM's command line has no NIC and -nic none
     cmdline = Path(f"/proc/{(test_dir / 'qemu.pid').read_text().strip()}/cmdline").read_bytes().split(b"\0")
@@ -183,13 +186,15 @@ def test_test_failover_changes_nothing_and_cleans_up(lab, protected, lab_config)
     busy = drtool(lab_config, "failover", vm.name, "--test")
     assert busy.returncode == ExitCode.REFUSED and "--cleanup" in busy.stderr
     drtool_ok(lab_config, "failover", vm.name, "--test", "--cleanup")
-    assert not test_dir.exists()
+    assert not test_dir.exists() and status_json(lab_config, vm.name)["drill"] is None
     assert _digest(point_image) == before
 
 
 def test_dry_run_changes_nothing(lab, protected, lab_config):
     vm = protected
     before = manifest_of(lab, vm)
+    dry = json.loads(drtool_ok(lab_config, "failover", vm.name, "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and dry["rto_seconds"] is None and dry["run_state"] == "not started"
     result = drtool_ok(lab_config, "failover", vm.name, "--dry-run")
     for step in PLANNED_STEPS:
         assert step in result.stdout
