@@ -14,14 +14,18 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from drtool import __version__
 from drtool.errors import DrtoolError, ExitCode, Interrupted, UsageError
 
+from .completion import host_names, vm_names
 from .output import Output
+
+if TYPE_CHECKING:
+    from .audit import Audit
 
 T = TypeVar("T")
 
@@ -48,6 +52,11 @@ inventory_app = typer.Typer(help="Work with the inventory itself.", no_args_is_h
 app.add_typer(inventory_app, name="inventory")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+CRON_LOCK_WAIT = 600  # seconds: longer than a */5 resync or a */15 checkpoint --all usually holds a VM
+WaitOption = Annotated[float, typer.Option(
+    "--wait", min=0, metavar="SECONDS",
+    help=f"Wait up to SECONDS for another drtool working on the same VM (0: refuse at once). "
+         f"[default: {CRON_LOCK_WAIT}]", show_default=False)]
 
 
 @dataclass
@@ -62,22 +71,44 @@ class AppState:
 
         return load_inventory(find_config_path(self.config))
 
-    def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, **kwargs: Any) -> T:
+    def call(self, service: Callable[..., T], *args: Any, kept_vms: bool = True, lock_wait: float = 0,
+             audit: Audit | None = None, **kwargs: Any) -> T:
         """Run a service with the inventory and this run's connections (closed after).
 
         An inventory of DR hosts alone (no [vms]) is completed with the VMs
-        those hosts keep entries for, unless kept_vms is false.
+        those hosts keep entries for, unless kept_vms is false. lock_wait:
+        seconds to wait for a VM another drtool is working on; a wait is said
+        on stderr (not under --quiet or --json). audit: what to record in the
+        system log and the DR host's history (cli/audit.py).
         """
         from drtool.transport.connections import Connections
 
         inventory = self.inventory()
-        with Connections(inventory) as conns:
-            if kept_vms and not inventory.vms:
-                from drtool.services.dr_inventory import adopt_kept_entries
+        with Connections(inventory, lock_wait=lock_wait) as conns:
+            try:
+                if kept_vms and not inventory.vms:
+                    from drtool.services.dr_inventory import adopt_kept_entries
 
-                inventory = adopt_kept_entries(inventory, conns)
-                conns.adopt(inventory)
-            return service(inventory, conns, *args, **kwargs)
+                    inventory = adopt_kept_entries(inventory, conns)
+                    conns.adopt(inventory)
+                try:
+                    result = service(inventory, conns, *args, **kwargs)
+                except DrtoolError as err:
+                    if audit is not None:
+                        self._audit(inventory, conns, audit, audit.failed(err))
+                    raise
+                if audit is not None:
+                    self._audit(inventory, conns, audit, audit.changed(result))
+                return result
+            finally:
+                for vm, seconds in conns.lock_waits:
+                    if not self.output.json_mode:
+                        self.output.info(f"{vm}: waited {seconds:.1f} s for another drtool working on it")
+
+    def _audit(self, inventory: Any, conns: Any, audit: Audit, entries: list[tuple[str, str, int]]) -> None:
+        from .audit import record
+
+        record(inventory, conns, audit, entries, self.output.warning)
 
     @contextlib.contextmanager
     def guard(self, json_mode: bool = False, error_code: int | None = None) -> Iterator[Output]:
@@ -183,8 +214,8 @@ def inventory_export(
 @hosts_app.command("check")
 def hosts_check(
     ctx: typer.Context,
-    hosts: Annotated[list[str] | None,
-                     typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...")] = None,
+    hosts: Annotated[list[str] | None, typer.Argument(help="Hosts to check (default: all).", metavar="[HOST]...",
+                                                     autocompletion=host_names)] = None,
     json_mode: JsonOption = False,
 ) -> None:
     """Check SSH reachability, host keys, QEMU tools and free space for replicas.
@@ -201,7 +232,7 @@ def hosts_check(
     state = _state(ctx)
     with state.guard(json_mode) as out:
         report = state.call(check_hosts, hosts or [], kept_vms=False)
-        out.render({"hosts": report.hosts}, lambda _: hosts_table(report))
+        out.render({"hosts": report.hosts}, lambda _: hosts_table(report, width=out.stdout.width))
         out.errors((h.name, h.error) for h in report.hosts if not h.ok)
     raise typer.Exit(int(report.exit_code))
 
@@ -209,20 +240,30 @@ def hosts_check(
 @app.command("status")
 def status(
     ctx: typer.Context,
-    vms: Annotated[list[str] | None, typer.Argument(help="VMs to show (default: all).", metavar="[VM]...")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to show (default: all).", metavar="[VM]...",
+                                                   autocompletion=vm_names)] = None,
     prometheus: Annotated[Path | None, typer.Option("--prometheus", help="Also write node_exporter textfile "
-                                                       "metrics to FILE (atomically).", dir_okay=False,
-                                                       metavar="FILE")] = None,
+                                                    "metrics to FILE (atomically).", dir_okay=False,
+                                                    metavar="FILE")] = None,
+    max_lag: Annotated[int, typer.Option("--max-lag", min=0, metavar="MIB",
+                                         help="Exit 1 when a disk lags further behind than this. [default: 64]",
+                                         show_default=False)] = 64,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="One row per disk (as when VMs are named).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Show each VM's host, run state, disks and protection state.
+    """Show each VM's host, run state and protection; exit 1 when any is not well protected.
+
+    Exit 1 when a shown VM's replication is broken, lags past --max-lag, or a
+    VM or disk is not replicated; 0 only when all is well (seeding and failed
+    over count as well).
 
     \b
     Examples:
-      drtool status
-      drtool status web --json
+      drtool status                 one line per VM
+      drtool status web             with its disks
+      drtool status --wide --json
     """
-    from drtool.services.status import vm_status
+    from drtool.services.status import problems, vm_status
 
     from .render import status_table
 
@@ -233,15 +274,20 @@ def status(
             from .prometheus import status_metrics, write_textfile
 
             write_textfile(prometheus, status_metrics(report))
-        out.render({"vms": report.vms}, lambda _: status_table(report))
+        found = problems(report, max_lag << 20)
+        out.render({"vms": report.vms, "problems": [{"vm": vm, "problem": what} for vm, what in found]},
+                   lambda _: status_table(report, wide=wide or bool(vms), width=out.stdout.width))
         out.errors((v.name, v.error) for v in report.vms if v.exit_code != ExitCode.OK)
-    raise typer.Exit(int(report.exit_code))
+        if not out.json_mode:
+            out.errors(found)
+    raise typer.Exit(int(max(report.exit_code, ExitCode.FAILED if found else ExitCode.OK)))
 
 
 @app.command("protect")
 def protect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).",
+                                      metavar="VM", autocompletion=vm_names)],
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once replication has started.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
@@ -254,20 +300,22 @@ def protect_command(
     """
     from drtool.services.protect import protect
 
+    from .audit import Audit, lines
     from .progress import SyncProgress
     from .render import protect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         with SyncProgress(out, "seeding") as progress:
-            result = state.call(protect, vm, wait=not no_wait, on_progress=progress)
+            result = state.call(protect, vm, wait=not no_wait, on_progress=progress, audit=Audit(
+                "protect", [vm], lambda r: lines([(r.vm, f"protected to {r.dr_host}, {r.mode} mode")])))
         out.render(result, protect_summary)  # after the bars stopped: nothing redraws over it
 
 
 @app.command("unprotect")
 def unprotect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The VM to stop replicating.", metavar="VM", autocompletion=vm_names)],
     delete_replicas: Annotated[
         bool, typer.Option("--delete-replicas", help="Also delete the replicas and the manifest on the DR host.")
     ] = False,
@@ -282,17 +330,22 @@ def unprotect_command(
     """
     from drtool.services.protect import unprotect
 
+    from .audit import Audit, lines
     from .render import unprotect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        out.render(state.call(unprotect, vm, delete_replicas=delete_replicas), unprotect_summary)
+        audit = Audit("unprotect", [vm], lambda r: lines(
+            [(r.vm, "unprotected" + (", replicas deleted" if r.replicas_deleted else ""))]))
+        out.render(state.call(unprotect, vm, delete_replicas=delete_replicas, audit=audit), unprotect_summary)
 
 
 @app.command("resync")
 def resync_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.",
+                                      metavar="VM", autocompletion=vm_names)],
+    wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
     """Bring a broken replica up to date, sending only what changed; does nothing when all is well.
@@ -303,21 +356,27 @@ def resync_command(
     """
     from drtool.services.resync import resync
 
+    from .audit import Audit, lines
     from .progress import SyncProgress
     from .render import resync_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         with SyncProgress(out, "resync") as progress:
-            result = state.call(resync, vm, on_progress=progress)
+            result = state.call(resync, vm, on_progress=progress, lock_wait=wait, audit=Audit(
+                "resync", [vm], lambda r: lines([] if r.action == "none" else
+                                                [(r.vm, f"resynced ({r.action}), {r.bytes_sent} bytes sent")])))
         out.render(result, resync_summary)
 
 
 @app.command("checkpoint")
 def checkpoint_command(
     ctx: typer.Context,
-    vms: Annotated[list[str] | None, typer.Argument(help="VMs to take a point of.", metavar="[VM]...")] = None,
+    vms: Annotated[list[str] | None, typer.Argument(help="VMs to take a point of.", metavar="[VM]...",
+                                                   autocompletion=vm_names)] = None,
     all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="Pin the new point(s): retention never deletes them.")] = False,
+    wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
     """Take a point in time on the DR side, consistent across each VM's disks.
@@ -326,17 +385,26 @@ def checkpoint_command(
     Examples:
       drtool checkpoint web
       drtool checkpoint --all       (cron: every protected VM, retention applied)
+      drtool checkpoint web --keep  (before an upgrade: kept until drtool points web --unkeep ID)
     """
     from drtool.errors import UsageError
     from drtool.services.checkpoint import checkpoint
 
+    from .audit import Audit
     from .render import checkpoint_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
         if bool(vms) == all_vms:
             raise UsageError("name the VMs to checkpoint, or pass --all (not both)")
-        report = state.call(checkpoint, vms or [], all_vms=all_vms)
+        def audited(rep: Any) -> list[tuple[str, str, int]]:
+            return [(r.vm, (f"point {r.point.id}" + (" (kept)" if keep else "")
+                            + (f"; retention deleted {', '.join(r.deleted)}" if r.deleted else ""))
+                     if r.point else f"failed: {r.error}", int(r.exit_code))
+                    for r in rep.results if r.point is not None or r.exit_code not in (ExitCode.OK, ExitCode.REFUSED)]
+
+        audit = Audit("checkpoint", vms or [], audited)
+        report = state.call(checkpoint, vms or [], all_vms=all_vms, keep=keep, lock_wait=wait, audit=audit)
         out.render({"results": report.results}, lambda _: checkpoint_table(report))
         out.errors((r.vm, r.error) for r in report.results if r.exit_code != ExitCode.OK)
     raise typer.Exit(int(report.exit_code))
@@ -404,28 +472,42 @@ def check_command(
 @app.command("points")
 def points_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM whose points to list.",
+                                      metavar="VM", autocompletion=vm_names)],
+    keep: Annotated[str | None, typer.Option("--keep", metavar="ID",
+                                                help="Pin this point: retention never deletes it.")] = None,
+    unkeep: Annotated[str | None, typer.Option("--unkeep", metavar="ID",
+                                                  help="Let retention delete this point again.")] = None,
     json_mode: JsonOption = False,
 ) -> None:
-    """List a VM's points in time: id, time, how it was quiesced, tested-at, space used.
+    """List a VM's points in time: id, time, how it was quiesced, space used, tested at; pin one.
 
     \b
-    Example:
+    Examples:
       drtool points web
+      drtool points web --keep p20261127T141107123
     """
-    from drtool.services.checkpoint import list_points
+    from drtool.errors import UsageError
+    from drtool.services.checkpoint import keep_point, list_points
 
     from .render import points_table
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        out.render(state.call(list_points, vm), points_table)
+        if keep and unkeep:
+            raise UsageError("--keep and --unkeep go one at a time")
+        if keep or unkeep:
+            report = state.call(keep_point, vm, keep or unkeep, kept=bool(keep))
+        else:
+            report = state.call(list_points, vm)
+        out.render(report, points_table)
 
 
 @app.command("failover")
 def failover_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.", metavar="VM")],
+    vm: Annotated[str, typer.Argument(help="The protected VM to run on its DR host.",
+                                      metavar="VM", autocompletion=vm_names)],
     force: Annotated[bool, typer.Option("--force", help="The source does not answer and is fenced: "
                                         "fail over from the newest point anyway. With --rollback: discard "
                                         "what the DR copy wrote, however long it ran.")] = False,
@@ -460,6 +542,7 @@ def failover_command(
     from drtool.services.resync import resync
 
     from . import render
+    from .audit import Audit, lines
     from .confirm import confirmer
     from .progress import SyncProgress
 
@@ -472,18 +555,26 @@ def failover_command(
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
         if test and cleanup:
-            out.render(state.call(drill.cleanup_test, vm), render.drill_cleanup_summary)
+            audit = Audit("failover --test --cleanup", [vm],
+                          lambda r: lines([(r.vm, "drill removed")] if r.removed else []))
+            out.render(state.call(drill.cleanup_test, vm, audit=audit), render.drill_cleanup_summary)
         elif test:
-            out.render(state.call(drill.test_failover, vm, point), render.drill_summary)
+            audit = Audit("failover --test", [vm], lambda r: lines(
+                [(r.vm, f"drill of point {r.point} ({r.point_chosen}) {r.run_state}")]))
+            out.render(state.call(drill.test_failover, vm, point, audit=audit), render.drill_summary)
         elif rollback:
-            undone = state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes))
+            audit = Audit("failover --rollback", [vm], lambda r: lines(
+                [(r.vm, f"failover rolled back; source {r.source_state}")]))
+            undone = state.call(failover.rollback, vm, force=force, confirm=confirmer(out, yes), audit=audit)
             # replication catches up from the final point: the resync command's own work
             with SyncProgress(out, "resync") as progress:
                 caught_up = state.call(resync, vm, on_progress=progress)
             out.render(render.RolledBack(undone, caught_up), render.rolled_back_summary)
         else:
+            audit = Audit("failover", [vm], lambda r: lines([] if r.dry_run else [
+                (r.vm, f"{r.kind} failover done from {r.point or 'the replicas'}: {r.run_state} on {r.dr_host}")]))
             result = state.call(failover.failover, vm, force=force, point_id=point, dry_run=dry_run,
-                                confirm=confirmer(out, yes))
+                                confirm=confirmer(out, yes), audit=audit)
             out.render(result, render.failover_summary)
 
 

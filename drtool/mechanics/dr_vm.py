@@ -196,6 +196,11 @@ def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: fl
         raise RemoteCommandError(f"QEMU did not start: {detail[-1] if detail else f'exit {result.exit_status}'}")
 
 
+def drill_layout(vm: Vm) -> RunLayout:
+    """Where a drill's (failover --test) VM runs on the DR host."""
+    return RunLayout(vm.replica_dir / "test")
+
+
 def vm_pid(shell: RemoteShell, layout: RunLayout) -> int | None:
     return running_pid(shell, layout.pidfile, "qemu-system", str(layout.pidfile))
 

@@ -117,6 +117,14 @@ def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | Non
     return replace(manifest, pending_point=None), True
 
 
+def pin_point(dr: RemoteShell, vm: Vm, manifest: Manifest, point_id: str, kept: bool) -> Manifest:
+    """Pin a point against retention (or unpin it); saved at once. The caller holds the VM's lock."""
+    points = tuple(replace(p, kept=kept) if p.id == point_id else p for p in manifest.points)
+    manifest = replace(manifest, points=points)
+    save_manifest(dr, vm, manifest)
+    return manifest
+
+
 def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     """The manifest, with a point a killed drtool left pending resolved (and saved). Under the VM's lock only."""
     manifest = load_manifest(dr, vm)

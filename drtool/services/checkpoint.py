@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
-from drtool.mechanics.points import delete_points, load_settled_manifest
+from drtool.mechanics.points import delete_points, load_settled_manifest, pin_point
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.state.kept import keep_entry
@@ -39,11 +40,14 @@ CHECKPOINT_DRAIN_TIMEOUT = 5.0
 class CheckpointResult:
     vm: str
     point: RecoveryPoint | None
-    quiesced_seconds: float
-    error: str = ""
+    quiesced_seconds: float | None  # None: no point was taken
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
     deleted: tuple[str, ...] = ()  # points the VM's retention rules let go
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
 
 @dataclass(frozen=True)
@@ -55,23 +59,26 @@ class CheckpointReport:
         return max((r.exit_code for r in self.results), default=ExitCode.OK)
 
 
-def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (),
-               all_vms: bool = False) -> CheckpointReport:
+def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False,
+               keep: bool = False) -> CheckpointReport:
+    """A point of each VM named (or of every protected one); keep: pin the new points against retention."""
     if not names and not all_vms:
         raise UsageError("name a VM or pass --all")
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
     if all_vms:
         vms = [inventory.vms[n] for n in sorted(inventory.vms)]
-    return CheckpointReport(tuple(map_concurrently(lambda vm: _checkpoint_one(inventory, reach, vm, all_vms), vms)))
+    return CheckpointReport(tuple(map_concurrently(lambda vm: _checkpoint_one(inventory, reach, vm, all_vms, keep),
+                                                   vms)))
 
 
-def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointResult:
+def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool,
+                    keep: bool = False) -> CheckpointResult:
     try:
         dr = reach.shell(vm.dr_host)
         with reach.lock(vm):
             manifest = load_settled_manifest(dr, vm)
             if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
-                return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
+                return CheckpointResult(vm.name, None, None, "not protected: skipped")
             manifest = require_protected(manifest, vm)
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
             notes = (resumed,) if resumed else ()
@@ -84,6 +91,8 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                     manifest, seconds = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused",
                                                               "checkpoint", max_behind=MAX_BEHIND,
                                                               drain_timeout=CHECKPOINT_DRAIN_TIMEOUT)
+                if keep:
+                    manifest = pin_point(dr, vm, manifest, manifest.points[-1].id, True)
                 point = manifest.points[-1]
                 deleted, failure = apply_retention(target, dr, vm, manifest)
         if failure:
@@ -93,7 +102,7 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                                     ExitCode.FAILED, deleted, notes)
         return CheckpointResult(vm.name, point, seconds, deleted=deleted, notes=notes)
     except DrtoolError as err:
-        return CheckpointResult(vm.name, None, 0.0, str(err), err.exit_code)
+        return CheckpointResult(vm.name, None, None, str(err), err.exit_code)
 
 
 def apply_retention(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest,
@@ -138,6 +147,18 @@ def list_points(inventory: Inventory, reach: Reach, name: str) -> PointsReport:
     sizes = _allocated(dr, images)
     space = {p.id: sum(sizes.get(img, 0) for img in p.images.values()) for p in manifest.points}
     return PointsReport(vm.name, manifest.points, space)
+
+
+def keep_point(inventory: Inventory, reach: Reach, name: str, point_id: str, kept: bool = True) -> PointsReport:
+    """`points VM --keep ID` (--unkeep ID): pin a point against retention, or let it go again."""
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    with reach.lock(vm):
+        manifest = require_protected(load_settled_manifest(dr, vm), vm, during_failover=True)
+        if manifest.point(point_id) is None:
+            raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        pin_point(dr, vm, manifest, point_id, kept)
+    return list_points(inventory, reach, name)
 
 
 def _allocated(dr: RemoteShell, images: list[str]) -> dict[str, int]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from drtool.domain import Inventory, Vm
+from drtool.domain import Inventory
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import drill_layout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.pausing import take_consistent_point, target_session
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
 from drtool.state.manifest import now
@@ -31,16 +32,13 @@ class DrillResult:
     seconds: float  # command start to the test VM running
     run_state: str
     qmp_socket: str
+    point_chosen: str = "named"  # named (--point) | newest | taken (there was none: taken first, a drill of "now")
 
 
 @dataclass(frozen=True)
 class DrillCleanup:
     vm: str
     removed: bool
-
-
-def drill_layout(vm: Vm) -> RunLayout:
-    return RunLayout(vm.replica_dir / "test")
 
 
 def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str | None = None) -> DrillResult:
@@ -53,8 +51,10 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         if manifest.drill is not None and vm_pid(dr, layout) is not None:
             raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.point})",
                           hint=f"remove it first: drtool failover {vm.name} --test --cleanup")
-        if not manifest.points:
-            raise Refused(f"{vm.name} has no point to test", hint=f"take one: drtool checkpoint {vm.name}")
+        taken = not manifest.points and point_id is None
+        if taken:  # a drill of "now": the point a checkpoint would take
+            with target_session(reach, vm) as target, reach.qmp(vm) as qmp:
+                manifest, _ = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused", "drill")
         point = manifest.point(point_id) if point_id else manifest.points[-1]
         if point is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
@@ -80,7 +80,8 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         points = tuple(replace(p, tested_at=now()) if p.id == point.id else p for p in manifest.points)
         drill = DrillRecord(point.id, manifest.drill.started_at if manifest.drill else now(), round(seconds, 3), state)
         save_manifest(dr, vm, replace(manifest, points=points, drill=drill))
-    return DrillResult(vm.name, point.id, True, seconds, state, str(layout.qmp_socket))
+    chosen = "taken" if taken else "named" if point_id else "newest"
+    return DrillResult(vm.name, point.id, True, seconds, state, str(layout.qmp_socket), chosen)
 
 
 def cleanup_test(inventory: Inventory, reach: Reach, name: str) -> DrillCleanup:

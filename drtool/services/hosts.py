@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
 from drtool.mechanics.hasher import SYSTEM_PYTHON
@@ -27,7 +28,7 @@ _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 class ToolCheck:
     name: str
     version: str | None  # None: not found or not runnable
-    detail: str = ""
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,10 @@ class SpaceCheck:
     replica_dir: str
     measured_on: str  # replica_dir, or its nearest existing parent
     available_bytes: int | None
-    error: str = ""
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,11 @@ class HostCheck:
     host_key: str | None = None
     tools: tuple[ToolCheck, ...] = ()
     replica_space: tuple[SpaceCheck, ...] = ()
-    error: str = ""
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
     @property
     def ok(self) -> bool:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError
 from drtool.mechanics.dr_target import (
@@ -84,8 +85,11 @@ class ResyncResult:
     seconds: float
     paused_seconds: float = 0.0  # how long the VM was paused (bitmap and hash resyncs)
     target_restarted: bool = False
-    detail: str = ""
+    detail: str | None = None
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "detail")
 
 
 def resync(inventory: Inventory, reach: Reach, vm_name: str,

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.dr_vm import dr_vm_session
+from drtool.mechanics.dr_vm import dr_vm_session, drill_layout, vm_pid
 from drtool.mechanics.old_site import look_at_old_site
 from drtool.mechanics.replication import (
     JobState,
@@ -32,10 +33,23 @@ class DiskStatus:
     format: str
     virtual_size: int
     image: str
-    protected: bool  # selected for protection by the inventory (all disks when none are named)
+    selected: bool  # selected for protection by the inventory (all disks when none are named)
     replication: Health = Health.UNPROTECTED
     lag_bytes: int | None = None  # bytes the replica is behind (the job's len - offset)
-    reason: str = ""  # why, in words: how far seeding is, what broke and what to do
+    reason: str | None = None  # why, in words: how far seeding is, what broke and what to do
+    protected: bool = False  # replicated to the DR host now (false when unprotected or failed over)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "reason")
+
+
+@dataclass(frozen=True)
+class DrillStatus:
+    """A drill (failover --test) recorded on the DR host: its point, and whether its VM runs."""
+
+    point: str
+    started_at: str
+    running: bool
 
 
 @dataclass(frozen=True)
@@ -48,11 +62,15 @@ class VmStatus:
     disks: tuple[DiskStatus, ...] = ()
     mode: str | None = None
     transport: str | None = None  # tls-psk, or plain when the inventory opted out of TLS
-    error: str = ""
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
-    reason: str = ""  # the protection in words
+    reason: str | None = None  # the protection in words
     state: Protection | None = None  # the manifest's protection state (None: no manifest)
     newest_point_age: float | None = None  # s since the newest point in time was taken
+    drill: DrillStatus | None = None  # a test failover on the DR host (None: none)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error", "reason")
 
 
 @dataclass(frozen=True)
@@ -76,12 +94,15 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
 
 
 def _status_of(reach: Reach, vm: Vm) -> VmStatus:
-    target_running = True
+    target_running, drill = True, None
     try:
         dr = reach.shell(vm.dr_host)
         manifest = load_manifest(dr, vm)
         if manifest is not None and manifest.state.replicating:
             target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
+        if manifest is not None and manifest.drill is not None:
+            drill = DrillStatus(manifest.drill.point, manifest.drill.started_at,
+                                vm_pid(dr, drill_layout(vm)) is not None)
     except DrtoolError as err:
         manifest, manifest_error, manifest_exit = None, f"manifest unreadable: {err}", err.exit_code
     else:
@@ -101,7 +122,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         reason = manifest_error or (f"{manifest.state.value}: source unreachable" if manifest else "")
         return VmStatus(vm.name, vm.host, vm.dr_host, None, health, error=str(err), exit_code=err.exit_code,
                         mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None,
-                        reason=reason, state=state)
+                        reason=reason, state=state, drill=drill)
     replicated = {d.device: i for i, d in enumerate(manifest.disks)} if manifest else {}
     disks = tuple(_disk_status(vm, d, jobs.get(job_id(replicated[d.device])) if d.device in replicated else None,
                                d.device in replicated, target_running) for d in devices)
@@ -114,7 +135,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         protection, reason = Health.UNPROTECTED, ""
     else:
         protection = worst([d.replication for d in replicating])
-        reason = next((d.reason for d in replicating if d.replication is protection), "")
+        reason = next((d.reason or "" for d in replicating if d.replication is protection), "")
         if manifest.state is Protection.RESYNCING and protection.ok:
             reason = f"in sync, but a resync was interrupted: run drtool resync {vm.name}"
         pause = manifest.source_pause
@@ -128,7 +149,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
         exit_code=manifest_exit if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
-        reason=reason, state=state,
+        reason=reason, state=state, drill=drill,
     )
 
 
@@ -174,8 +195,41 @@ def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: 
         device.format,
         device.virtual_size,
         device.image,
-        protected=not vm.disks or device.device in vm.disks,
+        selected=not vm.disks or device.device in vm.disks,
         replication=health,
         lag_bytes=(job.remaining if job else None) if replicated else None,
         reason=reason,
+        protected=health is not Health.UNPROTECTED,
     )
+
+
+LAG_BOUND_BYTES = 64 << 20  # status exits 1 when a disk is further behind than this (--max-lag)
+
+
+def problems(report: StatusReport, max_lag_bytes: int = LAG_BOUND_BYTES) -> list[tuple[str, str]]:
+    """(VM, what is wrong) for each shown VM a monitor should hear about: `status` exits 1 if any.
+
+    Broken or unknown replication, an interrupted failover, a disk further
+    behind than max_lag_bytes, a VM or a selected disk that is not
+    replicated. Seeding (it progresses) and failed over (done on purpose) are
+    not problems; an unreachable VM is already an error of its own.
+    """
+    found: list[tuple[str, str]] = []
+    for vm in report.vms:
+        if vm.exit_code != ExitCode.OK:
+            continue
+        if vm.protection in (Health.BROKEN, Health.UNKNOWN, Health.FAILING_OVER):
+            found.append((vm.name, f"{vm.protection.label}: {vm.reason}" if vm.reason else vm.protection.label))
+        elif vm.protection is Health.UNPROTECTED:
+            found.append((vm.name, f"not protected: run drtool protect {vm.name}"))
+        if vm.protection in (Health.FAILED_OVER, Health.UNPROTECTED):
+            continue
+        unprotected = [d.device for d in vm.disks if d.selected and d.replication is Health.UNPROTECTED]
+        if unprotected:
+            found.append((vm.name, f"disk(s) not replicated: {', '.join(unprotected)}"))
+        behind = [d for d in vm.disks
+                  if d.replication is Health.LAGGING and d.lag_bytes is not None and d.lag_bytes > max_lag_bytes]
+        if behind:
+            lags = ", ".join(f"{d.device} {d.lag_bytes}" for d in behind)
+            found.append((vm.name, f"lagging past the bound of {max_lag_bytes} bytes: {lags}"))
+    return found

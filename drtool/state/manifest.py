@@ -98,6 +98,9 @@ class Manifest:
 
     def to_json(self) -> bytes:
         data = asdict(self)
+        for point in data["points"]:  # written only when set: a drtool from before --keep still reads the file
+            if not point.get("kept"):
+                point.pop("kept", None)
         data["version"] = FORMAT_VERSION
         return (json.dumps(data, indent=2) + "\n").encode()
 

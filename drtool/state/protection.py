@@ -92,14 +92,14 @@ def check_transition(source: Protection, target: Protection, vm: str) -> None:
 class Health(str, Enum):
     """How one disk's replication is, ranked from good to bad (status shows the worst)."""
 
-    IN_SYNC = "in sync"
+    IN_SYNC = "in-sync"
     LAGGING = "lagging"
     SEEDING = "seeding"
     BROKEN = "broken"
     UNKNOWN = "unknown"
-    FAILED_OVER = "failed over"
-    FAILING_OVER = "failing over"
-    SPLIT_BRAIN = "split brain"
+    FAILED_OVER = "failed-over"
+    FAILING_OVER = "failing-over"
+    SPLIT_BRAIN = "split-brain"
     UNPROTECTED = "unprotected"
 
     @property
@@ -109,6 +109,11 @@ class Health(str, Enum):
     @property
     def ok(self) -> bool:
         return self is Health.IN_SYNC
+
+    @property
+    def label(self) -> str:
+        """For people: "in sync" (the value, "in-sync", is for scripts)."""
+        return self.value.replace("-", " ")
 
 
 _RANK = {Health.UNPROTECTED: 0, Health.FAILED_OVER: 0, Health.IN_SYNC: 1, Health.LAGGING: 2, Health.SEEDING: 3,

@@ -111,6 +111,7 @@ class RecoveryPoint:
     quiesce_seconds: float
     images: dict[str, str]  # device id -> the point's image on the DR host
     tested_at: str | None = None
+    kept: bool = False  # pinned (checkpoint --keep, points --keep): retention never deletes it
 
 
 @dataclass(frozen=True)

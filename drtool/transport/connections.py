@@ -6,7 +6,8 @@ them fakes while the CLI and the lab tests hand them real `Connections`.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import PurePosixPath
 from typing import Protocol
 
@@ -49,9 +50,12 @@ class Reach(Protocol):
 class Connections:
     """The real Reach: paramiko to hosts, QMP bridged through each host's SSH session."""
 
-    def __init__(self, inventory: Inventory) -> None:
+    def __init__(self, inventory: Inventory, *, lock_wait: float = 0) -> None:
+        """lock_wait: seconds to wait for a VM lock another drtool holds (0: refuse at once)."""
         self.inventory = inventory
         self.pool = SshPool(inventory.hosts)
+        self.lock_wait = lock_wait
+        self.lock_waits: list[tuple[str, float]] = []  # (VM, seconds) for each lock this run waited for
 
     def shell(self, host_name: str) -> SshConnection:
         return self.pool.get(host_name)
@@ -86,8 +90,12 @@ class Connections:
         self.inventory = inventory
         self.pool.add_hosts(inventory.hosts)
 
-    def lock(self, vm: Vm) -> VmLock:
-        return VmLock(self.pool.get(vm.dr_host), vm.name)
+    @contextmanager
+    def lock(self, vm: Vm) -> Iterator[VmLock]:
+        with VmLock(self.pool.get(vm.dr_host), vm.name, wait=self.lock_wait) as held:
+            if held.waited_seconds > 0:
+                self.lock_waits.append((vm.name, held.waited_seconds))
+            yield held
 
     def close(self) -> None:
         self.pool.close()

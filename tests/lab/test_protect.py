@@ -46,7 +46,7 @@ def test_protect_replicates_guest_writes(lab, lab_vm, lab_config):
     write_patterns(lab_vm)
     assert_replicas_identical(lab, lab_vm)
     entry = status_json(lab_config, lab_vm.name)
-    assert entry["protection"] == "in sync" and entry["transport"] == "tls-psk" and entry["mode"] == "async"
+    assert entry["protection"] == "in-sync" and entry["transport"] == "tls-psk" and entry["mode"] == "async"
     assert entry["disks"][0]["lag_bytes"] == 0
     # the manifest on the DR host describes the VM without the primary site
     manifest = json.loads((replica_path(lab, lab_vm, "vd0").parent / "manifest.json").read_text())
@@ -236,7 +236,7 @@ def test_a_short_link_cut_heals_by_itself(lab, lab_vm, lab_config):
         lab.restore_site_link("site-a", "site-b")
     assert_replicas_identical(lab, lab_vm)
     assert all(j["io-status"] == "ok" for j in drtool_jobs(lab_vm))
-    assert status_json(lab_config, lab_vm.name)["protection"] == "in sync"
+    assert status_json(lab_config, lab_vm.name)["protection"] == "in-sync"
 
 
 def test_no_wait_returns_while_seeding_and_unprotect_keeps_the_replicas(lab, lab_vm, lab_config):
