@@ -231,6 +231,13 @@ def _dr_differs(values: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _excluded_not_protected(values: dict[str, Any]) -> tuple[str, str] | None:
+    both = set(values.get("disks", ())) & set(values.get("exclude_disks", ()))
+    if both:
+        return "exclude_disks", f"{', '.join(sorted(both))} cannot be both protected (disks) and excluded"
+    return None
+
+
 @dataclass(frozen=True)
 class _Field:
     convert: Convert
@@ -273,12 +280,13 @@ _SECTIONS: dict[str, _Section] = {
             "dr_host": _Field(_host_ref, required=True),
             "replica_dir": _Field(_remote_path, required=True),
             "disks": _Field(_disks),
+            "exclude_disks": _Field(_disks),
             "mode": _Field(_mode),
             "transport": _Field(_transport),
             "source_dir": _Field(_remote_path),
             "retention": _Field(_retention),
         },
-        checks=(_dr_differs,),
+        checks=(_dr_differs, _excluded_not_protected),
     ),
 }
 

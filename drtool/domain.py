@@ -59,6 +59,7 @@ class Vm:
     dr_host: str
     replica_dir: PurePosixPath
     disks: tuple[str, ...] = ()  # device ids; empty means every disk on a device
+    exclude_disks: tuple[str, ...] = ()  # disks the DR copy runs without (network disks, shares): left out
     mode: ReplicationMode = ReplicationMode.ASYNC
     transport: Transport = Transport.TLS
     source_dir: PurePosixPath | None = None  # drtool's files on the VM's host; default below

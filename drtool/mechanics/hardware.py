@@ -10,11 +10,16 @@ carries the QMP relay), with the socket path passed as an argument.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from drtool.errors import RemoteCommandError
+from drtool.domain import Vm
+from drtool.errors import DrtoolError, RemoteCommandError
+from drtool.mechanics.dr_vm import check_mapping
+from drtool.state.manifest import Manifest
+from drtool.state.store import save_manifest
 from drtool.transport.connections import RemoteShell
 
 _FIND_QEMU = r"""
@@ -60,3 +65,26 @@ def source_qemu_alive(shell: RemoteShell, qmp_socket: PurePosixPath) -> bool:
         if "no QEMU process" in err.message:
             return False
         raise
+
+
+def recheck_hardware(src: RemoteShell, dr: RemoteShell, vm: Vm, manifest: Manifest) -> tuple[Manifest, str]:
+    """Read the source's command line again and map it as a failover would: the manifest, and what is wrong.
+
+    A VM restarted with other options (a new network disk, say) is found out at
+    the next checkpoint, not at failover. A command line that maps is kept in
+    the manifest (failover starts the hardware the VM has now); one that does
+    not is reported, and the manifest keeps the last one that did.
+    """
+    try:
+        current = read_hardware(src, vm.qmp_socket)
+    except RemoteCommandError as err:
+        return manifest, f"cannot read the VM's command line again: {err.message}"
+    hardware = manifest.hardware | {"argv": current["argv"], "exclude": list(vm.exclude_disks)}
+    try:
+        check_mapping(hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket))
+    except DrtoolError as err:
+        return manifest, f"a failover could not start the VM as it runs now: {err}"
+    if (hardware["argv"], hardware["exclude"]) != (manifest.hardware.get("argv"), manifest.hardware.get("exclude")):
+        manifest = replace(manifest, hardware=hardware | {"pid": current["pid"], "read_at": current["read_at"]})
+        save_manifest(dr, vm, manifest)
+    return manifest, ""

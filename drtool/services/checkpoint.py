@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from drtool.domain import Inventory, Vm
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
+from drtool.mechanics.hardware import recheck_hardware
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
 from drtool.mechanics.points import delete_points, load_settled_manifest
 from drtool.retention import points_to_delete
@@ -84,7 +85,9 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                                                               "checkpoint", max_behind=MAX_BEHIND,
                                                               drain_timeout=CHECKPOINT_DRAIN_TIMEOUT)
                 point = manifest.points[-1]
+                manifest, unmappable = recheck_hardware(reach.shell(vm.host), dr, vm, manifest)
                 deleted, failure = apply_retention(target, dr, vm, manifest)
+                failure = "; ".join(f for f in (unmappable, failure) if f)
         if failure:
             # The point stands (it is saved); exit 1 all the same: a retention that keeps
             # failing fills the DR host until replication itself stops, and cron only sees this.

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
-from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
@@ -66,9 +66,7 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
             overlay = str(layout.run_dir / f"{disk.device}.qcow2")
             create_overlay(dr, point.images[disk.device], overlay)
             disks[disk.source_image] = overlay
-        hardware = manifest.hardware
-        argv = map_command_line(hardware["argv"], disks, hardware.get("qmp_socket", str(vm.qmp_socket)), layout,
-                                isolate_network=True)
+        argv = map_recorded(manifest.hardware, disks, layout, str(vm.qmp_socket), isolate_network=True).argv
         start_vm(dr, argv, layout)
         with reach.qmp_at(vm.dr_host, layout.qmp_socket, f"{vm.name} (test)") as qmp:
             qmp.execute("cont")

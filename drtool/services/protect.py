@@ -29,6 +29,7 @@ from drtool.mechanics.dr_target import (
     stop_target,
 )
 from drtool.errors import DrtoolError, Refused
+from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import link_socket, start_link, stop_link
 from drtool.state.manifest import Manifest, ReplicaDisk
@@ -68,6 +69,7 @@ class ProtectResult:
     in_sync: bool  # False with --no-wait: seeding goes on in QEMU
     seconds: float
     bytes_in_use: int  # allocated on the source: what the initial sync sends at most
+    command_line_changes: tuple[str, ...] = ()  # what the DR copy's command line changes besides disk paths
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,10 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket), "exclude": list(vm.exclude_disks)},
     )
+    # what failover and a drill will start, mapped now as a test: a disk it cannot map stops protect, not failover
+    changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket))
     tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 
@@ -214,7 +218,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).transition(Protection.PROTECTED,
                                                                             "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
-                         time.monotonic() - started, in_use)
+                         time.monotonic() - started, in_use, changes)
 
 
 def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
@@ -230,6 +234,7 @@ def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
             raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
                           hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
         devices = [by_id[d] for d in vm.disks]
+    devices = [d for d in devices if d.device not in vm.exclude_disks and d.node_name not in vm.exclude_disks]
     if not devices:
         raise Refused(f"{vm.name} has no disk attached to a device")
     for d in devices:

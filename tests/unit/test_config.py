@@ -279,10 +279,19 @@ def test_address_wrong_type():
         ('disks = ["vd0", ""]', '[vms.web] disks = ["vd0", ""]: item "" is not a non-empty string (line 12)'),
         ("disks = [1]", "[vms.web] disks = [1]: item 1 is not a non-empty string (line 12)"),
         ('disks = "vd0"', '[vms.web] disks = "vd0": must be a list of device ids (line 12)'),
+        ('exclude_disks = ["rbd0", "rbd0"]', '[vms.web] exclude_disks = ["rbd0", "rbd0"]: duplicate device id "rbd0" '
+                                             '(line 12)'),
+        ('disks = ["vd0"]\nexclude_disks = ["vd0"]', '[vms.web] exclude_disks = ["vd0"]: vd0 cannot be both protected '
+                                                     '(disks) and excluded (line 13)'),
     ],
 )
 def test_vm_optional_field_errors(edit, expected):
     assert config_error(BASE + edit + "\n") == f"{CONF}: {expected}"
+
+
+def test_excluded_disks_reach_the_vm():
+    vm = parse_inventory(BASE + 'exclude_disks = ["virtio-disk2", "fs0"]\n', CONF).vms["web"]
+    assert vm.exclude_disks == ("virtio-disk2", "fs0")
 
 
 def test_vm_required_field_wrong_type():

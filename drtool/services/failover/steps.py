@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError
 from drtool.mechanics.dr_target import TargetLayout
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_recorded, start_vm, vm_pid
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.records import FailoverRecord, Step
@@ -75,9 +75,7 @@ class FailoverSteps:
     def start_on_dr(self, disks: dict[str, str]) -> None:
         if vm_pid(self.dr, self.run_layout) is not None:
             return  # started by an earlier run that was killed before recording it
-        hardware = self.manifest.hardware
-        argv = map_command_line(hardware["argv"], disks, hardware.get("qmp_socket", str(self.vm.qmp_socket)),
-                                self.run_layout)
+        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
         start_vm(self.dr, argv, self.run_layout)
 
     def verify(self) -> str:
