@@ -155,7 +155,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
     with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
         space_f = pool.submit(free_space, dr, vm.replica_dir)
         port_f = pool.submit(free_nbd_port, dr)
-        hardware_f = pool.submit(read_hardware, src, vm.qmp_socket)
+        hardware_f = pool.submit(read_hardware, src, vm)
     space = space_f.result()
     _check_room(vm, space, devices, in_use)
     manifest = Manifest(
@@ -172,10 +172,10 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket), "exclude": list(vm.exclude_disks)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket or ""), "exclude": list(vm.exclude_disks)},
     )
     # what failover and a drill will start, mapped now as a test: a disk it cannot map stops protect, not failover
-    changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket))
+    changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket or ""))
     tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 

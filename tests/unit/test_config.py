@@ -528,3 +528,27 @@ def test_nothing_found_lists_places_looked_at(places):
     assert info.value.exit_code == 2
     assert str(files["local"]) in msg and str(files["user"]) in msg
     assert "$DRTOOL_CONFIG" in msg and "--config" in msg and "README" in msg
+
+
+LIBVIRT_VM = BASE.replace('qmp_socket = "/run/web.qmp"', 'libvirt_domain = "web-prod"')
+
+
+def test_a_libvirt_domain_instead_of_a_qmp_socket():
+    vm = parse_inventory(LIBVIRT_VM + 'libvirt_uri = "qemu:///system"\n', CONF).vms["web"]
+    assert (vm.libvirt_domain, vm.libvirt_uri, vm.qmp_socket) == ("web-prod", "qemu:///system", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (LIBVIRT_VM + 'qmp_socket = "/run/web.qmp"\n',
+         '[vms.web] libvirt_domain = "web-prod": a VM names qmp_socket (QEMU run by hand) or libvirt_domain '
+         "(libvirt runs it), not both (line 9)"),
+        (BASE + 'libvirt_uri = "qemu:///system"\n',
+         '[vms.web] libvirt_uri = "qemu:///system": libvirt_uri goes with libvirt_domain (line 12)'),
+        (BASE.replace('qmp_socket = "/run/web.qmp"\n', ""),
+         '[vms.web]: missing required key "qmp_socket" (or "libvirt_domain" for a libvirt domain) (line 7)'),
+    ],
+)
+def test_one_monitor_per_vm(text, expected):
+    assert config_error(text) == f"{CONF}: {expected}"

@@ -133,7 +133,7 @@ class PlannedFailover(FailoverSteps):
         with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
             qmp.execute("quit")  # it may be gone already: a re-run after the quit
         deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
-        while source_qemu_alive(src, self.vm.qmp_socket):
+        while source_qemu_alive(src, self.vm):
             if time.monotonic() > deadline:
                 raise DrtoolError(f"the source QEMU of {self.vm.name} still runs on {self.vm.host} after quit; "
                                   "the VM was not started on the DR host",
