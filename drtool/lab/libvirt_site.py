@@ -15,9 +15,11 @@ are `type='qemu'` (TCG) all the same.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from drtool.lab.netns import LabError
 
@@ -81,3 +83,49 @@ def domain_xml(name: str, images: list[Path], memory_mib: int = 64) -> str:
     return (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
             "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
             f"<devices>{disks}<serial type='pty'/></devices></domain>")
+
+
+class LabDomain:
+    """A persistent libvirt domain on a lab host, with qcow2 disks vda, vdb, ... (devices virtio-disk0, ...)."""
+
+    def __init__(self, lab: Any, name: str, host: str, sizes: tuple[str, ...] = ("32M", "16M")) -> None:
+        self.lab, self.name, self.host = lab, name, host
+        directory = lab.host_dir(host) / "domains" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        self.images = [directory / f"vd{chr(ord('a') + i)}.qcow2" for i in range(len(sizes))]
+        for image, size in zip(self.images, sizes, strict=True):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), size], check=True)
+        xml = directory / "domain.xml"
+        xml.write_text(domain_xml(name, self.images))
+        for args in (("define", str(xml)), ("start", name)):
+            self.virsh(*args)
+
+    def virsh(self, *args: str) -> str:
+        done = self.lab.virsh(self.host, *args)
+        if done.returncode != 0:
+            raise LabError(f"virsh {' '.join(args)} on {self.host}: {done.stderr.strip()}")
+        return str(done.stdout)
+
+    def guest_write(self, disk: int, offset: int, length: int, pattern: int) -> None:
+        """Write as the guest would, through the device (HMP qemu-io on virtio-diskN's backend)."""
+        device = f"/machine/peripheral/virtio-disk{disk}/virtio-backend"
+        # QEMU 7.2 prints qemu-io's result on its stdout: libvirt's log of the domain (see LabVm._qemu_io)
+        log = self.lab.host_dir(self.host) / "libvirt" / "log" / "qemu" / f"{self.name}.log"
+        start = log.stat().st_size
+        reply = self.virsh("qemu-monitor-command", self.name, "--hmp",
+                           f"qemu-io -d {device} \"write -P 0x{pattern:02x} {offset} {length}\"")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with log.open("rb") as f:
+                f.seek(start)
+                out = f.read().decode("utf-8", "replace")
+            if re.search(r"^wrote (\d+)/\1 bytes", out, re.MULTILINE):
+                return
+            if reply.strip() or re.search(r"error|failed", out, re.IGNORECASE):
+                break
+            time.sleep(0.05)
+        raise LabError(f"guest write on {self.name} disk {disk} failed: {(reply + out).strip()}")
+
+    def remove(self) -> None:
+        for args in (("destroy", self.name), ("undefine", self.name, "--managed-save")):
+            self.lab.virsh(self.host, *args)

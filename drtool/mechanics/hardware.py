@@ -44,7 +44,8 @@ for pid in os.listdir("/proc"):
     except OSError:
         continue
     if argv and "qemu-system" in os.path.basename(argv[0]) and ours(argv):
-        print(json.dumps({"pid": int(pid), "argv": argv}))
+        owner = os.stat("/proc/%s" % pid)
+        print(json.dumps({"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}))
         sys.exit(0)
 sys.exit(3)
 """
@@ -58,7 +59,7 @@ def _which(vm: Vm) -> tuple[str, str, str]:
 
 
 def read_hardware(shell: RemoteShell, vm: Vm) -> dict[str, Any]:
-    """{"pid", "argv", "read_at"} of the VM's QEMU on its host."""
+    """{"pid", "argv", "uid", "gid", "read_at"} of the VM's QEMU on its host (uid: who opens its files)."""
     how, key, what = _which(vm)
     result = shell.run(["python3", "-c", _FIND_QEMU, how, key], check=False, timeout=30)
     if result.exit_status == 3:

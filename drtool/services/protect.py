@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -28,12 +29,9 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
-from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.hardware import read_hardware
-from drtool.mechanics.link import link_socket, start_link, stop_link
-from drtool.state.manifest import Manifest, ReplicaDisk
-from drtool.state.protection import Protection
+from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
 from drtool.mechanics.remote import free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
@@ -49,10 +47,18 @@ from drtool.mechanics.replication import (
     wait_until_ready,
 )
 from drtool.state.kept import forget_entry, keep_entry
-from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.state.protection import Protection
+from drtool.state.store import (
+    load_manifest,
+    require_protected,
+    save_manifest,
+    select_vm,
+)
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
+from drtool.transport.virsh_qmp import TAINT_NOTE
 from drtool.units import human_size
 
 RUNNING_STATES = ("running", "paused")
@@ -70,6 +76,7 @@ class ProtectResult:
     seconds: float
     bytes_in_use: int  # allocated on the source: what the initial sync sends at most
     command_line_changes: tuple[str, ...] = ()  # what the DR copy's command line changes besides disk paths
+    notes: tuple[str, ...] = ()  # what else the operator should know (libvirt's taint)
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         if psk:
             push_psk(src, tls_dir, psk)
             undo.push(lambda: remove(src, tls_dir))
+            give_to_qemu(src, manifest, vm.source_state_dir, tls_dir)  # QEMU reads the key itself
         start_link(src, vm, manifest)
         undo.push(lambda: stop_link(src, vm))
 
@@ -218,7 +226,8 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).transition(Protection.PROTECTED,
                                                                             "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
-                         time.monotonic() - started, in_use, changes)
+                         time.monotonic() - started, in_use, changes,
+                         (TAINT_NOTE,) if vm.libvirt_domain is not None else ())
 
 
 def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001

@@ -1,0 +1,116 @@
+"""The lab's libvirt sites: a libvirtd per host, reached over SSH, each seeing only its own domains."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from drtool.lab.lab import Lab
+from drtool.lab.libvirt_site import LabDomain, domain_xml
+
+from .replication_helpers import drtool_ok, replica_has
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def libvirt_lab():
+    with Lab(libvirt=True) as lab:
+        yield lab
+
+
+def ssh(lab: Lab, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh", "-i", str(lab.identity_file), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                           "-o", "BatchMode=yes", "-p", str(lab.port), f"root@{lab.address(host)}", *argv],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_each_site_runs_its_own_libvirtd_and_ssh_reaches_it(libvirt_lab: Lab):
+    lab = libvirt_lab
+    assert set(lab.libvirt_versions) == {"site-a", "site-b"} and lab.libvirt_versions["site-a"].startswith("9.")
+    for host in ("site-a", "site-b"):  # a domain of the same name on both sites at once
+        image = lab.host_dir(host) / "same.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+        xml = lab.host_dir(host) / "same.xml"
+        xml.write_text(domain_xml("same", [image]))
+        created = lab.virsh(host, "create", str(xml))
+        assert created.returncode == 0, created.stderr
+    try:
+        for host in ("site-a", "site-b"):
+            listed = ssh(lab, host, "virsh", "list", "--name")
+            assert listed.returncode == 0, listed.stderr
+            assert listed.stdout.split() == ["same"]
+        pids = {host: lab.virsh(host, "qemu-monitor-command", "same", "--hmp", "info status").stdout for host in
+                ("site-a", "site-b")}
+        assert all("running" in status for status in pids.values())
+        # the machine's own libvirt directories are untouched
+        assert not Path("/run/libvirt/qemu/same.xml").exists()
+    finally:
+        for host in ("site-a", "site-b"):
+            lab.virsh(host, "destroy", "same")
+
+
+# --- a libvirt domain protected by drtool ------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def domain(libvirt_lab: Lab):
+    dom = LabDomain(libvirt_lab, "lvweb", "site-a")
+    yield dom
+    dom.remove()
+
+
+@pytest.fixture(scope="module")
+def domain_config(libvirt_lab: Lab, domain: LabDomain, tmp_path_factory):
+    path = libvirt_lab.write_config(tmp_path_factory.mktemp("lv") / "drtool.toml", {})
+    with path.open("a") as f:
+        f.write(f'\n[vms.{domain.name}]\nhost = "site-a"\nlibvirt_domain = "{domain.name}"\ndr_host = "site-b"\n'
+                f'replica_dir = "{libvirt_lab.host_dir("site-b") / "replicas" / domain.name}"\n'
+                f'source_dir = "{libvirt_lab.host_dir("site-a") / "drtool" / domain.name}"\n')
+    return path
+
+
+def replica(lab: Lab, name: str, device: str) -> Path:
+    manifest = json.loads((lab.host_dir("site-b") / "replicas" / name / "manifest.json").read_text())
+    return Path(next(d["replica_image"] for d in manifest["disks"] if d["device"] == device))
+
+
+def eventually(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_protect_a_libvirt_domain_replicates_both_disks(libvirt_lab: Lab, domain: LabDomain, domain_config: Path):
+    domain.guest_write(0, 2 * MiB, MiB, 0x5A)  # before protect: the initial copy carries it
+    result = drtool_ok(domain_config, "protect", domain.name)
+    assert "in sync" in result.stdout and "tainted: custom-monitor" in result.stdout
+    assert "network backend" not in result.stdout  # this domain has no NIC
+    domain.guest_write(0, 5 * MiB, MiB, 0x22)
+    domain.guest_write(1, 16 * MiB - 4096, 4096, 0x44)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 5 * MiB, MiB, 0x22))
+    assert replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 2 * MiB, MiB, 0x5A)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 16 * MiB - 4096, 4096,
+                                          0x44))
+    # libvirt sees no job of drtool's, and says what passing QMP through costs
+    assert "tainted" in domain.virsh("dominfo", domain.name) or "custom-monitor" in \
+        (libvirt_lab.host_dir("site-a") / "libvirt" / "log" / "qemu" / f"{domain.name}.log").read_text()
+    manifest = json.loads((libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "manifest.json").read_text())
+    assert [d["node_name"] for d in manifest["disks"]] == ["libvirt-2-format", "libvirt-1-format"]
+
+
+def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_lab: Lab, domain: LabDomain,
+                                                                      domain_config: Path):
+    domain.guest_write(1, MiB, MiB, 0x66)
+    drtool_ok(domain_config, "checkpoint", domain.name)
+    manifest = json.loads((libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "manifest.json").read_text())
+    point = manifest["points"][-1]
+    assert replica_has(Path(point["images"]["virtio-disk1"]), MiB, MiB, 0x66)
+    assert domain.virsh("domstate", domain.name).strip() == "running"
