@@ -18,6 +18,7 @@ from typing import Any
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.command_line import MappedCommandLine, plan_command_line
+from drtool.mechanics.libvirt_domain import dr_domain_xml
 from drtool.mechanics.remote import running_pid, stop_process
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.state.manifest import ReplicaDisk
@@ -66,6 +67,9 @@ def check_mapping(hardware: dict[str, Any], disks: tuple[ReplicaDisk, ...], repl
     layout = dr_run_layout(replica_dir)
     mapped = map_recorded(hardware, images, layout, default_qmp)
     map_recorded(hardware, images, layout, default_qmp, isolate_network=True)
+    if "libvirt_xml" in hardware:  # libvirt starts the DR copy from the domain's definition: that must map too
+        dr_domain_xml(hardware["libvirt_xml"], images, tuple(hardware.get("exclude", ())))
+        return ()
     return mapped.changes
 
 

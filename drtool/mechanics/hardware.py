@@ -17,6 +17,7 @@ from typing import Any
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, RemoteCommandError
 from drtool.mechanics.dr_vm import check_mapping
+from drtool.mechanics.libvirt_domain import read_domain_xml
 from drtool.state.manifest import Manifest
 from drtool.state.store import save_manifest
 from drtool.transport.connections import RemoteShell
@@ -97,11 +98,16 @@ def recheck_hardware(src: RemoteShell, dr: RemoteShell, vm: Vm, manifest: Manife
     except RemoteCommandError as err:
         return manifest, f"cannot read the VM's command line again: {err.message}"
     hardware = manifest.hardware | {"argv": current["argv"], "exclude": list(vm.exclude_disks)}
+    if vm.libvirt_domain is not None:
+        try:
+            hardware["libvirt_xml"] = read_domain_xml(src, vm)
+        except RemoteCommandError as err:
+            return manifest, f"cannot read the domain's definition again: {err.message}"
     try:
         check_mapping(hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket or ""))
     except DrtoolError as err:
         return manifest, f"a failover could not start the VM as it runs now: {err}"
-    if (hardware["argv"], hardware["exclude"]) != (manifest.hardware.get("argv"), manifest.hardware.get("exclude")):
+    if any(hardware.get(k) != manifest.hardware.get(k) for k in ("argv", "exclude", "libvirt_xml")):
         manifest = replace(manifest, hardware=hardware | {"pid": current["pid"], "read_at": current["read_at"]})
         save_manifest(dr, vm, manifest)
     return manifest, ""

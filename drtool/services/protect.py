@@ -31,6 +31,7 @@ from drtool.mechanics.dr_target import (
 )
 from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.hardware import read_hardware
+from drtool.mechanics.libvirt_domain import read_domain_xml
 from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
 from drtool.mechanics.remote import free_space, make_dirs, remove
 from drtool.mechanics.replication import (
@@ -179,7 +180,8 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket or ""), "exclude": list(vm.exclude_disks)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket or ""), "exclude": list(vm.exclude_disks)}
+        | ({"libvirt_xml": read_domain_xml(src, vm)} if vm.libvirt_domain is not None else {}),
     )
     # what failover and a drill will start, mapped now as a test: a disk it cannot map stops protect, not failover
     changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket or ""))

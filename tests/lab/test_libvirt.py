@@ -114,3 +114,21 @@ def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_la
     point = manifest["points"][-1]
     assert replica_has(Path(point["images"]["virtio-disk1"]), MiB, MiB, 0x66)
     assert domain.virsh("domstate", domain.name).strip() == "running"
+
+
+def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_lab: Lab, domain: LabDomain,
+                                                                       domain_config: Path):
+    domain.guest_write(0, 7 * MiB, MiB, 0x77)  # the last write before the failover: it must be on the DR copy
+    result = drtool_ok(domain_config, "failover", domain.name, "--yes")
+    assert "planned" in result.stdout.lower()
+    # the source domain is destroyed and will not start with its host; the DR copy is a libvirt domain
+    assert domain.virsh("domstate", domain.name).strip() == "shut off"
+    assert "Autostart:      disable" in domain.virsh("dominfo", domain.name)
+    dr = libvirt_lab.virsh("site-b", "domstate", domain.name)
+    assert dr.stdout.strip() == "running", dr.stderr
+    sources = libvirt_lab.virsh("site-b", "domblklist", domain.name, "--details").stdout
+    replicas = str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name)
+    assert sources.count(replicas) == 2, sources
+    top = next(line.split()[-1] for line in sources.splitlines() if "vda" in line)
+    assert replica_has(Path(top), 7 * MiB, MiB, 0x77)
+    libvirt_lab.virsh("site-b", "destroy", domain.name)
