@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import PurePosixPath
+from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import Refused, RemoteCommandError
@@ -112,3 +113,26 @@ def stop_source_domain(shell: RemoteShell, vm: Vm) -> None:
         result = shell.run(virsh_argv(vm.libvirt_uri, *step), check=False, timeout=120)
         if not result.ok and "not running" not in result.err:
             raise RemoteCommandError(f"virsh {step[0]} {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")
+
+
+def drill_domain_name(xml: str) -> str:
+    return f"{domain_name(xml)}-drtool-test"
+
+
+def start_drill_domain(shell: RemoteShell, vm: Vm, hardware: dict[str, Any], disks: dict[str, str],
+                       run_dir: PurePosixPath) -> str:
+    """A drill under libvirt: a transient domain with a name of its own, no NIC, on overlays; its run state."""
+    xml = hardware["libvirt_xml"]
+    name = drill_domain_name(xml)
+    if not domain_running(shell, vm, name):
+        if hardware.get("gid"):
+            open_to_qemu_group(shell, vm.replica_dir, int(hardware["gid"]))
+        mapped = dr_domain_xml(xml, disks, tuple(hardware.get("exclude", ())), name=name, without_nics=True)
+        start_domain(shell, vm, mapped, run_dir, transient=True)
+    return "running" if domain_running(shell, vm, name) else "not running"
+
+
+def stop_drill_domain(shell: RemoteShell, vm: Vm, hardware: dict[str, Any]) -> bool:
+    """Destroy a drill's transient domain (it is gone with that); whether one ran."""
+    name = drill_domain_name(hardware["libvirt_xml"])
+    return shell.run(virsh_argv(vm.libvirt_uri, "destroy", name), check=False, timeout=120).ok

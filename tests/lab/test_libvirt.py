@@ -88,6 +88,12 @@ def eventually(check, timeout: float = 60) -> bool:
     return False
 
 
+def test_hosts_check_reports_libvirts_version(libvirt_lab: Lab, domain_config: Path):
+    report = json.loads(drtool_ok(domain_config, "--json", "hosts", "check").stdout)
+    text = json.dumps(report)
+    assert text.count("libvirtd (qemu:///system)") == 2 and text.count('"9.0.0"') == 2, text
+
+
 def test_protect_a_libvirt_domain_replicates_both_disks(libvirt_lab: Lab, domain: LabDomain, domain_config: Path):
     domain.guest_write(0, 2 * MiB, MiB, 0x5A)  # before protect: the initial copy carries it
     result = drtool_ok(domain_config, "protect", domain.name)
@@ -114,6 +120,22 @@ def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_la
     point = manifest["points"][-1]
     assert replica_has(Path(point["images"]["virtio-disk1"]), MiB, MiB, 0x66)
     assert domain.virsh("domstate", domain.name).strip() == "running"
+
+
+def test_a_drill_runs_a_transient_copy_under_libvirt_and_changes_nothing(libvirt_lab: Lab, domain: LabDomain,
+                                                                          domain_config: Path):
+    drtool_ok(domain_config, "failover", domain.name, "--test")
+    name = f"{domain.name}-drtool-test"
+    assert libvirt_lab.virsh("site-b", "domstate", name).stdout.strip() == "running"
+    info = libvirt_lab.virsh("site-b", "dominfo", name).stdout
+    assert "Persistent:     no" in info  # transient: nothing of it stays in the DR host's libvirt
+    disks = libvirt_lab.virsh("site-b", "domblklist", name, "--details").stdout
+    assert disks.count(str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "test")) == 2, disks
+    # replication goes on meanwhile
+    domain.guest_write(1, 3 * MiB, MiB, 0x3C)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 3 * MiB, MiB, 0x3C))
+    drtool_ok(domain_config, "failover", domain.name, "--test", "--cleanup")
+    assert libvirt_lab.virsh("site-b", "domstate", name).returncode != 0  # gone
 
 
 def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_lab: Lab, domain: LabDomain,
