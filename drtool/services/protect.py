@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -29,10 +28,13 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
+from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.libvirt_domain import read_domain_xml
 from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
+from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.state.protection import Protection
 from drtool.mechanics.remote import free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
@@ -48,14 +50,7 @@ from drtool.mechanics.replication import (
     wait_until_ready,
 )
 from drtool.state.kept import forget_entry, keep_entry
-from drtool.state.manifest import Manifest, ReplicaDisk
-from drtool.state.protection import Protection
-from drtool.state.store import (
-    load_manifest,
-    require_protected,
-    save_manifest,
-    select_vm,
-)
+from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint

@@ -76,14 +76,21 @@ class VirshQmp(QmpSession):
 
     def connect(self) -> Self:
         """Check that libvirt runs the domain (nothing is held open between commands)."""
-        result = self.shell.run(virsh_argv(self.uri, "domstate", self.domain), check=False, timeout=self.timeout)
-        state = result.out.strip()
+        result = self.shell.run(virsh_argv(self.uri, "domstate", "--reason", self.domain), check=False,
+                                timeout=self.timeout)
+        state, _, reason = result.out.strip().partition(" (")
         if not result.ok:
             raise VmUnreachable(f"{self.name}: libvirt does not answer for domain {self.domain!r}: "
                                 f"{_virsh_error(result.err)}")
+        if state == "shut off" and reason.startswith("saved"):
+            # libvirt-guests, or someone, ran `virsh managedsave`: QEMU exited, and drtool's mirror with it
+            raise VmUnreachable(f"{self.name}: libvirt domain {self.domain!r} was saved (virsh managedsave): "
+                                "its QEMU exited and replication with it",
+                                hint=f"virsh start {self.domain}, then drtool resync {self.name} (from the "
+                                     "persistent bitmap)")
         if state in ("shut off", "crashed", "pmsuspended"):
-            raise VmUnreachable(f"{self.name}: libvirt domain {self.domain!r} is {state}",
-                                hint=f"start it: virsh start {self.domain}")
+            raise VmUnreachable(f"{self.name}: libvirt domain {self.domain!r} is {state}"
+                                + (f" ({reason}" if reason else ""), hint=f"start it: virsh start {self.domain}")
         self._connected = True
         return self
 

@@ -1,6 +1,8 @@
 """The lab's libvirt sites: a libvirtd per host, reached over SSH, each seeing only its own domains."""
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -8,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from drtool.lab.lab import Lab
-from drtool.lab.libvirt_site import LabDomain, domain_xml
+from drtool.lab.libvirt_site import LabDomain, domain_xml, in_site, wait_libvirtd
 
-from .replication_helpers import drtool_ok, replica_has
+from .replication_helpers import drtool, drtool_ok, replica_has
 
 pytestmark = pytest.mark.lab
 
@@ -64,14 +66,19 @@ def domain(libvirt_lab: Lab):
     dom.remove()
 
 
+def write_domain_config(lab: Lab, name: str, path: Path) -> Path:
+    """An inventory with the lab's hosts and one libvirt domain on site-a, protected to site-b."""
+    lab.write_config(path, {})
+    with path.open("a") as f:
+        f.write(f'\n[vms.{name}]\nhost = "site-a"\nlibvirt_domain = "{name}"\ndr_host = "site-b"\n'
+                f'replica_dir = "{lab.host_dir("site-b") / "replicas" / name}"\n'
+                f'source_dir = "{lab.host_dir("site-a") / "drtool" / name}"\n')
+    return path
+
+
 @pytest.fixture(scope="module")
 def domain_config(libvirt_lab: Lab, domain: LabDomain, tmp_path_factory):
-    path = libvirt_lab.write_config(tmp_path_factory.mktemp("lv") / "drtool.toml", {})
-    with path.open("a") as f:
-        f.write(f'\n[vms.{domain.name}]\nhost = "site-a"\nlibvirt_domain = "{domain.name}"\ndr_host = "site-b"\n'
-                f'replica_dir = "{libvirt_lab.host_dir("site-b") / "replicas" / domain.name}"\n'
-                f'source_dir = "{libvirt_lab.host_dir("site-a") / "drtool" / domain.name}"\n')
-    return path
+    return write_domain_config(libvirt_lab, domain.name, tmp_path_factory.mktemp("lv") / "drtool.toml")
 
 
 def replica(lab: Lab, name: str, device: str) -> Path:
@@ -122,6 +129,50 @@ def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_la
     assert domain.virsh("domstate", domain.name).strip() == "running"
 
 
+def domain_jobs(domain: LabDomain) -> list[dict]:
+    out = domain.virsh("qemu-monitor-command", domain.name, '{"execute":"query-block-jobs"}')
+    return [j for j in json.loads(out)["return"] if j["device"].startswith("drtool-")]
+
+
+def test_target_killed_then_resync_catches_up(libvirt_lab: Lab, domain: LabDomain, domain_config: Path):
+    pidfile = libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "target.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    domain.guest_write(0, 9 * MiB, MiB, 0x91)  # waits out the reconnect delay, then the job pauses
+    domain.guest_write(1, 9 * MiB, MiB, 0x92)
+    assert eventually(lambda: all(j["paused"] and j["io-status"] != "ok" for j in domain_jobs(domain)), 60)
+    report = json.loads(drtool_ok(domain_config, "--json", "resync", domain.name).stdout)
+    assert report["target_restarted"], report
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 9 * MiB, MiB, 0x91))
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 9 * MiB, MiB, 0x92))
+
+
+def test_libvirtd_restarted_during_replication_replication_goes_on(libvirt_lab: Lab, domain: LabDomain,
+                                                                   domain_config: Path):
+    pidfile = libvirt_lab.host_dir("site-a") / "libvirt" / "run" / "libvirtd.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    assert eventually(lambda: not Path(f"/proc/{pidfile.read_text().strip()}").exists()
+                      if pidfile.exists() else True, 30)
+    domain.guest_write(1, 5 * MiB, MiB, 0x5D)  # QEMU and its mirror do not need libvirtd
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 5 * MiB, MiB, 0x5D))
+    subprocess.run(in_site(libvirt_lab.sshd_pid("site-a"), ["libvirtd", "-d", "-p", "/run/libvirt/libvirtd.pid"]),
+                   check=True, timeout=60)
+    wait_libvirtd(libvirt_lab.sshd_pid("site-a"), "site-a")
+    assert len(domain_jobs(domain)) == 2  # libvirt came back and left drtool's jobs alone
+    drtool_ok(domain_config, "checkpoint", domain.name)
+
+
+def test_managedsave_is_reported_and_resync_resumes_from_the_bitmap(libvirt_lab: Lab, domain: LabDomain,
+                                                                     domain_config: Path):
+    domain.virsh("managedsave", domain.name)  # libvirt-guests does this at host shutdown: QEMU exits
+    status = drtool(domain_config, "status", domain.name)
+    assert "managedsave" in status.stdout + status.stderr, status.stdout + status.stderr
+    domain.virsh("start", domain.name)  # restored from the save image, without drtool's jobs
+    domain.guest_write(0, 11 * MiB, MiB, 0xB1)
+    drtool_ok(domain_config, "resync", domain.name)
+    assert len(domain_jobs(domain)) == 2
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 11 * MiB, MiB, 0xB1))
+
+
 def test_a_drill_runs_a_transient_copy_under_libvirt_and_changes_nothing(libvirt_lab: Lab, domain: LabDomain,
                                                                           domain_config: Path):
     drtool_ok(domain_config, "failover", domain.name, "--test")
@@ -154,3 +205,23 @@ def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_l
     top = next(line.split()[-1] for line in sources.splitlines() if "vda" in line)
     assert replica_has(Path(top), 7 * MiB, MiB, 0x77)
     libvirt_lab.virsh("site-b", "destroy", domain.name)
+
+
+def test_unplanned_failover_with_force_starts_the_newest_point_under_libvirt(libvirt_lab: Lab, tmp_path: Path):
+    dom = LabDomain(libvirt_lab, "lvdb", "site-a", sizes=("16M",))
+    try:
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x0D)
+        drtool_ok(config, "checkpoint", dom.name)
+        dom.virsh("destroy", dom.name)  # the source's QEMU is gone
+        assert drtool(config, "failover", dom.name, "--yes").returncode != 0  # not without --force
+        result = drtool_ok(config, "failover", dom.name, "--force", "--yes")
+        assert "unplanned" in result.stdout.lower()
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).stdout.strip() == "running"
+        top = next(line.split()[-1] for line in libvirt_lab.virsh("site-b", "domblklist", dom.name,
+                                                                  "--details").stdout.splitlines() if "vda" in line)
+        assert replica_has(Path(top), MiB, MiB, 0x0D)
+    finally:
+        libvirt_lab.virsh("site-b", "destroy", dom.name)
+        dom.remove()

@@ -21,7 +21,7 @@ class FakeVirsh:
 
     host_key = None
 
-    def __init__(self, state: str = "running") -> None:
+    def __init__(self, state: str = "running (booted)") -> None:
         self.state = state
         self.calls: list[list[str]] = []
         self.replies: dict[str, dict] = {"query-status": {"return": {"status": "running"}}}
@@ -31,8 +31,9 @@ class FakeVirsh:
         self.calls.append(argv)
         assert argv[:4] == ["virsh", "-q", "-c", "qemu:///system"]
         if argv[4] == "domstate":
+            assert argv[5] == "--reason"
             return CommandResult(tuple(argv), 0, f"{self.state}\n\n".encode(), b"")
-        if self.state != "running":
+        if not self.state.startswith("running"):
             return CommandResult(tuple(argv), 1, b"", b"error: Requested operation is not valid: domain is not running\n")
         command = json.loads(argv[6])["execute"]
         reply = self.replies.get(command, {"error": {"class": "CommandNotFound", "desc": f"no {command}"}})
@@ -52,15 +53,21 @@ def test_commands_pass_through_virsh_as_one_argument_each():
 
 
 def test_a_domain_that_is_shut_off_is_unreachable_with_what_to_do():
-    with pytest.raises(VmUnreachable, match="shut off") as info:
-        VirshQmp("web", FakeVirsh("shut off"), "web-prod").connect()
+    with pytest.raises(VmUnreachable, match=r"shut off \(destroyed\)") as info:
+        VirshQmp("web", FakeVirsh("shut off (destroyed)"), "web-prod").connect()
     assert "virsh start web-prod" in info.value.hint
+
+
+def test_a_managed_save_says_replication_ended_and_how_to_resume():
+    with pytest.raises(VmUnreachable, match="managedsave") as info:
+        VirshQmp("web", FakeVirsh("shut off (saved)"), "web-prod").connect()
+    assert "drtool resync web" in info.value.hint
 
 
 def test_a_domain_that_stops_between_commands_is_unreachable():
     virsh = FakeVirsh()
     with VirshQmp("web", virsh, "web-prod") as qmp:
-        virsh.state = "shut off"
+        virsh.state = "shut off (destroyed)"
         with pytest.raises(VmUnreachable, match="domain is not running"):
             qmp.execute("query-status")
 
