@@ -42,6 +42,7 @@ TAINT_NOTE = ("libvirt marks the domain 'tainted: custom-monitor' (drtool passes
 # the event stream ends with drtool's channel: `cat` sees stdin close, then virsh is stopped
 _EVENT_STREAM = 'virsh -c "$1" qemu-monitor-event "$2" --loop & pid=$!; cat >/dev/null; kill $pid 2>/dev/null'
 _EVENT_LINE = re.compile(r"event (?P<name>\S+) at (?P<sec>\d+)\.(?P<usec>\d+) for domain '.*': (?P<data>.*)$")
+_THROUGH_LIBVIRT = {"stop": ("suspend", "paused"), "cont": ("resume", "running")}  # QMP -> virsh, state after
 _NOT_RUNNING = ("domain is not running", "failed to get domain", "Domain not found")
 
 
@@ -98,6 +99,8 @@ class VirshQmp(QmpSession):
         """Run a QMP command through libvirt; QEMU's refusal becomes a QmpError with QEMU's own text."""
         if not self._connected:
             raise VmUnreachable(f"{self.name}: QMP session is not connected")
+        if command in _THROUGH_LIBVIRT and not args:
+            return self._through_libvirt(command, timeout or self.timeout)
         message = json.dumps({"execute": command, **({"arguments": args} if args else {})})
         result = self.shell.run(virsh_argv(self.uri, "qemu-monitor-command", self.domain, message),
                                 check=False, timeout=timeout or self.timeout)
@@ -113,6 +116,16 @@ class VirshQmp(QmpSession):
         if "error" in reply:
             raise QmpError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
         return reply.get("return")
+
+    def _through_libvirt(self, command: str, timeout: float) -> dict[str, Any]:
+        """Pause and resume as libvirt's own operations, so that its view of the domain stays right."""
+        verb, state = _THROUGH_LIBVIRT[command]
+        result = self.shell.run(virsh_argv(self.uri, verb, self.domain), check=False, timeout=timeout)
+        if not result.ok:
+            now = self.shell.run(virsh_argv(self.uri, "domstate", self.domain), check=False, timeout=timeout)
+            if now.out.strip() != state:  # already so is what QMP's stop and cont call success too
+                raise VmUnreachable(f"{self.name}: virsh {verb} {self.domain}: {_virsh_error(result.err)}")
+        return {}
 
     @contextlib.contextmanager
     def subscribe(self, names: Iterable[str] = ()) -> Iterator[EventSubscription]:

@@ -152,12 +152,13 @@ def test_libvirtd_restarted_during_replication_replication_goes_on(libvirt_lab: 
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
     assert eventually(lambda: not Path(f"/proc/{pidfile.read_text().strip()}").exists()
                       if pidfile.exists() else True, 30)
-    domain.guest_write(1, 5 * MiB, MiB, 0x5D)  # QEMU and its mirror do not need libvirtd
-    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 5 * MiB, MiB, 0x5D))
     subprocess.run(in_site(libvirt_lab.sshd_pid("site-a"), ["libvirtd", "-d", "-p", "/run/libvirt/libvirtd.pid"]),
                    check=True, timeout=60)
     wait_libvirtd(libvirt_lab.sshd_pid("site-a"), "site-a")
-    assert len(domain_jobs(domain)) == 2  # libvirt came back and left drtool's jobs alone
+    jobs = domain_jobs(domain)  # libvirt came back, found jobs it does not track, and left them alone
+    assert len(jobs) == 2 and all(j["ready"] and not j["paused"] for j in jobs), jobs
+    domain.guest_write(1, 5 * MiB, MiB, 0x5D)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 5 * MiB, MiB, 0x5D))
     drtool_ok(domain_config, "checkpoint", domain.name)
 
 

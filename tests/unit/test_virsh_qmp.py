@@ -31,8 +31,14 @@ class FakeVirsh:
         self.calls.append(argv)
         assert argv[:4] == ["virsh", "-q", "-c", "qemu:///system"]
         if argv[4] == "domstate":
-            assert argv[5] == "--reason"
-            return CommandResult(tuple(argv), 0, f"{self.state}\n\n".encode(), b"")
+            state = self.state if argv[5] == "--reason" else self.state.split(" (")[0]
+            return CommandResult(tuple(argv), 0, f"{state}\n\n".encode(), b"")
+        if argv[4] in ("suspend", "resume"):
+            wanted = "paused (user)" if argv[4] == "suspend" else "running (unpaused)"
+            if self.state == wanted:
+                return CommandResult(tuple(argv), 1, b"", b"error: Requested operation is not valid\n")
+            self.state = wanted
+            return CommandResult(tuple(argv), 0, b"", b"")
         if not self.state.startswith("running"):
             return CommandResult(tuple(argv), 1, b"", b"error: Requested operation is not valid: domain is not running\n")
         command = json.loads(argv[6])["execute"]
@@ -56,6 +62,16 @@ def test_a_domain_that_is_shut_off_is_unreachable_with_what_to_do():
     with pytest.raises(VmUnreachable, match=r"shut off \(destroyed\)") as info:
         VirshQmp("web", FakeVirsh("shut off (destroyed)"), "web-prod").connect()
     assert "virsh start web-prod" in info.value.hint
+
+
+def test_pause_and_resume_go_through_libvirt_so_that_it_knows():
+    virsh = FakeVirsh()
+    with VirshQmp("web", virsh, "web-prod") as qmp:
+        assert qmp.execute("stop") == {} and virsh.state == "paused (user)"
+        assert qmp.execute("stop") == {}  # paused already: fine, as QMP's stop is
+        assert qmp.execute("cont") == {} and virsh.state == "running (unpaused)"
+    assert [c[4] for c in virsh.calls if c[4] != "domstate"] == ["suspend", "suspend", "resume"]
+    assert not any(c[4] == "qemu-monitor-command" for c in virsh.calls)
 
 
 def test_a_managed_save_says_replication_ended_and_how_to_resume():
