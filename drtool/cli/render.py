@@ -157,7 +157,9 @@ def protect_summary(result: ProtectResult) -> str:
     state = "in sync" if result.in_sync else "seeding (started, not waited for)"
     disks = ", ".join(f"{d.device} -> {d.replica_image}" for d in result.disks)
     return (f"{result.vm}: protected to {result.dr_host}, {result.mode} mode over {result.transport}, "
-            f"{state} after {result.seconds:.1f} s; {disks}")
+            f"{state} after {result.seconds:.1f} s; {disks}"
+            + "".join(f"\n  the DR copy's command line: {c}" for c in result.command_line_changes)
+            + "".join(f"\n  note: {n}" for n in result.notes))
 
 
 def unprotect_summary(result: UnprotectResult) -> str:

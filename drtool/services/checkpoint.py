@@ -18,6 +18,7 @@ from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
 from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.hardware import recheck_hardware
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
 from drtool.mechanics.points import delete_points, load_settled_manifest, pin_point
 from drtool.retention import points_to_delete
@@ -94,7 +95,9 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                 if keep:
                     manifest = pin_point(dr, vm, manifest, manifest.points[-1].id, True)
                 point = manifest.points[-1]
+                manifest, unmappable = recheck_hardware(reach.shell(vm.host), dr, vm, manifest)
                 deleted, failure = apply_retention(target, dr, vm, manifest)
+                failure = "; ".join(f for f in (unmappable, failure) if f)
         if failure:
             # The point stands (it is saved); exit 1 all the same: a retention that keeps
             # failing fills the DR host until replication itself stops, and cron only sees this.

@@ -88,6 +88,9 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
     try:
         shell = reach.shell(name)
         tools = tuple(map_concurrently(lambda tool: _check_tool(shell, tool), REQUIRED_TOOLS))  # 6 round trips at once
+        uris = sorted({vm.libvirt_uri for vm in inventory.vms.values()
+                       if vm.libvirt_domain is not None and name in (vm.host, vm.dr_host)})
+        tools += tuple(_check_libvirt(shell, uri) for uri in uris)
         space = tuple(
             _check_space(shell, vm.name, str(vm.replica_dir))
             for vm in sorted(inventory.vms.values(), key=lambda v: v.name)
@@ -125,6 +128,16 @@ def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
     pattern = _PYTHON_VERSION if tool == "python3" else _VERSION
     match = pattern.search(text)
     return ToolCheck(tool, match.group(1) if match else text.strip().splitlines()[0] if text.strip() else "?")
+
+
+def _check_libvirt(shell: RemoteShell, uri: str) -> ToolCheck:
+    """The version of the libvirtd that runs the host's libvirt domains (or takes their DR copies)."""
+    result = shell.run(["virsh", "-c", uri, "version", "--daemon"], check=False, timeout=60)
+    found = re.search(r"Running against daemon: (\S+)", result.out)
+    if not result.ok or not found:
+        why = "virsh not found" if result.exit_status == 127 else (result.err.strip() or "no daemon version")
+        return ToolCheck(f"libvirtd ({uri})", None, why)
+    return ToolCheck(f"libvirtd ({uri})", found.group(1))
 
 
 def _check_space(shell: RemoteShell, vm: str, replica_dir: str) -> SpaceCheck:

@@ -30,8 +30,10 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
+from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.hardware import read_hardware
-from drtool.mechanics.link import link_socket, start_link, stop_link
+from drtool.mechanics.libvirt_domain import read_domain_xml
+from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
 from drtool.mechanics.remote import Space, free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
@@ -53,6 +55,7 @@ from drtool.state.store import load_manifest, require_protected, save_manifest, 
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
+from drtool.transport.virsh_qmp import TAINT_NOTE
 from drtool.units import human_size
 
 RUNNING_STATES = ("running", "paused")
@@ -69,6 +72,8 @@ class ProtectResult:
     in_sync: bool  # False with --no-wait: seeding goes on in QEMU
     seconds: float
     bytes_in_use: int  # allocated on the source: what the initial sync sends at most
+    command_line_changes: tuple[str, ...] = ()  # what the DR copy's command line changes besides disk paths
+    notes: tuple[str, ...] = ()  # what else the operator should know (libvirt's taint)
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, la
     with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
         space_f = pool.submit(free_space, dr, vm.replica_dir)
         port_f = pool.submit(free_nbd_port, dr)
-        hardware_f = pool.submit(read_hardware, src, vm.qmp_socket)
+        hardware_f = pool.submit(read_hardware, src, vm)
     space = space_f.result()
     _check_room(vm, space, devices, in_use)
     manifest = Manifest(
@@ -173,8 +178,11 @@ def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, la
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket or ""), "exclude": list(vm.exclude_disks)}
+        | ({"libvirt_xml": read_domain_xml(src, vm)} if vm.libvirt_domain is not None else {}),
     )
+    # what failover and a drill will start, mapped now as a test: a disk it cannot map stops protect, not failover
+    changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket or ""))
     tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 
@@ -196,6 +204,7 @@ def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, la
         if psk:
             push_psk(src, tls_dir, psk)
             undo.push(lambda: remove(src, tls_dir))
+            give_to_qemu(src, manifest, vm.source_state_dir, tls_dir)  # QEMU reads the key itself
         start_link(src, vm, manifest)
         undo.push(lambda: stop_link(src, vm))
 
@@ -217,7 +226,8 @@ def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, la
         save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).transition(Protection.PROTECTED,
                                                                             "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
-                         time.monotonic() - started, in_use)
+                         time.monotonic() - started, in_use, changes,
+                         (TAINT_NOTE,) if vm.libvirt_domain is not None else ())
 
 
 def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
@@ -233,6 +243,7 @@ def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
             raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
                           hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
         devices = [by_id[d] for d in vm.disks]
+    devices = [d for d in devices if d.device not in vm.exclude_disks and d.node_name not in vm.exclude_disks]
     if not devices:
         raise Refused(f"{vm.name} has no disk attached to a device")
     for d in devices:

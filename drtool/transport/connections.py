@@ -14,8 +14,9 @@ from typing import Protocol
 from drtool.domain import Inventory, Vm
 from drtool.transport.bridge import StreamBridge, relay_argv
 from drtool.transport.locks import VmLock
-from drtool.transport.qmp import QmpSession
+from drtool.transport.qmp import DEFAULT_QMP_TIMEOUT, QmpSession
 from drtool.transport.ssh import CommandResult, Endpoint, SshConnection, SshPool
+from drtool.transport.virsh_qmp import VirshQmp
 
 
 class RemoteShell(Protocol):
@@ -83,7 +84,11 @@ class Connections:
         return session.connect()
 
     def qmp(self, vm: Vm) -> QmpSession:
-        return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+        if vm.libvirt_domain is not None:  # libvirt owns the monitor: through virsh (virsh_qmp.py)
+            conn = self.pool.get(vm.host)
+            return VirshQmp(vm.name, conn, vm.libvirt_domain, vm.libvirt_uri, open_stream=conn.open_stream,
+                            timeout=conn.host.command_timeout or DEFAULT_QMP_TIMEOUT).connect()
+        return self.qmp_at(vm.host, vm.monitor, vm.name)
 
     def adopt(self, inventory: Inventory) -> None:
         """Reach the hosts of a completed inventory too (see services/dr_inventory.py)."""

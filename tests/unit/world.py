@@ -67,6 +67,7 @@ class World:
     source_alive: bool = True
     source_host_up: bool = True
     source_status: str = "running"
+    source_argv: list[str] = field(default_factory=lambda: list(HARDWARE_ARGV))  # its QEMU command line now
     written: int = 0  # guest records written on the source disk
     jobs: bool = True  # drtool's mirror jobs exist on the source
     jobs_broken: bool = False
@@ -211,7 +212,7 @@ class World:
         if argv[0] == "python3":  # read_hardware
             if not self.source_alive:
                 return 3, "", ""
-            return 0, json.dumps({"pid": 7, "argv": HARDWARE_ARGV}), ""
+            return 0, json.dumps({"pid": 7, "argv": self.source_argv}), ""
         if argv[0] == "qemu-system-x86_64":  # rollback relaunches the source, paused
             self.source_alive, self.source_status = True, "prelaunch"
             return 0, "", ""

@@ -175,7 +175,7 @@ def _choose_kind(reach: Reach, vm: Vm) -> FailoverKind:
         shell = reach.shell(vm.host)
     except UnreachableError:
         return FailoverKind.UNPLANNED
-    return FailoverKind.PLANNED if source_qemu_alive(shell, vm.qmp_socket) else FailoverKind.UNPLANNED
+    return FailoverKind.PLANNED if source_qemu_alive(shell, vm) else FailoverKind.UNPLANNED
 
 
 def _require_healthy_replication(reach: Reach, vm: Vm, manifest: Manifest) -> None:

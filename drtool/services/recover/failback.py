@@ -138,7 +138,7 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
             kill_vm(dr, run_layout)
             work.step(DR_STOPPED)
         if not work.record.done(HOME_STARTED):
-            if not source_qemu_alive(home, vm.qmp_socket):
+            if not source_qemu_alive(home, vm):
                 home.run(_home_argv(work.manifest), timeout=60)
             unmark_old_images(home, [d.source_image for d in work.manifest.disks])
             work.step(HOME_STARTED)
