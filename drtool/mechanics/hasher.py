@@ -17,6 +17,9 @@ Modes (the request's "mode"):
   hash   {"source", "chunk", "offsets": [..] | null}  -> {"size", "chunks": {offset: hex | "0"}, "read"}
   dirty  {"source", "bitmap"}                           -> {"extents": [[offset, length], ...]}
   copy   {"source", "target", "ranges": [[o, l], ..]}   -> {"copied"}
+  read   {"source", "chunk", "offsets": [..]}           -> the chunks' bytes, raw, in order
+  write  {"target", "chunk", "offsets": [..]} + bytes   -> {"written"}; an image target opens writable
+The request is one JSON line; the bytes `write` takes follow it on stdin.
 A source/target is {"unix": PATH, "export": NAME}, {"tcp": HOST, "port": N, "export": NAME}
 or {"image": PATH, "format": FMT}, each with optional "tls_psk_file" and "tls_username".
 """
@@ -62,7 +65,7 @@ def connect(spec, contexts=("base:allocation",), writable=False):
         h.connect_tcp(spec["tcp"], str(spec["port"]))
     else:
         h.connect_systemd_socket_activation(
-            ["qemu-nbd", "-r", "-f", spec.get("format", "qcow2"), "--", spec["image"]])
+            ["qemu-nbd"] + ([] if writable else ["-r"]) + ["-f", spec.get("format", "qcow2"), "--", spec["image"]])
     return h
 
 def extents(h, context, size):
@@ -154,15 +157,41 @@ def do_copy(req):
     dst.shutdown()
     return {"copied": copied}
 
-req = json.loads(sys.stdin.buffer.read())
+def do_read(req):
+    h = connect(req["source"], ())
+    size, chunk = h.get_size(), int(req["chunk"])
+    for o in req["offsets"]:
+        sys.stdout.buffer.write(h.pread(min(chunk, size - o), o))
+    sys.stdout.buffer.flush()
+    h.shutdown()
+    return None
+
+def do_write(req):
+    h = connect(req["target"], (), writable=True)
+    size, chunk = h.get_size(), int(req["chunk"])
+    written = 0
+    for o in req["offsets"]:
+        n = min(chunk, size - o)
+        data = sys.stdin.buffer.read(n)
+        if len(data) != n:
+            raise SystemExit("short data at %d: %d of %d bytes" % (o, len(data), n))
+        h.pwrite(data, o)
+        written += n
+    h.flush()
+    h.shutdown()
+    return {"written": written}
+
+req = json.loads(sys.stdin.buffer.readline())
 started = time.monotonic()
 try:
-    result = {"hash": do_hash, "dirty": do_dirty, "copy": do_copy}[req["mode"]](req)
+    result = {"hash": do_hash, "dirty": do_dirty, "copy": do_copy,
+              "read": do_read, "write": do_write}[req["mode"]](req)
 except nbd.Error as e:
     sys.stderr.write("nbd: %s\n" % e)
     sys.exit(5)
-result["seconds"] = time.monotonic() - started
-sys.stdout.write(json.dumps(result))
+if result is not None:
+    result["seconds"] = time.monotonic() - started
+    sys.stdout.write(json.dumps(result))
 """
 
 
@@ -192,19 +221,27 @@ class ChunkHashes:
     wire_bytes: int = 0  # the request and answer's size: what crossed the network for these digests
 
 
+def run_hasher_raw(shell: RemoteShell, request: dict[str, Any], what: str, data: bytes = b"",
+                   timeout: float = 24 * 3600) -> bytes:
+    """Run the hasher on a host with this request (and bytes after it); what it wrote on stdout."""
+    result = shell.run(hasher_argv(), stdin=json.dumps(request).encode() + b"\n" + data, check=False,
+                       timeout=timeout)
+    if not result.ok:
+        detail = [line for line in result.err.strip().splitlines() if line.strip()]
+        hint = "install python3-libnbd on the host (drtool hosts check)" if result.exit_status == 4 else None
+        raise RemoteCommandError(f"{what} failed (exit {result.exit_status})"
+                                 + (f": {detail[-1]}" if detail else ""), hint=hint)
+    return result.stdout
+
+
 def run_hasher(shell: RemoteShell, request: dict[str, Any], what: str, timeout: float = 24 * 3600) -> dict[str, Any]:
     """Run the hasher on a host with this request; its JSON answer."""
-    result = shell.run(hasher_argv(), stdin=json.dumps(request).encode(), check=False, timeout=timeout)
-    if not result.ok:
-        detail = result.err.strip().splitlines()
-        hint = "install python3-libnbd on the host (drtool hosts check)" if result.exit_status == 4 else None
-        raise RemoteCommandError(f"hashing {what} failed (exit {result.exit_status})"
-                                 + (f": {detail[-1]}" if detail else ""), hint=hint)
+    out = run_hasher_raw(shell, request, f"hashing {what}", timeout=timeout)
     try:
-        answer: dict[str, Any] = json.loads(result.out)
+        answer: dict[str, Any] = json.loads(out)
     except ValueError as err:
         raise RemoteCommandError(f"hashing {what}: unreadable answer: {err}") from err
-    answer["wire_bytes"] = len(result.stdout) + len(json.dumps(request))
+    answer["wire_bytes"] = len(out) + len(json.dumps(request))
     return answer
 
 

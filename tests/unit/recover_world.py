@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drtool.errors import QmpError, VmUnreachable
-from drtool.mechanics import block_hashes, old_site, remote
+from drtool.mechanics import hasher, old_site, remote
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverKind, FailoverRecord, RecoveryPoint, Step
 
@@ -54,7 +54,8 @@ class RecoverWorld(World):
         req = json.loads(header)
         if req["mode"] == "hash":
             self.hashed += 1
-            return 0, json.dumps({"size": CHUNKS << 20, "chunks": [image_of.get(i, "0") for i in range(CHUNKS)]}), ""
+            return 0, json.dumps({"size": CHUNKS << 20, "chunks": {str(i << 20): image_of.get(i, "0") for i in range(CHUNKS)},
+                                  "read": 0, "seconds": 0.0}), ""
         if req["mode"] == "read":
             return 0, json.dumps([image_of.get(o >> 20, "0") for o in req["offsets"]]), ""
         tags = json.loads(data)
@@ -66,7 +67,7 @@ class RecoverWorld(World):
         return 0, json.dumps({"written": len(tags) << 20}), ""
 
     def dr_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
-        if argv[:2] == [block_hashes.SYSTEM_PYTHON, "-c"]:
+        if argv[:2] == [hasher.SYSTEM_PYTHON, "-c"]:
             return self._hasher(stdin, self.point)  # the DR host reads the point
         if argv[:2] == ["sh", "-c"] and "rev" in " ".join(argv[4:]):  # the reverse link relay
             if argv[2] == remote._STOP_SCRIPT:
@@ -86,7 +87,7 @@ class RecoverWorld(World):
         raise AssertionError("use home_run")
 
     def home_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
-        if argv[:2] == [block_hashes.SYSTEM_PYTHON, "-c"]:
+        if argv[:2] == [hasher.SYSTEM_PYTHON, "-c"]:
             if self.rev_target:
                 return 1, "", "qemu-nbd: Failed to get \"write\" lock"  # the target holds the old image
             return self._hasher(stdin, self.home)
