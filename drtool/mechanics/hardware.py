@@ -18,12 +18,11 @@ from drtool.domain import Vm
 from drtool.errors import DrtoolError, RemoteCommandError
 from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.libvirt_domain import read_domain_xml
-from drtool.mechanics.qemu_processes import QEMU_PROCESSES
 from drtool.state.manifest import Manifest
 from drtool.state.store import save_manifest
 from drtool.transport.connections import RemoteShell
 
-_FIND_QEMU = QEMU_PROCESSES + r"""
+_FIND_QEMU = r"""
 import json, os, re, sys
 how, key = sys.argv[1], sys.argv[2]
 if how == "socket":
@@ -37,8 +36,15 @@ else:  # a libvirt domain: -name guest=NAME,...
     def ours(argv):
         return any(a == "-name" and i + 1 < len(argv) and argv[i + 1].split(",")[0] == guest
                    for i, a in enumerate(argv))
-for pid, argv in qemu_processes():
-    if ours(argv):
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        continue
+    if argv and "qemu-system" in os.path.basename(argv[0]) and ours(argv):
         owner = os.stat("/proc/%s" % pid)
         print(json.dumps({"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}))
         sys.exit(0)

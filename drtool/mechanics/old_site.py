@@ -22,7 +22,6 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import Refused, RemoteCommandError, UnreachableError
-from drtool.mechanics.qemu_processes import QEMU_PROCESSES
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
 from drtool.state.records import Step
@@ -30,11 +29,20 @@ from drtool.transport.connections import Reach, RemoteShell
 
 MARKER_SUFFIX = ".drtool-failed-over"
 
-_FIND_SCRIPT = QEMU_PROCESSES + r"""
+_FIND_SCRIPT = r"""
 import json, os, sys
 images = set(sys.argv[1:])
 found = []
-for pid, argv in qemu_processes():
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
+        continue
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        continue
+    if not argv or "qemu-system" not in os.path.basename(argv[0]):
+        continue
     hits = sorted(i for i in images if any(i in a for a in argv))
     if not hits:
         try:
