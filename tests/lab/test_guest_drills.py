@@ -66,7 +66,7 @@ def test_sync_failover_after_the_link_failed_first_says_since_when_and_not_rpo_0
     acked_at_cut = vm.console.last_ack().n
     # sync mode waits for the DR side up to the link timeout, then the guest writes on unreplicated
     vm.console.wait_for("writes after the cut", lambda: vm.console.last_ack().n > acked_at_cut + 10, timeout=120)
-    outcome = fail_over_and_verify(lab, vm, config, "sync-link-first", vm.name, "--force")
+    outcome = fail_over_and_verify(lab, vm, config, "sync-link-first", vm.name, "--force", link_up=False)
     assert outcome.report.problems() == []
     assert outcome.rpo_records > 10  # the guest saw it: what it wrote after the cut is gone
     said = outcome.drtool_report
