@@ -91,7 +91,7 @@ def resolve_endpoint(host: Host, ssh_config_path: Path | None = None, _depth: in
     options: dict = {}
     if cfg_path.is_file():
         try:
-            options = paramiko.SSHConfig.from_path(str(cfg_path)).lookup(host.address)
+            options = paramiko.SSHConfig.from_text(ssh_options.config_text(cfg_path)).lookup(host.address)
         except paramiko.ssh_exception.ConfigParseError as err:
             raise ConfigError(f"{cfg_path}: {err}", hint="fix that line of the ssh config") from err
         except paramiko.ssh_exception.CouldNotCanonicalize as err:

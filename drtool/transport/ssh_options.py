@@ -18,6 +18,10 @@ Every keyword of ssh_config(5) falls in one of four groups:
 from __future__ import annotations
 
 import fnmatch
+import glob
+import re
+import shlex
+from pathlib import Path
 from typing import Any
 
 from drtool.errors import ConfigError
@@ -66,7 +70,7 @@ UNSUPPORTED: dict[str, str] = {
     "knownhostscommand": "a command that lists host keys",
     "revokedhostkeys": "host keys refused",
     "canonicalizepermittedcnames": "which CNAMEs canonicalization follows",
-    "include": "further config files (paramiko does not read them)",
+    "include": "further config files inside a Host or Match block (drtool reads Include at the top level only)",
 }
 # options that are fine at these values (OpenSSH's defaults, or what drtool does anyway)
 HARMLESS_VALUES: dict[str, set[str]] = {
@@ -118,6 +122,36 @@ def check_supported(host_name: str, options: dict[str, Any], config_path: str) -
     if options.get("proxycommand") and options.get("proxyjump", "none").lower() != "none":
         raise ConfigError(f"{config_path} sets both ProxyCommand and ProxyJump for host {host_name}",
                           hint="keep one of them")
+
+
+MAX_INCLUDE_DEPTH = 16  # as OpenSSH's
+_KEYWORD = re.compile(r"\s*(\w+)(?:\s*=\s*|\s+)(.*)")
+
+
+def config_text(path: Path, _depth: int = 0) -> str:
+    """The ssh config with each top-level Include replaced by the files it names (paramiko reads none).
+
+    As OpenSSH: relative names are in ~/.ssh, wildcards expand in order, a
+    name that matches nothing is skipped. After an included file the top level
+    is restored (`Host *`), so its last Host block does not swallow what follows.
+    """
+    if _depth > MAX_INCLUDE_DEPTH:
+        raise ConfigError(f"{path}: Include nests more than {MAX_INCLUDE_DEPTH} deep (a loop?)")
+    lines, in_block = [], False
+    for line in path.read_text(errors="replace").splitlines():
+        match = _KEYWORD.match(line)
+        keyword = match.group(1).lower() if match else ""
+        in_block = in_block or keyword in ("host", "match")
+        if keyword != "include" or in_block:
+            lines.append(line)
+            continue
+        for name in shlex.split(match.group(2)):  # type: ignore[union-attr]  # matched: keyword is set
+            pattern = Path(name).expanduser()
+            pattern = pattern if pattern.is_absolute() else Path("~/.ssh").expanduser() / pattern
+            for included in sorted(glob.glob(str(pattern))):
+                if Path(included).is_file():
+                    lines += [config_text(Path(included), _depth + 1), "Host *"]
+    return "\n".join(lines) + "\n"
 
 
 def flag(options: dict[str, Any], name: str, default: bool, config_path: str) -> bool:

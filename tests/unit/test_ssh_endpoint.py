@@ -237,3 +237,17 @@ def test_weaker_host_key_checking_is_not_followed_and_the_refusal_says_so(tmp_pa
                                                                       paramiko.RSAKey.generate(1024))
     assert "does not follow StrictHostKeyChecking accept-new" in err.value.message
     assert _endpoint(tmp_path, "  StrictHostKeyChecking yes\n").weaker_host_key_checking is None
+
+
+def test_a_top_level_include_is_read_and_what_follows_it_stays_global(tmp_path: Path) -> None:
+    conf_d = tmp_path / "config.d"
+    conf_d.mkdir()
+    (conf_d / "10-dr.conf").write_text("Host dr-*\n  User backup\n  Port 2200\n")
+    (conf_d / "20-other.conf").write_text("Host other\n  User nobody\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Include {conf_d}/*.conf {tmp_path}/absent.conf\nServerAliveInterval 7\n"
+                   "Host dr-b\n  HostName 10.0.0.7\n")
+    ep = resolve_endpoint(Host("b", "dr-b"), ssh_config_path=cfg)
+    assert (ep.hostname, ep.user, ep.port) == ("10.0.0.7", "backup", 2200)
+    assert ep.alive_interval == 7  # after the included files' Host blocks: still for every host
+    assert resolve_endpoint(Host("o", "other"), ssh_config_path=cfg).alive_interval == 7
