@@ -5,7 +5,8 @@ Every keyword of ssh_config(5) falls in one of four groups:
 - honoured: HostName, Port, User, IdentityFile, IdentitiesOnly,
   UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, ProxyCommand,
   ProxyJump, ConnectTimeout, ServerAliveInterval, ServerAliveCountMax,
-  TCPKeepAlive, Compression, and IdentityAgent `none`/`SSH_AUTH_SOCK`;
+  TCPKeepAlive, Compression, IdentityAgent `none`/`SSH_AUTH_SOCK`, and a
+  top-level Include (config_text);
 - stricter in drtool: StrictHostKeyChecking and NoHostAuthenticationForLocalhost
   (drtool always verifies host keys and never adds one, whatever they say);
 - not about what drtool does (NOT_APPLICABLE): forwardings, terminals,
