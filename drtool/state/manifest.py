@@ -21,6 +21,7 @@ from typing import Any
 from drtool.errors import DrtoolError
 from drtool.state.protection import Protection, check_transition
 from drtool.state.records import (
+    INTERNAL,
     DrillRecord,
     FailoverRecord,
     PendingPoint,
@@ -56,7 +57,7 @@ class ReplicaDisk:
     source_image: str
     replica_image: str  # path on the DR host
     export: str  # NBD export name on the replication target
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Manifest:
     bitmap_generation: int = 0
     version: int = FORMAT_VERSION
     minor: int = FORMAT_MINOR  # the newest minor format that wrote it (kept when newer than this drtool's)
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def point(self, point_id: str) -> RecoveryPoint | None:
         return next((p for p in self.points if p.id == point_id), None)

@@ -14,6 +14,9 @@ UNKNOWN = "unknown_fields"  # fields a newer drtool (same major format) wrote: k
 _T = TypeVar("_T")
 
 
+INTERNAL = {"internal": True}  # a field's metadata: kept in the manifest, never in --json output (cli/output.py)
+
+
 def unknown_of(cls: type, raw: dict[str, Any], *also_known: str) -> dict[str, Any]:
     """The fields of raw that cls does not have (nor the older names also_known)."""
     names = {f.name for f in fields(cls)} | set(also_known)
@@ -75,7 +78,7 @@ class FailoverRecord:
     rpo_seconds: float | None = None
     rpo_bound: str | None = None  # exact | upper bound | unknown
     finished_at: str | None = None
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def done(self, step: Step) -> bool:
         return step in self.steps
@@ -118,7 +121,7 @@ class DrillRecord:
     started_at: str
     seconds: float | None = None  # command start to the test VM running
     run_state: str | None = None
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> DrillRecord:
@@ -141,7 +144,7 @@ class RecoveryPoint:
     images: dict[str, str]  # device id -> the point's image on the DR host
     tested_at: str | None = None
     kept: bool = False  # pinned (checkpoint --keep, points --keep): retention never deletes it
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class PendingPoint:
 
     point: RecoveryPoint
     tops: dict[str, str]  # device id -> the new overlay that takes replication's writes after it
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> PendingPoint:
@@ -163,7 +166,7 @@ class SourcePause:
 
     by: str  # the command that paused it: checkpoint, resync
     at: str
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> SourcePause:
@@ -190,7 +193,7 @@ class ReprotectRecord:
     step_seconds: dict[str, float] = field(default_factory=dict)  # how long each step took (its last run)
     seconds: float | None = None
     finished_at: str | None = None
-    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def done(self, step: str) -> bool:
         return step in self.steps

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from drtool.cli.output import to_jsonable
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.remote import write_file
@@ -97,6 +98,7 @@ def test_a_newer_minor_format_loads_and_its_unknown_fields_are_written_back(tmp_
     assert again["points"][0]["label"] == "before upgrade" and again["failover"]["operator"] == "ops@site"
     assert again["pending_point"]["point"]["label"] == "pending"
     assert "unknown_fields" not in json.dumps(again)
+    assert "unknown_fields" not in to_jsonable(manifest.points[0])  # --json shows what the docs list
     vm = vm_in(tmp_path)  # and through the store, as on a DR host
     save_manifest(LocalShell(), vm, changed)
     stored = load_manifest(LocalShell(), vm)
