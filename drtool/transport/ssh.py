@@ -185,6 +185,7 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
 
 CHANNEL_ATTEMPTS = 20
 CHANNELS_PER_CONNECTION = 8  # below OpenSSH's default MaxSessions (10), with room to spare
+CLOSE_WAIT = 1.0  # s close() waits for a connect under way (status looks at a down host only briefly)
 
 
 @dataclass
@@ -426,8 +427,13 @@ class SshConnection:
         return chan
 
     def close(self) -> None:
-        with self._lock:
+        # a connect under way holds the lock until the host answers or its timeout: not waited for long
+        locked = self._lock.acquire(timeout=CLOSE_WAIT)
+        try:
             lanes, self._lanes = self._lanes, []
+        finally:
+            if locked:
+                self._lock.release()
         for lane in lanes:
             lane.client.close()
         for client in reversed(self._jump_clients):

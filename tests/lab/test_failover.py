@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -103,8 +104,19 @@ def test_unplanned_failover_needs_force_and_starts_from_the_newest_point(lab, pr
             point["images"]["vd0"]  # ... that keeps the point itself as it is
         second = drtool(lab_config, "failover", vm.name, "--force", "--yes")
         assert second.returncode == ExitCode.REFUSED and "already failed over" in second.stderr
+        assert "site-a unreachable: not checked for a split brain" in status_json(lab_config, vm.name)["reason"]
     finally:
         lab.unisolate("site-a")
+    lab.freeze_sshd("site-a")  # the old host accepts TCP and never answers: a whole connect timeout (10 s)
+    try:
+        started = time.monotonic()
+        shown = status_json(lab_config, vm.name)
+        elapsed = time.monotonic() - started
+    finally:
+        lab.thaw_sshd("site-a")
+    assert shown["run_state"] == "running" and shown["protection"] == "failed-over"
+    assert "site-a not checked for a split brain (no answer within 3 s)" in shown["reason"]
+    assert elapsed < 9, elapsed  # 3 s for the old host, not its 10 s connect timeout (start-up and load count)
 
 
 @pytest.mark.parametrize("step", PLANNED_STEPS)
