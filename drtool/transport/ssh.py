@@ -295,7 +295,7 @@ class SshConnection:
                 banner_timeout=timeout,
                 auth_timeout=timeout,
                 channel_timeout=timeout,
-                allow_agent=ep.allow_agent and not (ep.identities_only and ep.key_filenames),
+                allow_agent=ep.allow_agent and not ep.identities_only,  # IdentitiesOnly: the files (or ~/.ssh/id_*)
                 look_for_keys=not ep.key_filenames,
                 compress=ep.compression,
                 sock=sock,  # type: ignore[arg-type]  # a ProxyCommand or a direct-tcpip Channel: both are sockets to paramiko

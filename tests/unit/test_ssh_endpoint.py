@@ -13,7 +13,14 @@ import pytest
 
 from drtool.domain import Host
 from drtool.errors import ConfigError, HostKeyError
-from drtool.transport.ssh import Endpoint, _load_host_keys, _RefuseUnknownHostKey, _ssh_failure, resolve_endpoint
+from drtool.transport.ssh import (
+    Endpoint,
+    SshConnection,
+    _load_host_keys,
+    _RefuseUnknownHostKey,
+    _ssh_failure,
+    resolve_endpoint,
+)
 
 SSH_CONFIG = """\
 Host web-dr
@@ -251,3 +258,30 @@ def test_a_top_level_include_is_read_and_what_follows_it_stays_global(tmp_path: 
     assert (ep.hostname, ep.user, ep.port) == ("10.0.0.7", "backup", 2200)
     assert ep.alive_interval == 7  # after the included files' Host blocks: still for every host
     assert resolve_endpoint(Host("o", "other"), ssh_config_path=cfg).alive_interval == 7
+
+
+class _Captured(Exception):
+    pass
+
+
+def _connect_kwargs(monkeypatch: pytest.MonkeyPatch, ep: Endpoint) -> dict:
+    seen: dict = {}
+
+    def connect(self: paramiko.SSHClient, hostname: str, **kwargs: object) -> None:
+        seen.update(kwargs, hostname=hostname)
+        raise _Captured
+
+    monkeypatch.setattr(paramiko.SSHClient, "connect", connect)
+    with pytest.raises(_Captured):
+        SshConnection(Host("kvm1", "h"), ep).connect()
+    return seen
+
+
+def test_the_options_reach_paramiko(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = _endpoint(tmp_path, "  ConnectTimeout 4\n  Compression yes\n  IdentitiesOnly yes\n")
+    seen = _connect_kwargs(monkeypatch, ep)
+    assert (seen["timeout"], seen["banner_timeout"], seen["auth_timeout"]) == (4, 4, 4)
+    assert seen["compress"] is True
+    assert seen["allow_agent"] is False and seen["look_for_keys"] is True  # ~/.ssh/id_*, never the agent's keys
+    seen = _connect_kwargs(monkeypatch, _endpoint(tmp_path, "  User u\n"))
+    assert seen["allow_agent"] is True and seen["compress"] is False and seen["timeout"] == 10
