@@ -21,7 +21,8 @@ from rich.table import Table
 def to_jsonable(value: Any) -> Any:
     """Result objects to plain JSON data: dataclasses, enums, paths, tuples."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not f.metadata.get("internal")}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, PurePath):

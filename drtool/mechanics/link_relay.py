@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -34,6 +35,8 @@ import time
 BUFFER = 1 << 20
 RETRY_INTERVAL = 0.5
 WATCH_INTERVAL = 0.5
+SEND_WAIT = 0.1  # s a send towards the target waits before looking again whether to stop
+PUMP_JOIN = 2.0
 
 
 def tcp_options(sock: socket.socket, link_timeout: float) -> None:
@@ -72,13 +75,32 @@ def connect_target(client: socket.socket, host: str, port: int, connect_timeout:
 
 
 class Connection:
-    """One relayed connection and its watchdog."""
+    """One relayed connection and its watchdog.
+
+    When the client (the source QEMU) goes away, the connection to the target
+    is reset at once (SO_LINGER 0): writes still in the relay or in its socket
+    buffers are dropped, not delivered after the source's death, and the DR
+    host sees the connection end at once. Sends towards the target never block
+    for long (MSG_DONTWAIT and a short wait), so a target that reads slowly
+    cannot keep the relay from noticing.
+    """
 
     def __init__(self, client: socket.socket, target: socket.socket, stall: float) -> None:
         self.client, self.target, self.stall = client, target, stall
         # since when bytes went to the target with none back (the NBD greeting counts as awaited)
         self.waiting_since: float | None = time.monotonic()
         self.closed = threading.Event()
+        self._ending = threading.Lock()
+
+    def send_to_target(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closed.is_set():
+                raise OSError("the connection was closed")
+            try:
+                view = view[self.target.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                select.select([], [self.target], [], SEND_WAIT)
 
     def pump(self, src: socket.socket, dst: socket.socket, towards_target: bool) -> None:
         try:
@@ -89,30 +111,64 @@ class Connection:
                 if towards_target:
                     if self.waiting_since is None:
                         self.waiting_since = time.monotonic()
+                    self.send_to_target(data)
                 else:
                     self.waiting_since = None
-                dst.sendall(data)
+                    dst.sendall(data)
         except OSError:
             pass
         self.close()
 
+    def _first_to_end(self) -> bool:
+        with self._ending:
+            first = not self.closed.is_set()
+            self.closed.set()
+        return first
+
     def close(self) -> None:
-        self.closed.set()
+        if not self._first_to_end():
+            return
         for sock in (self.client, self.target):
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # also wakes the other pump, blocked in recv or sendall
             except OSError:
                 pass
 
+    def abort(self) -> None:
+        """The client is gone: reset the target connection, dropping what it has not yet sent."""
+        if not self._first_to_end():
+            return
+        try:
+            self.target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.target.shutdown(socket.SHUT_RD)  # wakes the pump in recv; sends nothing (a FIN would flush)
+        except OSError:
+            pass
+        try:
+            self.client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def run(self) -> None:
-        for args in ((self.client, self.target, True), (self.target, self.client, False)):
-            threading.Thread(target=self.pump, args=args, daemon=True).start()
-        while not self.closed.wait(WATCH_INTERVAL):
+        pumps = [threading.Thread(target=self.pump, args=args, daemon=True)
+                 for args in ((self.client, self.target, True), (self.target, self.client, False))]
+        for pump in pumps:
+            pump.start()
+        hangups = select.poll()  # POLLHUP and POLLERR are reported whatever the mask
+        hangups.register(self.client, 0)
+        hangups.register(self.target, 0)
+        while not self.closed.is_set():
+            events = dict(hangups.poll(WATCH_INTERVAL * 1000))
+            if events.get(self.client.fileno()):
+                self.abort()
+            elif events:
+                self.close()
             since = self.waiting_since
             if since is not None and time.monotonic() - since > self.stall:
                 self.close()
+        for pump in pumps:
+            pump.join(PUMP_JOIN)
         self.client.close()
-        self.target.close()
+        self.target.close()  # with SO_LINGER 0 after abort: a reset, the unsent rest dropped
 
 
 def serve(client: socket.socket, host: str, port: int, connect_timeout: float, retry_for: float,

@@ -17,11 +17,12 @@ by libvirt (whose images may be passed as fds) is found as well.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.domain import Vm
-from drtool.errors import Refused, RemoteCommandError, UnreachableError
+from drtool.errors import DrtoolError, Refused, RemoteCommandError, UnreachableError
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
 from drtool.state.records import Step
@@ -178,6 +179,39 @@ def look_at_old_site(reach: Reach, vm: Vm, manifest: Manifest) -> OldSite | None
     except (UnreachableError, RemoteCommandError):
         return OldSite(vm.host, False)
     return OldSite(vm.host, True, tuple(running), marked)
+
+
+BRIEF_LOOK = 3.0  # s `status` waits for the original host of a failed-over VM
+
+
+def look_briefly(reach: Reach, vm: Vm, manifest: Manifest, wait: float = BRIEF_LOOK) -> tuple[OldSite | None, str]:
+    """look_at_old_site within `wait` seconds, and a note when the old host was not checked.
+
+    For `status`: the original host of a failed-over VM is often down, and
+    waiting its whole connect timeout for every such VM makes status slow just
+    when it is needed. The look goes on in the background until drtool exits
+    (a late answer still marks the images); status says it was not checked.
+    """
+    found: list[OldSite | None] = []
+    failed: list[str] = []
+
+    def look() -> None:
+        try:
+            found.append(look_at_old_site(reach, vm, manifest))
+        except DrtoolError as err:
+            failed.append(str(err))
+
+    thread = threading.Thread(target=look, name=f"old-site-{vm.name}", daemon=True)
+    thread.start()
+    thread.join(wait)
+    if failed:
+        return None, f"{vm.host} not checked for a split brain: {failed[0]}"
+    if not found:
+        return None, f"{vm.host} not checked for a split brain (no answer within {wait:g} s)"
+    site = found[0]
+    if site is not None and not site.reachable:
+        return site, f"{vm.host} unreachable: not checked for a split brain"
+    return site, ""
 
 
 def refuse_split_brain(site: OldSite | None, vm: Vm, what: str) -> None:

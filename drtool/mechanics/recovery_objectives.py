@@ -118,9 +118,18 @@ def rpo(manifest: Manifest, kind: str, point: RecoveryPoint | None, seen: Source
     if seen is None or seen.last_seen_ago is None:
         return None, "unknown", "the DR host's view of the source could not be read"
     last_seen = seen.observed_at - seen.last_seen_ago
-    age = max(0.0, round(_point_age(point, last_seen), 1))
-    return age, "upper bound", (f"the point's age when the DR host last saw the source ({_clock(last_seen)}, its "
-                                "last replicated write or message): writes made after the point are lost")
+    seen_age = max(0.0, round(_point_age(point, last_seen), 1))
+    # The source acknowledged writes after the last one the DR host received (async: the replication lag),
+    # so the point's age when last seen is not a bound; its age when the source was known gone is.
+    last_write = (f"the DR host last received from the source at {_clock(last_seen)}, when the point was "
+                  f"{seen_age:g} s old; the source went on writing for the replication lag after that")
+    if seen.open_connections:
+        return None, "unknown", (f"at least {seen_age:g} s: {last_write}, and the DR host never saw the source go "
+                                 "away (the link or its host failed): writes it made after that, if it ran on, "
+                                 "are lost")
+    gone_age = max(seen_age, round(_point_age(point, seen.observed_at), 1))
+    return gone_age, "upper bound", (f"the point's age when the DR host found the source's connections closed "
+                                     f"({_clock(seen.observed_at)}): {last_write}")
 
 
 def recovery_objectives(manifest: Manifest, kind: str, point: RecoveryPoint | None, seen: SourceSeen | None,

@@ -43,7 +43,7 @@ from drtool.mechanics.dr_target import (
     target_pid,
 )
 from drtool.mechanics.hash_resync import hash_resync
-from drtool.mechanics.link import link_socket, start_link
+from drtool.mechanics.link import link_socket, start_link, stop_link_and_target
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
 from drtool.mechanics.pausing import paused_source, resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
@@ -206,6 +206,8 @@ def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs:
     qmp, vm = run.qmp, run.vm
     if jobs:  # some but not all jobs survived, or ended ones: start over together
         cancel_mirrors(qmp, manifest)
+    if not restarted:
+        _fresh_link_and_target(run, manifest)
     nodes = current_nodes(qmp, manifest)
     _ensure_target_nodes(qmp, manifest, vm)
     bitmap = None if seeding else trusted_bitmap(qmp, manifest, nodes)
@@ -240,6 +242,23 @@ def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs:
     sent = sum(j.offset for j in query_jobs(qmp, manifest).values())
     return ResyncResult(manifest.vm, "full", sent, time.monotonic() - started, 0.0, restarted,
                         f"full sync: {why}"), manifest
+
+
+def _fresh_link_and_target(run: _Catchup, manifest: Manifest) -> None:
+    """End every replication connection of the source's earlier life before anything is compared or copied.
+
+    Writes of a QEMU that died (or of jobs that ended) may still sit in the
+    link relay or in either host's socket buffers; landing on a replica after
+    it was hashed or copied, they would leave it silently different. Stopping
+    the relay and the target drops them all; both start again on the same
+    replicas, and the NBD nodes are attached anew.
+    """
+    detach_target(run.qmp, manifest)
+    layout = TargetLayout(run.vm.replica_dir)
+    source = run.reach.shell(run.vm.host)
+    stop_link_and_target(source, run.vm, run.dr, layout)
+    start_target(run.dr, manifest, layout)
+    start_link(source, run.vm, manifest)
 
 
 def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:

@@ -11,7 +11,7 @@ from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.dr_vm import dr_vm_session, drill_layout, vm_pid
-from drtool.mechanics.old_site import look_at_old_site
+from drtool.mechanics.old_site import look_briefly
 from drtool.mechanics.replication import (
     JobState,
     job_id,
@@ -167,7 +167,8 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
         reason = f"failed over to {vm.dr_host} at {record.finished_at if record else '?'}"
         if manifest.state.reverse:  # drtool recover's stages
             reason = f"{manifest.state.value} (to {vm.host}); {reason}"
-    old_site = look_at_old_site(reach, vm, manifest)
+    old_site, not_checked = look_briefly(reach, vm, manifest)
+    reason = "; ".join(filter(None, (reason, not_checked)))
     if old_site is not None and old_site.split_brain:
         split = f"split brain: VM runs on both sites: {old_site.describe()}"
         return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, Health.SPLIT_BRAIN, error=split,

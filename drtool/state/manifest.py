@@ -21,15 +21,19 @@ from typing import Any
 from drtool.errors import DrtoolError
 from drtool.state.protection import Protection, check_transition
 from drtool.state.records import (
+    INTERNAL,
     DrillRecord,
     FailoverRecord,
     PendingPoint,
     RecoveryPoint,
     ReprotectRecord,
     SourcePause,
+    build,
+    flatten_unknown,
 )
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # the major format: a newer one is refused (it may mean something this drtool would undo)
+FORMAT_MINOR = 0  # a newer minor format only adds fields: they are kept and written back unchanged
 MANIFEST_NAME = "manifest.json"
 PREVIOUS_SUFFIX = ".prev"  # the manifest before the last write: read when the current one is damaged
 
@@ -53,6 +57,7 @@ class ReplicaDisk:
     source_image: str
     replica_image: str  # path on the DR host
     export: str  # NBD export name on the replication target
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class Manifest:
     bitmap_name: str = ""
     bitmap_generation: int = 0
     version: int = FORMAT_VERSION
+    minor: int = FORMAT_MINOR  # the newest minor format that wrote it (kept when newer than this drtool's)
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def point(self, point_id: str) -> RecoveryPoint | None:
         return next((p for p in self.points if p.id == point_id), None)
@@ -97,33 +104,42 @@ class Manifest:
         return self.transition(Protection(state), note)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        data = flatten_unknown(asdict(self))
         for point in data["points"]:  # written only when set: a drtool from before --keep still reads the file
             if not point.get("kept"):
                 point.pop("kept", None)
         data["version"] = FORMAT_VERSION
+        data["minor"] = max(self.minor, FORMAT_MINOR)
+        if not data["minor"]:
+            del data["minor"]  # as earlier drtools wrote it: they refuse fields they do not know
         return (json.dumps(data, indent=2) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
         try:
             raw = json.loads(data)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            if not isinstance(raw.get("version", 0), int):
+                raise ValueError(f"format {raw['version']!r} is not a whole number")
             if raw.get("version", 0) > FORMAT_VERSION:
                 raise ManifestError(
-                    f"{where} was written by a newer drtool (format {raw['version']})",
-                    hint="upgrade drtool on this machine",
+                    f"{where} was written by a newer drtool in format {raw['version']}; this drtool reads "
+                    f"format {FORMAT_VERSION} and older, and changing the file could undo what the newer one "
+                    "recorded",
+                    hint="upgrade drtool on this machine to the version that wrote it, or newer",
                 )
             raw["state"] = Protection(raw.get("state", Protection.SEEDING.value))
-            raw["disks"] = tuple(ReplicaDisk(**d) for d in raw["disks"])
+            raw["disks"] = tuple(build(ReplicaDisk, d) for d in raw["disks"])
             raw["history"] = tuple(raw.get("history", ()))
-            raw["points"] = tuple(RecoveryPoint(**p) for p in raw.get("points", ()))
+            raw["points"] = tuple(build(RecoveryPoint, p) for p in raw.get("points", ()))
             # format 1 wrote {} for an absent record
             raw["pending_point"] = PendingPoint.load(raw["pending_point"]) if raw.get("pending_point") else None
             raw["failover"] = FailoverRecord.load(raw["failover"]) if raw.get("failover") else None
             raw["drill"] = DrillRecord.load(raw["drill"]) if raw.get("drill") else None
             raw["source_pause"] = SourcePause.load(raw["source_pause"]) if raw.get("source_pause") else None
             raw["reprotect"] = ReprotectRecord.load(raw["reprotect"]) if raw.get("reprotect") else None
-            return cls(**raw)
+            return build(cls, raw)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ManifestError(f"{where} is not a drtool manifest: {err}") from err
 

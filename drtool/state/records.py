@@ -6,9 +6,38 @@ as its own, so a DR host's existing manifest.json still loads.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
+
+UNKNOWN = "unknown_fields"  # fields a newer drtool (same major format) wrote: kept and written back
+_T = TypeVar("_T")
+
+
+INTERNAL = {"internal": True}  # a field's metadata: kept in the manifest, never in --json output (cli/output.py)
+
+
+def unknown_of(cls: type, raw: dict[str, Any], *also_known: str) -> dict[str, Any]:
+    """The fields of raw that cls does not have (nor the older names also_known)."""
+    names = {f.name for f in fields(cls)} | set(also_known)
+    return {k: v for k, v in raw.items() if k not in names}
+
+
+def build(cls: type[_T], raw: dict[str, Any]) -> _T:
+    """cls from its JSON fields, unknown ones kept aside."""
+    names = {f.name for f in fields(cls)} - {UNKNOWN}  # type: ignore[arg-type]  # cls is a dataclass
+    known = {k: v for k, v in raw.items() if k in names}
+    return cls(**known, **{UNKNOWN: unknown_of(cls, raw)})
+
+
+def flatten_unknown(data: Any) -> Any:
+    """asdict() output with each record's unknown fields back beside its own (its own win)."""
+    if isinstance(data, dict):
+        kept = data.pop(UNKNOWN, None) or {}
+        return {**{k: flatten_unknown(v) for k, v in data.items()}, **{k: v for k, v in kept.items() if k not in data}}
+    if isinstance(data, (list, tuple)):
+        return [flatten_unknown(v) for v in data]
+    return data
 
 
 class FailoverKind(str, Enum):
@@ -49,6 +78,7 @@ class FailoverRecord:
     rpo_seconds: float | None = None
     rpo_bound: str | None = None  # exact | upper bound | unknown
     finished_at: str | None = None
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def done(self, step: Step) -> bool:
         return step in self.steps
@@ -79,6 +109,7 @@ class FailoverRecord:
             rpo_seconds=raw.get("rpo_seconds"),
             rpo_bound=raw.get("rpo_bound"),
             finished_at=raw.get("finished_at"),
+            unknown_fields=unknown_of(cls, raw),
         )
 
 
@@ -90,11 +121,12 @@ class DrillRecord:
     started_at: str
     seconds: float | None = None  # command start to the test VM running
     run_state: str | None = None
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> DrillRecord:
         return cls(str(raw["point"]), str(raw.get("started_at", "")), raw.get("seconds"),
-                   raw.get("run_state", raw.get("state")))
+                   raw.get("run_state", raw.get("state")), unknown_of(cls, raw, "state"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,7 @@ class RecoveryPoint:
     images: dict[str, str]  # device id -> the point's image on the DR host
     tested_at: str | None = None
     kept: bool = False  # pinned (checkpoint --keep, points --keep): retention never deletes it
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -120,10 +153,11 @@ class PendingPoint:
 
     point: RecoveryPoint
     tops: dict[str, str]  # device id -> the new overlay that takes replication's writes after it
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> PendingPoint:
-        return cls(RecoveryPoint(**raw["point"]), dict(raw["tops"]))
+        return cls(build(RecoveryPoint, raw["point"]), dict(raw["tops"]), unknown_of(cls, raw))
 
 
 @dataclass(frozen=True)
@@ -132,10 +166,11 @@ class SourcePause:
 
     by: str  # the command that paused it: checkpoint, resync
     at: str
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> SourcePause:
-        return cls(str(raw["by"]), str(raw["at"]))
+        return cls(str(raw["by"]), str(raw["at"]), unknown_of(cls, raw))
 
 
 @dataclass(frozen=True)
@@ -158,6 +193,7 @@ class ReprotectRecord:
     step_seconds: dict[str, float] = field(default_factory=dict)  # how long each step took (its last run)
     seconds: float | None = None
     finished_at: str | None = None
+    unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def done(self, step: str) -> bool:
         return step in self.steps
@@ -170,12 +206,12 @@ class ReprotectRecord:
 
     @classmethod
     def load(cls, raw: dict[str, Any]) -> ReprotectRecord:
-        return cls(**(raw | {"steps": tuple(raw.get("steps", ()))}))
+        return build(cls, raw | {"steps": tuple(raw.get("steps", ()))})
 
 
 def dump(record: object) -> dict[str, Any] | None:
     """A record as JSON-ready data (enums as their values), None for no record."""
     if record is None:
         return None
-    data: dict[str, Any] = asdict(record)  # type: ignore[call-overload]  # a dataclass instance
+    data: dict[str, Any] = flatten_unknown(asdict(record))  # type: ignore[call-overload]  # a dataclass instance
     return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import select
 import shlex
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import paramiko
 
-from drtool.domain import DEFAULT_SSH_PORT, Host
+from drtool.domain import DEFAULT_CONNECT_TIMEOUT, DEFAULT_SSH_PORT, Host
 from drtool.errors import ConfigError, HostKeyError, HostUnreachable, RemoteCommandError
+from drtool.transport import ssh_options
+from drtool.transport.keepalive import KeepaliveWatch, lost_reason
 from drtool.transport.ssh_options import MAX_JUMPS, check_supported, parse_jumps
 
 _READ_CHUNK = 1 << 16
@@ -57,27 +60,45 @@ class Endpoint:
     proxy_command: str | None = None
     jumps: tuple[Endpoint, ...] = ()  # ProxyJump: hosts to go through, first to last
     identities_only: bool = False  # IdentitiesOnly: the keys named, not the agent's
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # TCP connect, banner, key exchange, login
+    alive_interval: float | None = ssh_options.DEFAULT_ALIVE_INTERVAL  # ServerAliveInterval; None: off
+    alive_count_max: int = ssh_options.DEFAULT_ALIVE_COUNT_MAX  # ServerAliveCountMax
+    host_key_alias: str | None = None  # HostKeyAlias: the name the key is filed under
+    tcp_keepalive: bool = True  # TCPKeepAlive
+    compression: bool = False  # Compression
+    allow_agent: bool = True  # IdentityAgent none: no agent
+    weaker_host_key_checking: str | None = None  # e.g. "StrictHostKeyChecking accept-new", which drtool does not do
 
     @property
     def known_hosts_name(self) -> str:
         """The name OpenSSH files this endpoint's key under in known_hosts."""
+        if self.host_key_alias is not None:
+            return self.host_key_alias
         if self.port == DEFAULT_SSH_PORT:
             return self.hostname
         return f"[{self.hostname}]:{self.port}"
 
 
 def resolve_endpoint(host: Host, ssh_config_path: Path | None = None, _depth: int = 0) -> Endpoint:
-    """Apply OpenSSH's client config to a Host: aliases, port, user, keys, ProxyCommand, ProxyJump.
+    """Apply OpenSSH's client config to a Host: aliases, port, user, keys, timeouts, proxies.
 
     Values in drtool's inventory win over ~/.ssh/config, which wins over
-    OpenSSH's defaults, as `ssh -p`/`-l`/`-i` would. An option drtool cannot
+    OpenSSH's defaults, as `ssh -p`/`-l`/`-i` would (connect_timeout wins when
+    the inventory sets it to other than its default). An option drtool cannot
     honour is a ConfigError (see ssh_options.py).
     """
     cfg_path = ssh_config_path or Path("~/.ssh/config").expanduser()
     options: dict = {}
     if cfg_path.is_file():
-        ssh_config = paramiko.SSHConfig.from_path(str(cfg_path))
-        options = ssh_config.lookup(host.address)
+        try:
+            options = paramiko.SSHConfig.from_text(ssh_options.config_text(cfg_path)).lookup(host.address)
+        except paramiko.ssh_exception.ConfigParseError as err:
+            raise ConfigError(f"{cfg_path}: {err}", hint="fix that line of the ssh config") from err
+        except paramiko.ssh_exception.CouldNotCanonicalize as err:
+            raise HostUnreachable(f"{cfg_path}: cannot canonicalize {err} with CanonicalDomains") from err
+        except KeyError as err:  # paramiko: CanonicalizeHostname without CanonicalDomains
+            raise ConfigError(f"{cfg_path} leaves out {err} for host {host.name}",
+                              hint="ssh_config(5) says which options go together") from err
         check_supported(host.name, options, str(cfg_path))
     hostname = options.get("hostname", host.address)
     port = host.port or int(options.get("port", DEFAULT_SSH_PORT))
@@ -105,8 +126,34 @@ def resolve_endpoint(host: Host, ssh_config_path: Path | None = None, _depth: in
             if not via.key_filenames and host.identity_file is not None:
                 via = replace(via, key_filenames=(str(host.identity_file),))
             jumps += (*via.jumps, replace(via, jumps=()))
-    return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"), jumps,
-                    str(options.get("identitiesonly", "no")).lower() == "yes")
+    return _with_options(Endpoint(hostname, port, user, keys, known, options.get("proxycommand"), jumps),
+                         host, options, str(cfg_path))
+
+
+def _with_options(ep: Endpoint, host: Host, options: dict, cfg_path: str) -> Endpoint:
+    """The endpoint with ssh_config's timeouts, keepalives, HostKeyAlias and flags applied."""
+    connect_timeout = host.connect_timeout
+    if connect_timeout == DEFAULT_CONNECT_TIMEOUT:
+        connect_timeout = ssh_options.seconds(options, "connecttimeout", cfg_path) or connect_timeout
+    interval = ssh_options.DEFAULT_ALIVE_INTERVAL
+    if "serveraliveinterval" in options:
+        interval = ssh_options.seconds(options, "serveraliveinterval", cfg_path)  # type: ignore[assignment]
+    strict = str(options.get("stricthostkeychecking", "yes")).lower()
+    no_auth_local = ssh_options.flag(options, "nohostauthenticationforlocalhost", False, cfg_path)
+    return replace(
+        ep,
+        identities_only=ssh_options.flag(options, "identitiesonly", False, cfg_path),
+        connect_timeout=connect_timeout,
+        alive_interval=interval,
+        alive_count_max=ssh_options.count(options, "serveralivecountmax", ssh_options.DEFAULT_ALIVE_COUNT_MAX,
+                                          cfg_path),
+        host_key_alias=options.get("hostkeyalias"),
+        tcp_keepalive=ssh_options.flag(options, "tcpkeepalive", True, cfg_path),
+        compression=ssh_options.flag(options, "compression", False, cfg_path),
+        allow_agent=str(options.get("identityagent", "")).lower() != "none",
+        weaker_host_key_checking=(f"StrictHostKeyChecking {strict}" if strict != "yes"
+                                  else "NoHostAuthenticationForLocalhost yes" if no_auth_local else None),
+    )
 
 
 def key_fingerprint(key: paramiko.PKey) -> str:
@@ -123,18 +170,22 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         ep = self._endpoint
         target = shlex.quote(str(ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")))
+        add = f"ssh-keyscan -p {ep.port} {shlex.quote(ep.hostname)} >> {target}"
+        if ep.host_key_alias is not None:  # filed under the alias: keyscan names the address
+            add = (f"ssh-keyscan -p {ep.port} {shlex.quote(ep.hostname)} | "
+                   f"sed 's/^[^ ]*/{ep.host_key_alias}/' >> {target}")
+        weaker = (f" (drtool does not follow {ep.weaker_host_key_checking} of the ssh config: it never "
+                  "trusts a key on first sight)") if ep.weaker_host_key_checking else ""
         raise HostKeyError(
             f"host {self._host.name} ({ep.hostname}:{ep.port}) offered an unknown host key "
-            f"{key_fingerprint(key)}; refusing to connect",
-            hint=(
-                f"check the fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), "
-                f"then add it: ssh-keyscan -p {ep.port} {shlex.quote(ep.hostname)} >> {target}"
-            ),
+            f"{key_fingerprint(key)}; refusing to connect{weaker}",
+            hint=f"check the fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), then add it: {add}",
         )
 
 
 CHANNEL_ATTEMPTS = 20
 CHANNELS_PER_CONNECTION = 8  # below OpenSSH's default MaxSessions (10), with room to spare
+CLOSE_WAIT = 1.0  # s close() waits for a connect under way (status looks at a down host only briefly)
 
 
 @dataclass
@@ -231,11 +282,9 @@ class SshConnection:
     def _connect(self, ep: Endpoint, where: str, sock: object) -> paramiko.SSHClient:
         host = self.host
         client = paramiko.SSHClient()
-        for path in ep.known_hosts:
-            if path.is_file():
-                client.load_system_host_keys(str(path))
+        _load_host_keys(client, ep)
         client.set_missing_host_key_policy(_RefuseUnknownHostKey(host, ep))
-        timeout = host.connect_timeout
+        timeout = ep.connect_timeout
         try:
             client.connect(
                 ep.hostname,
@@ -246,8 +295,9 @@ class SshConnection:
                 banner_timeout=timeout,
                 auth_timeout=timeout,
                 channel_timeout=timeout,
-                allow_agent=not (ep.identities_only and ep.key_filenames),
+                allow_agent=ep.allow_agent and not ep.identities_only,  # IdentitiesOnly: the files (or ~/.ssh/id_*)
                 look_for_keys=not ep.key_filenames,
+                compress=ep.compression,
                 sock=sock,  # type: ignore[arg-type]  # a ProxyCommand or a direct-tcpip Channel: both are sockets to paramiko
             )
         except HostKeyError:
@@ -286,7 +336,10 @@ class SshConnection:
             raise HostUnreachable(f"cannot reach {where}: {err.strerror or err}") from err
         transport = client.get_transport()
         assert transport is not None
-        transport.set_keepalive(15)
+        if ep.tcp_keepalive and isinstance(transport.sock, socket.socket):
+            transport.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if ep.alive_interval is not None:
+            KeepaliveWatch(transport, ep.alive_interval, ep.alive_count_max, ep.hostname).start()
         return client
 
     def _session(self) -> paramiko.Channel:
@@ -352,6 +405,11 @@ class SshConnection:
                     f"{self.host.name}: {argv[0]} did not finish within {timeout:g} s"
                 )
             result = CommandResult(argv, chan.recv_exit_status(), out, err or b"")
+            transport = chan.get_transport()
+            if result.exit_status == -1 and not (transport and transport.is_active()):
+                reason = lost_reason(transport)
+                raise HostUnreachable(f"{self.host.name}: lost the SSH connection while {argv[0]} ran"
+                                      + (f": {reason}" if reason else ""))
         finally:
             chan.close()
         if check and not result.ok:
@@ -369,13 +427,34 @@ class SshConnection:
         return chan
 
     def close(self) -> None:
-        with self._lock:
+        # a connect under way holds the lock until the host answers or its timeout: not waited for long
+        locked = self._lock.acquire(timeout=CLOSE_WAIT)
+        try:
             lanes, self._lanes = self._lanes, []
+        finally:
+            if locked:
+                self._lock.release()
         for lane in lanes:
             lane.client.close()
         for client in reversed(self._jump_clients):
             client.close()
         self._jump_clients = []
+
+
+def _load_host_keys(client: paramiko.SSHClient, ep: Endpoint) -> None:
+    """The known host keys; with HostKeyAlias, only the alias's, filed under the name paramiko looks up."""
+    if ep.host_key_alias is None:
+        for path in ep.known_hosts:
+            if path.is_file():
+                client.load_system_host_keys(str(path))
+        return
+    known = paramiko.HostKeys()
+    for path in ep.known_hosts:
+        if path.is_file():
+            known.load(str(path))
+    name = ep.hostname if ep.port == DEFAULT_SSH_PORT else f"[{ep.hostname}]:{ep.port}"
+    for key_type, key in (known.lookup(ep.host_key_alias) or {}).items():
+        client.get_host_keys().add(name, key_type, key)
 
 
 def _ssh_failure(err: paramiko.SSHException, where: str, timeout: float) -> HostUnreachable:

@@ -234,10 +234,13 @@ def test_resync_after_the_source_is_killed_sends_only_what_differs(lab: Lab, lab
     # what a SIGKILL keeps of unflushed writes is up to QEMU's caches: measure what differs now
     differs = differing_bytes(lab_vm.disks["vd0"], replica_path(lab, lab_vm, "vd0"), tmp_path)
     assert differs >= MiB, f"only {differs} bytes differ: the test would show nothing"
+    target_before = int((replica_dir(lab, lab_vm) / "target.pid").read_text())
     before = rx_bytes(lab, "site-b")
     report = json.loads(drtool_ok(lab_config, "resync", lab_vm.name, "--json").stdout)
     received = rx_bytes(lab, "site-b") - before
     assert report["action"] == "hash", report
+    # the dead source's connections ended before hashing: a new target, nothing of the old QEMU lands late
+    assert int((replica_dir(lab, lab_vm) / "target.pid").read_text()) != target_before
     assert differs <= report["bytes_sent"] <= 1.1 * differs, report
     # the DR host's kernel: the chunks, TCP/TLS framing, and drtool's commands and digests (small)
     assert received < 1.1 * differs + 256 * KiB, f"site-b received {received} bytes for {differs} that differ"

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,10 @@ def test_unplanned_failover_needs_force_and_starts_from_the_newest_point(lab, pr
         assert manifest_of(lab, vm)["state"] == "protected"
         report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--force", "--yes", "--json").stdout)
         assert report["kind"] == "unplanned" and report["point"] == point["id"]
-        assert report["run_state"] == "running" and report["rpo_seconds"] is not None
+        assert report["run_state"] == "running"
+        # site-a was cut off with its VM running: the DR host never saw it go, so how much it wrote on is unknown
+        assert (report["rpo_bound"], report["rpo_seconds"]) == ("unknown", None)
+        assert report["rpo_reason"].startswith("at least ") and "never saw the source go away" in report["rpo_reason"]
         overlay = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
         # the DR VM starts with the point's data (written before the checkpoint), on an overlay
         assert replica_has(overlay, 8 * MiB, MiB, 0x21) and replica_has(overlay, 63 * MiB, MiB, 0x12)
@@ -103,8 +107,19 @@ def test_unplanned_failover_needs_force_and_starts_from_the_newest_point(lab, pr
             point["images"]["vd0"]  # ... that keeps the point itself as it is
         second = drtool(lab_config, "failover", vm.name, "--force", "--yes")
         assert second.returncode == ExitCode.REFUSED and "already failed over" in second.stderr
+        assert "site-a unreachable: not checked for a split brain" in status_json(lab_config, vm.name)["reason"]
     finally:
         lab.unisolate("site-a")
+    lab.freeze_sshd("site-a")  # the old host accepts TCP and never answers: a whole connect timeout (10 s)
+    try:
+        started = time.monotonic()
+        shown = status_json(lab_config, vm.name)
+        elapsed = time.monotonic() - started
+    finally:
+        lab.thaw_sshd("site-a")
+    assert shown["run_state"] == "running" and shown["protection"] == "failed-over"
+    assert "site-a not checked for a split brain (no answer within 3 s)" in shown["reason"]
+    assert elapsed < 9, elapsed  # 3 s for the old host, not its 10 s connect timeout (start-up and load count)
 
 
 @pytest.mark.parametrize("step", PLANNED_STEPS)

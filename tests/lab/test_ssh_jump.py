@@ -6,12 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from drtool.errors import ExitCode
+from drtool.domain import Host
+from drtool.errors import ExitCode, HostUnreachable
 from drtool.lab import Lab
+from drtool.transport.ssh import SshConnection, resolve_endpoint
 
 from .test_hosts_status import fingerprint, host_key_pub
 
@@ -61,7 +65,55 @@ def test_proxy_jump_reaches_a_host_only_the_jump_host_reaches(lab: Lab, tmp_path
 
 
 def test_an_ssh_option_drtool_cannot_honour_is_refused(lab: Lab, tmp_path: Path) -> None:
-    home, config, _ = _setup(lab, tmp_path, "  ProxyJump jump\n  HostKeyAlias elsewhere\n")
+    home, config, _ = _setup(lab, tmp_path, "  ProxyJump jump\n  Ciphers aes128-ctr\n")
     result = _drtool(home, config, "hosts", "check", "dr")
     assert result.returncode == ExitCode.USAGE, result.stdout + result.stderr
-    assert "hostkeyalias" in result.stderr and "cannot honour" in result.stderr
+    assert "ciphers" in result.stderr and "cannot honour" in result.stderr
+
+
+def test_host_key_alias_checks_the_key_filed_under_the_alias(lab: Lab, tmp_path: Path) -> None:
+    home, config, _ = _setup(lab, tmp_path, "  ProxyJump jump\n  HostKeyAlias site-b-vip\n")
+    result = _drtool(home, config, "hosts", "check", "dr")  # the lab's known_hosts has no site-b-vip
+    assert result.returncode == ExitCode.UNREACHABLE, result.stdout + result.stderr
+    assert "unknown host key" in result.stderr and "site-b-vip" in result.stderr
+
+    kind, key = host_key_pub(lab, "site-b").read_text().split()[:2]
+    known = tmp_path / "alias_known_hosts"  # only the alias: site-b's own entries are not there
+    kept = [line for line in lab.known_hosts.read_text().splitlines(keepends=True) if key not in line]
+    known.write_text("".join(kept) + f"site-b-vip {kind} {key}\n")
+    config.write_text(config.read_text().replace(str(lab.known_hosts), str(known)))
+    result = _drtool(home, config, "hosts", "check", "dr", "--json")
+    assert result.returncode == ExitCode.OK, result.stdout + result.stderr
+    assert json.loads(result.stdout)["hosts"][0]["host_key"] == fingerprint(host_key_pub(lab, "site-b"))
+
+
+def test_server_alive_declares_a_silent_host_dead_instead_of_hanging(lab: Lab, tmp_path: Path) -> None:
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host *\n  ServerAliveInterval 2\n  ServerAliveCountMax 2\n")
+    host = Host("site-b", lab.address("site-b"), port=lab.port, user=lab.user, identity_file=lab.identity_file,
+                known_hosts=lab.known_hosts, command_timeout=120)
+    conn = SshConnection(host, resolve_endpoint(host, cfg))
+    outcome: list[BaseException | None] = []
+
+    def sleep_remotely() -> None:
+        try:
+            conn.run(["sleep", "100"])
+            outcome.append(None)
+        except Exception as err:  # the test inspects what came
+            outcome.append(err)
+
+    try:
+        assert conn.run(["true"]).ok
+        sleeper = threading.Thread(target=sleep_remotely, daemon=True)
+        sleeper.start()
+        time.sleep(2)
+        lab.isolate("site-b")  # its packets are dropped: TCP alone would notice nothing for many minutes
+        silent_from = time.monotonic()
+        sleeper.join(60)
+        elapsed = time.monotonic() - silent_from
+    finally:
+        lab.unisolate("site-b")
+        conn.close()
+    assert outcome and isinstance(outcome[0], HostUnreachable), outcome
+    assert "lost the SSH connection while sleep ran: no answer to 2 keepalives in 4 s" in outcome[0].message
+    assert elapsed < 2 * (2 + 1) + 4, elapsed  # interval * (count + 1), and slack for a loaded machine

@@ -45,6 +45,8 @@ def field_paths(cls: type, prefix: str = "") -> set[str]:
     hints = typing.get_type_hints(cls)
     paths = set()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):  # kept in the manifest, never in --json (cli/output.py)
+            continue
         path = prefix + f.name
         paths.add(path)
         inner, items = _inner(hints[f.name])

@@ -14,10 +14,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from drtool.cli.output import to_jsonable
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.remote import write_file
-from drtool.state.manifest import FORMAT_VERSION, Manifest, ReplicaDisk
+from drtool.state.manifest import FORMAT_VERSION, Manifest, ManifestError, ReplicaDisk
 from drtool.state.protection import ALLOWED, Protection, allowed
 from drtool.state.records import FailoverKind, PendingPoint, Step
 from drtool.state.store import load_manifest, save_manifest
@@ -74,6 +75,46 @@ def test_a_format_1_manifest_loads_into_typed_records_and_is_written_back_as_for
     assert again["version"] == FORMAT_VERSION == 2 and again["state"] == "failing-over"
     assert again["failover"]["steps"] == ["source-paused", "final-point"] and again["drill"] is None
     assert Manifest.from_json(manifest.to_json(), "new") == replace(manifest, version=FORMAT_VERSION)
+
+
+def _newer(version: int, minor: int) -> dict:
+    newer = json.loads(Manifest.from_json(json.dumps(FORMAT_1).encode(), "old").to_json())
+    newer |= {"version": version, "minor": minor, "replication_network": {"mtu": 9000}}
+    newer["disks"][0]["discard"] = "unmap"
+    newer["points"][0]["label"] = "before upgrade"
+    newer["failover"]["operator"] = "ops@site"
+    newer["pending_point"]["point"]["label"] = "pending"
+    return newer
+
+
+def test_a_newer_minor_format_loads_and_its_unknown_fields_are_written_back(tmp_path: Path) -> None:
+    newer = _newer(FORMAT_VERSION, 3)
+    manifest = Manifest.from_json(json.dumps(newer).encode(), "newer")
+    assert manifest.points[0].id == "p1" and manifest.disks[0].device == "vd0"
+    changed = manifest.transition(Protection.FAILED_OVER, "done")  # this drtool changes what it knows
+    again = json.loads(changed.to_json())
+    assert again["state"] == "failed-over" and (again["version"], again["minor"]) == (FORMAT_VERSION, 3)
+    assert again["replication_network"] == {"mtu": 9000} and again["disks"][0]["discard"] == "unmap"
+    assert again["points"][0]["label"] == "before upgrade" and again["failover"]["operator"] == "ops@site"
+    assert again["pending_point"]["point"]["label"] == "pending"
+    assert "unknown_fields" not in json.dumps(again)
+    assert "unknown_fields" not in to_jsonable(manifest.points[0])  # --json shows what the docs list
+    vm = vm_in(tmp_path)  # and through the store, as on a DR host
+    save_manifest(LocalShell(), vm, changed)
+    stored = load_manifest(LocalShell(), vm)
+    assert stored is not None and json.loads(stored.to_json())["points"][0]["label"] == "before upgrade"
+
+
+def test_this_drtools_own_manifest_has_no_minor_field_earlier_drtools_would_refuse() -> None:
+    assert "minor" not in json.loads(Manifest.from_json(json.dumps(FORMAT_1).encode(), "old").to_json())
+
+
+def test_a_newer_major_format_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ManifestError) as err:
+        Manifest.from_json(json.dumps(_newer(FORMAT_VERSION + 1, 0)).encode(), "kvm2:/dr/web/manifest.json")
+    message = err.value.message
+    assert "kvm2:/dr/web/manifest.json was written by a newer drtool in format 3" in message
+    assert f"reads format {FORMAT_VERSION} and older" in message and "upgrade drtool" in (err.value.hint or "")
 
 
 def test_transitions_follow_the_table_and_staying_put_is_allowed() -> None:

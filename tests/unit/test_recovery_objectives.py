@@ -33,14 +33,20 @@ def test_sync_is_zero_only_when_the_dr_host_saw_the_source_close_its_connections
     assert recovery_objectives(manifest("sync"), "unplanned", LATEST, None, 9.0).rpo_bound == "unknown"
 
 
-def test_async_is_the_points_age_when_the_source_was_last_seen_not_when_the_failover_ends():
-    # the failover began 100 s after the point; the last replicated write came 96.5 s after it
+def test_async_is_the_points_age_when_the_source_was_known_gone_not_when_it_was_last_seen():
+    # the failover began 100 s after the point; the last replicated write came 96.5 s after it, but the source
+    # acknowledged writes it had not replicated yet (the lag) until it died, some time before the probe
     seen = SourceSeen(T0 + 100, open_connections=0, heard_ago=None, write_ago=3.5)
     goals = recovery_objectives(manifest("async"), "unplanned", POINT, seen, 9.0)
-    assert (goals.rpo_seconds, goals.rpo_bound) == (96.5, "upper bound")
-    # a message heard later than the last write counts as seen alive then
-    later = replace(seen, open_connections=1, heard_ago=1.0)
-    assert recovery_objectives(manifest("async"), "unplanned", POINT, later, 9.0).rpo_seconds == 99.0
+    assert (goals.rpo_seconds, goals.rpo_bound) == (100.0, "upper bound")
+    assert "when the point was 96.5 s old" in goals.rpo_reason and "replication lag" in goals.rpo_reason
+
+
+def test_async_with_the_connections_still_open_is_unknown_at_least_the_age_last_heard():
+    silent = SourceSeen(T0 + 100, open_connections=1, heard_ago=1.0, write_ago=3.5)
+    goals = recovery_objectives(manifest("async"), "unplanned", POINT, silent, 9.0)
+    assert (goals.rpo_seconds, goals.rpo_bound) == (None, "unknown")
+    assert goals.rpo_reason.startswith("at least 99 s") and "never saw the source go away" in goals.rpo_reason
 
 
 def test_async_replicas_as_last_written_have_no_known_age():

@@ -12,8 +12,15 @@ import paramiko
 import pytest
 
 from drtool.domain import Host
-from drtool.errors import ConfigError
-from drtool.transport.ssh import Endpoint, _ssh_failure, resolve_endpoint
+from drtool.errors import ConfigError, HostKeyError
+from drtool.transport.ssh import (
+    Endpoint,
+    SshConnection,
+    _load_host_keys,
+    _RefuseUnknownHostKey,
+    _ssh_failure,
+    resolve_endpoint,
+)
 
 SSH_CONFIG = """\
 Host web-dr
@@ -137,8 +144,11 @@ def test_proxy_jump_none_and_ipv6_forms(tmp_path: Path) -> None:
     assert (jump.hostname, jump.port, jump.user) == ("2001:db8::1", 2022, "u")
 
 
-@pytest.mark.parametrize("line", ["HostKeyAlias other", "CertificateFile /c", "IdentityAgent /run/agent",
-                                  "Ciphers aes128-ctr", "AddressFamily inet6",
+@pytest.mark.parametrize("line", ["CertificateFile /c", "IdentityAgent /run/agent",
+                                  "Ciphers aes128-ctr", "AddressFamily inet6", "ConnectionAttempts 3",
+                                  "PubkeyAuthentication no", "Include ~/.ssh/more.conf", "RekeyLimit 1G",
+                                  "CanonicalizeHostname yes\n  CanonicalDomains example.net\n  ProxyJump b",
+                                  "SomeFutureOption yes",
                                   "ProxyCommand nc %h %p\n  ProxyJump b"])
 def test_an_option_drtool_cannot_honour_is_an_error(tmp_path: Path, line: str) -> None:
     cfg = tmp_path / "ssh_config"
@@ -172,3 +182,106 @@ def test_ssh_failures_in_words() -> None:
     assert "sent no SSH banner within 10 s" in slow.message
     nokey = _ssh_failure(paramiko.SSHException("No authentication methods available"), "kvm1 (h:22)", 10)
     assert "no SSH key" in nokey.message and "identity_file" in (nokey.hint or "") and "ssh-add" in (nokey.hint or "")
+
+
+def _endpoint(tmp_path: Path, lines: str, host: Host | None = None) -> Endpoint:
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host h\n{lines}")
+    return resolve_endpoint(host or Host("kvm1", "h"), ssh_config_path=cfg)
+
+
+def test_timeouts_keepalives_and_flags_come_from_the_ssh_config(tmp_path: Path) -> None:
+    ep = _endpoint(tmp_path, "  ConnectTimeout 4\n  ServerAliveInterval 2\n  ServerAliveCountMax 5\n"
+                             "  TCPKeepAlive no\n  Compression yes\n  IdentityAgent none\n")
+    assert (ep.connect_timeout, ep.alive_interval, ep.alive_count_max) == (4, 2, 5)
+    assert (ep.tcp_keepalive, ep.compression, ep.allow_agent) == (False, True, False)
+    assert _endpoint(tmp_path, "  ServerAliveInterval 1m\n").alive_interval == 60
+
+
+def test_defaults_keepalive_every_15_s_dead_after_3_and_serveraliveinterval_0_turns_it_off(tmp_path: Path) -> None:
+    ep = _endpoint(tmp_path, "  User u\n")
+    assert (ep.connect_timeout, ep.alive_interval, ep.alive_count_max, ep.tcp_keepalive) == (10, 15, 3, True)
+    assert _endpoint(tmp_path, "  ServerAliveInterval 0\n").alive_interval is None
+
+
+def test_the_inventory_connect_timeout_wins_over_connecttimeout(tmp_path: Path) -> None:
+    ep = _endpoint(tmp_path, "  ConnectTimeout 4\n", Host("kvm1", "h", connect_timeout=7))
+    assert ep.connect_timeout == 7
+
+
+@pytest.mark.parametrize(("line", "words"), [("ServerAliveCountMax 0", "ServerAliveCountMax"),
+                                             ("ConnectTimeout soon", "connecttimeout 'soon' is not a time"),
+                                             ("TCPKeepAlive maybe", "tcpkeepalive 'maybe' is not yes or no")])
+def test_a_bad_value_is_an_error_naming_the_option(tmp_path: Path, line: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words.lower().replace("(", r"\(")):
+        _endpoint(tmp_path, f"  {line}\n")
+
+
+def test_options_about_what_drtool_never_does_and_ignoreunknown_are_accepted(tmp_path: Path) -> None:
+    ep = _endpoint(tmp_path, "  ForwardAgent yes\n  ControlMaster auto\n  ControlPath ~/.ssh/cm-%r@%h:%p\n"
+                             "  SendEnv LANG\n  GSSAPIAuthentication yes\n  IgnoreUnknown UseFuture*\n"
+                             "  UseFutureThing yes\n")
+    assert ep.hostname == "h"
+
+
+def test_host_key_alias_names_the_key_and_only_the_alias_key_is_trusted(tmp_path: Path) -> None:
+    alias_key, address_key = paramiko.RSAKey.generate(1024), paramiko.RSAKey.generate(1024)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"vip-b ssh-rsa {alias_key.get_base64()}\n[10.0.0.9]:2222 ssh-rsa {address_key.get_base64()}\n")
+    ep = _endpoint(tmp_path, "  HostName 10.0.0.9\n  Port 2222\n  HostKeyAlias vip-b\n",
+                   Host("kvm1", "h", known_hosts=known))
+    assert ep.host_key_alias == "vip-b" and ep.known_hosts_name == "vip-b"
+    client = paramiko.SSHClient()
+    _load_host_keys(client, ep)
+    assert client.get_host_keys().lookup("[10.0.0.9]:2222") == {"ssh-rsa": alias_key}
+    assert not client._system_host_keys.keys()  # the address's own entry is not loaded at all
+
+
+def test_weaker_host_key_checking_is_not_followed_and_the_refusal_says_so(tmp_path: Path) -> None:
+    ep = _endpoint(tmp_path, "  StrictHostKeyChecking accept-new\n")
+    with pytest.raises(HostKeyError) as err:
+        _RefuseUnknownHostKey(Host("kvm1", "h"), ep).missing_host_key(paramiko.SSHClient(), "h",
+                                                                      paramiko.RSAKey.generate(1024))
+    assert "does not follow StrictHostKeyChecking accept-new" in err.value.message
+    assert _endpoint(tmp_path, "  StrictHostKeyChecking yes\n").weaker_host_key_checking is None
+
+
+def test_a_top_level_include_is_read_and_what_follows_it_stays_global(tmp_path: Path) -> None:
+    conf_d = tmp_path / "config.d"
+    conf_d.mkdir()
+    (conf_d / "10-dr.conf").write_text("Host dr-*\n  User backup\n  Port 2200\n")
+    (conf_d / "20-other.conf").write_text("Host other\n  User nobody\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Include {conf_d}/*.conf {tmp_path}/absent.conf\nServerAliveInterval 7\n"
+                   "Host dr-b\n  HostName 10.0.0.7\n")
+    ep = resolve_endpoint(Host("b", "dr-b"), ssh_config_path=cfg)
+    assert (ep.hostname, ep.user, ep.port) == ("10.0.0.7", "backup", 2200)
+    assert ep.alive_interval == 7  # after the included files' Host blocks: still for every host
+    assert resolve_endpoint(Host("o", "other"), ssh_config_path=cfg).alive_interval == 7
+
+
+class _Captured(Exception):
+    pass
+
+
+def _connect_kwargs(monkeypatch: pytest.MonkeyPatch, ep: Endpoint) -> dict:
+    seen: dict = {}
+
+    def connect(self: paramiko.SSHClient, hostname: str, **kwargs: object) -> None:
+        seen.update(kwargs, hostname=hostname)
+        raise _Captured
+
+    monkeypatch.setattr(paramiko.SSHClient, "connect", connect)
+    with pytest.raises(_Captured):
+        SshConnection(Host("kvm1", "h"), ep).connect()
+    return seen
+
+
+def test_the_options_reach_paramiko(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = _endpoint(tmp_path, "  ConnectTimeout 4\n  Compression yes\n  IdentitiesOnly yes\n")
+    seen = _connect_kwargs(monkeypatch, ep)
+    assert (seen["timeout"], seen["banner_timeout"], seen["auth_timeout"]) == (4, 4, 4)
+    assert seen["compress"] is True
+    assert seen["allow_agent"] is False and seen["look_for_keys"] is True  # ~/.ssh/id_*, never the agent's keys
+    seen = _connect_kwargs(monkeypatch, _endpoint(tmp_path, "  User u\n"))
+    assert seen["allow_agent"] is True and seen["compress"] is False and seen["timeout"] == 10
