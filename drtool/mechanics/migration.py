@@ -195,3 +195,59 @@ def destination_mismatch(source: QmpSession, dr: RemoteShell, binary: str, dr_ho
     if machine not in host_machine_types(dr, binary):
         return f"machine types differ: the VM runs {machine} on {host}, which {binary} on {dr_host} does not offer"
     return ""
+
+
+# $1: the DR target's pid. Waits for a line on stdin, then SIGTERM and polls every 5 ms until the
+# process is gone (or a zombie: it holds no file, so no lock, any more); SIGKILL after 10 s.
+_STOPPER = """p=$1
+read -r go || exit 1
+kill -TERM "$p" 2>/dev/null
+i=0
+while kill -0 "$p" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status" 2>/dev/null; do
+  i=$((i+1)); [ $i -eq 2000 ] && kill -KILL "$p"
+  sleep 0.005
+done
+echo gone"""
+
+
+class ArmedStop:
+    """Stops a process on a host with one message over a channel opened beforehand.
+
+    Inside the guest's pause every round trip counts: opening an SSH channel
+    and starting a command costs more than the stop itself. The channel is
+    opened (and the process's pid read) before the pause; `fire` sends one
+    line and reads one back. A shell without streams (the tests' fakes) stops
+    the process with an ordinary command instead.
+    """
+
+    def __init__(self, shell: RemoteShell, pid: int, fallback: Any) -> None:
+        self._fallback = fallback
+        opener = getattr(shell, "open_stream", None)
+        self._stream = opener(["sh", "-c", _STOPPER, "sh", str(pid)]) if opener is not None else None
+
+    def fire(self) -> None:
+        if self._stream is None:
+            self._fallback()
+            return
+        self._stream.sendall(b"go\n")
+
+    def wait(self, timeout: float = 30.0) -> None:
+        if self._stream is None:
+            return
+        self._stream.settimeout(timeout)
+        received = b""
+        try:
+            while b"gone" not in received:
+                data = self._stream.recv(64)
+                if not data:
+                    break
+                received += data
+        finally:
+            self._stream.close()
+        if b"gone" not in received:
+            raise MigrationFailed("the DR target did not stop when told to")
+
+    def close(self) -> None:
+        """Not fired: the remote shell reads EOF and exits without stopping anything."""
+        if self._stream is not None:
+            self._stream.close()

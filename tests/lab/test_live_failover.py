@@ -93,6 +93,8 @@ def test_live_failover_moves_the_running_guest_without_a_reboot_or_a_lost_record
         assert not missing, f"{device}: acknowledged records missing: {missing[:5]}"
         assert set(records.values()) == {boot}, f"{device}: records from another boot: {set(records.values())}"
     manifest = manifest_of(lab, vm)
+    print(f"phases (s from the destination's start): {manifest['failover']['migration']['phases']}; "
+          f"steps {manifest['failover']['step_seconds']}", flush=True)
     assert manifest["state"] == "failed-over" and manifest["failover"]["kind"] == "live"
     assert not (lab.replica_dir(vm.name) / "target.pid").exists() or "qemu-storage" not in _cmdline(
         lab.replica_dir(vm.name) / "target.pid")

@@ -43,6 +43,7 @@ from drtool.mechanics.migration import (
     MIGRATION_TLS_ID,
     RAM_COPY_TIMEOUT,
     SWITCH_TIMEOUT,
+    ArmedStop,
     Figures,
     MigrationFailed,
     cancel_migration,
@@ -264,26 +265,38 @@ class LiveFailover(FailoverSteps):
         argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
         start_vm(self.dr, incoming_argv(argv), self.run_layout)
         self.intend(Step.MIGRATION_STARTED)
+        marks = {"destination_started": time.monotonic()}
         with self.reach.qmp(self.vm) as source, dr_vm_session(self.reach, self.vm) as dest:
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None)
+            marks["listening"] = time.monotonic()
+            target = target_pid(self.dr, self.layout)
+            if target is None:
+                raise DrtoolError(f"the replication target of {self.vm.name} is not running: the replicas may "
+                                  "lack the source's last writes", hint=f"run drtool resync {self.vm.name}, then "
+                                  "fail over again")
             seen: list[Event] = []
-            with source.subscribe(["MIGRATION", "STOP"]) as source_events:
+            with source.subscribe(["MIGRATION", "STOP"]) as source_events, \
+                    dest.subscribe(["MIGRATION", "RESUME"]) as dest_events, \
+                    contextlib.closing(ArmedStop(self.dr, target, lambda: stop_target(self.dr, self.layout))) \
+                    as stopper:
                 start_migration(source, uri, source_tls_dir(self.vm) if tls else None, PSK_USER)
                 wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, seen,
                                "the RAM copy")
-                paused_at = time.monotonic()
+                marks["pre_switchover"] = time.monotonic()
                 self._fault(PAUSE_HOOK)
-                self._complete_replication(source)
+                self._complete_replication(source, stopper, marks)
                 source.execute("migrate-continue", {"state": "pre-switchover"})
-                switch_seconds = time.monotonic() - paused_at
-            with dest.subscribe(["MIGRATION", "RESUME"]) as dest_events:
+                marks["continued"] = time.monotonic()
                 wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
                                "the destination's migration")
+                marks["completed"] = time.monotonic()
                 dest.execute("cont")
+                marks["resumed"] = time.monotonic()
                 resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
             if str(dest.execute("query-status")["status"]) != "running":
                 raise DrtoolError(f"{self.vm.name} did not run on {self.vm.dr_host} after the migration")
             info = migration_status(source)
+        switch_seconds = marks["continued"] - marks["pre_switchover"]
         stops = [t for e in seen if e.get("event") == "STOP" and (t := event_time(e)) is not None]
         resume_at = event_time(resumed[0]) if resumed else None
         figures = Figures(
@@ -293,15 +306,20 @@ class LiveFailover(FailoverSteps):
             move_seconds=round(time.monotonic() - move_started, 3),
             ram_bytes=int(info.get("ram", {}).get("transferred", 0)),
             downtime_limit_ms=DOWNTIME_LIMIT_MS, max_bandwidth=MAX_BANDWIDTH, encrypted=tls)
+        phases = {name: round(at - move_started, 4) for name, at in marks.items()}
         self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED,
-                    migration=(self.record.migration or {}) | asdict(figures))
+                    migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases})
         self._stop_source()
 
-    def _complete_replication(self, source: QmpSession) -> None:
+    def _complete_replication(self, source: QmpSession, stopper: ArmedStop, marks: dict[str, float]) -> None:
         """Inside the pause: the mirrors complete (the replicas equal the source), the target lets go of them."""
         cancel_mirrors(source, self.manifest)
+        marks["mirrors_completed"] = time.monotonic()
+        stopper.fire()  # the target stops while the source drops its NBD nodes
         detach_target(source, self.manifest)  # a left NBD node would make the source's quit wait 5 s
-        stop_target(self.dr, self.layout)  # returns once the process is gone: its locks are released
+        marks["nbd_detached"] = time.monotonic()
+        stopper.wait()  # the process is gone: its locks on the replicas are released
+        marks["target_stopped"] = time.monotonic()
 
     def _stop_source(self) -> None:
         self.intend(Step.SOURCE_STOPPED)
