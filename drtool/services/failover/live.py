@@ -315,9 +315,9 @@ class LiveFailover(FailoverSteps):
         """Inside the pause: the mirrors complete (the replicas equal the source), the target lets go of them."""
         cancel_mirrors(source, self.manifest)
         marks["mirrors_completed"] = time.monotonic()
-        stopper.fire()  # the target stops while the source drops its NBD nodes
         detach_target(source, self.manifest)  # a left NBD node would make the source's quit wait 5 s
         marks["nbd_detached"] = time.monotonic()
+        stopper.fire()  # after the NBD clients said goodbye: a target with clients may wait for them
         stopper.wait()  # the process is gone: its locks on the replicas are released
         marks["target_stopped"] = time.monotonic()
 
