@@ -65,13 +65,15 @@ from drtool.state.records import LIVE_STEPS, FailoverKind, FailoverRecord, Step
 from drtool.state.store import require_protected, select_vm
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import Event, EventSubscription, QmpSession
+from drtool.units import human_size
 
 from .command import Confirm, FailoverResult
 from .plan import FailoverPlan
 from .steps import FAULT_ENV, HOOKS_ENV, FailoverSteps
 
 SOURCE_QUIT_TIMEOUT = 30.0
-PAUSE_HOOK = "pre-switchover"  # FAULT_ENV value: SIGKILL drtool inside the guest's pause (tests)
+PAUSE_HOOK = "pre-switchover"  # FAULT_ENV values: SIGKILL drtool inside the guest's pause (tests),
+STOPPED_HOOK = "target-stopped"  # at its start, or once the mirrors completed and the target stopped
 
 
 class Outcome(str, Enum):
@@ -110,7 +112,7 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
                 return _finished(run, started, ("finished the interrupted live failover",))
             notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",)
     if notes:
-        catch_up_replication(inventory, reach, name)
+        notes = (*notes, catch_up_replication(inventory, reach, name))
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
         if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
@@ -137,10 +139,10 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
                 raise
             failure: BaseException = err
     # undone after a failure: the source runs; bring replication back, then say what failed
-    catch_up_replication(inventory, reach, name)
+    caught_up = catch_up_replication(inventory, reach, name)
     message = failure.message if isinstance(failure, DrtoolError) else "interrupted"
     raise DrtoolError(f"live failover of {vm.name} failed and was undone: {message}; it runs on {vm.host}, "
-                      "protected", hint="fix the cause and run it again, or fail over with a reboot "
+                      f"protected ({caught_up})", hint="fix the cause and run it again, or fail over with a reboot "
                                         f"(drtool failover {vm.name})") from failure
 
 
@@ -151,9 +153,10 @@ def _settle_after_failure(run: LiveFailover) -> Outcome | None:
         return None  # the record stays: a re-run or --rollback settles it
 
 
-def catch_up_replication(inventory: Inventory, reach: Reach, name: str) -> None:
-    """After an undo: mirrors again, sending only what the replicas lack (drtool resync's own work)."""
-    resync(inventory, reach, name)
+def catch_up_replication(inventory: Inventory, reach: Reach, name: str) -> str:
+    """After an undo: mirrors again, sending only what the replicas lack (drtool resync's own work); a note."""
+    done = resync(inventory, reach, name)
+    return f"replication caught up ({done.action}: {human_size(done.bytes_sent)} sent)"
 
 
 def rollback_live(reach: Reach, vm: Vm, manifest: Manifest) -> tuple[tuple[str, ...], str]:
@@ -285,6 +288,7 @@ class LiveFailover(FailoverSteps):
                 marks["pre_switchover"] = time.monotonic()
                 self._fault(PAUSE_HOOK)
                 self._complete_replication(source, stopper, marks)
+                self._fault(STOPPED_HOOK)
                 source.execute("migrate-continue", {"state": "pre-switchover"})
                 marks["continued"] = time.monotonic()
                 wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
