@@ -107,12 +107,14 @@ def _cmdline(pidfile: Path) -> str:
         return ""
 
 
-def test_live_failover_killed_inside_the_pause_is_undone_by_a_rerun_and_then_moves(lab, live_vm, tmp_path):
-    """drtool SIGKILLed at pre-switchover (the guest paused, the mirrors still running): the re-run
-    cancels, the source runs on with replication restored (no full copy), then moves the VM."""
+@pytest.mark.parametrize("hook", ["pre-switchover", "target-stopped"])
+def test_live_failover_killed_inside_the_pause_is_undone_by_a_rerun_and_then_moves(lab, live_vm, hook):
+    """drtool SIGKILLed inside the guest's pause, at its start (the mirrors still running) or just before
+    migrate-continue (the mirrors completed, the DR target stopped): the re-run cancels the migration, the
+    source runs on with replication restored without a full copy, then the VM moves."""
     vm, config = live_vm
     protect_guest(lab, vm, config)
-    env = {**os.environ, HOOKS_ENV: "1", FAULT_ENV: "pre-switchover"}
+    env = {**os.environ, HOOKS_ENV: "1", FAULT_ENV: hook}
     killed = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), "failover", vm.name, "--live",
                              "--yes"], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert killed.returncode == -9, killed.stderr
@@ -120,6 +122,9 @@ def test_live_failover_killed_inside_the_pause_is_undone_by_a_rerun_and_then_mov
     seen = len(vm.console.acks())
     said = json.loads(run_drtool(config, "failover", vm.name, "--live", "--yes", "--json").stdout)
     assert any("undone" in n for n in said["notes"]), said["notes"]
+    [caught_up] = [n for n in said["notes"] if "caught up" in n]
+    print(f"\n{hook}: {caught_up}", flush=True)
+    assert ("(none:" in caught_up) == (hook == "pre-switchover") and "full" not in caught_up
     assert len(vm.console.acks()) > seen, "the source did not run on after the undo"
     vm.process.wait(30)
     last_at_source = vm.console.last_ack()
