@@ -97,9 +97,9 @@ def listen_for_migration(dest: QmpSession, uri: str, tls_dir: PurePosixPath | No
     dest.execute("migrate-incoming", {"uri": uri})
 
 
-def start_migration(source: QmpSession, uri: str, tls_dir: PurePosixPath | None, psk_user: str,
-                    downtime_limit_ms: int = DOWNTIME_LIMIT_MS, max_bandwidth: int = MAX_BANDWIDTH) -> None:
-    """On the source: pause before switchover (drtool's window), a short downtime limit, then migrate."""
+def prepare_source(source: QmpSession, tls_dir: PurePosixPath | None, psk_user: str,
+                   downtime_limit_ms: int = DOWNTIME_LIMIT_MS, max_bandwidth: int = MAX_BANDWIDTH) -> None:
+    """On the source: pause before switchover (drtool's window), a short downtime limit, the TLS client."""
     source.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
     params: dict[str, Any] = {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth, "tls-creds": ""}
@@ -107,7 +107,6 @@ def start_migration(source: QmpSession, uri: str, tls_dir: PurePosixPath | None,
         _add_tls(source, tls_dir, "client", psk_user)
         params["tls-creds"] = MIGRATION_TLS_ID
     source.execute("migrate-set-parameters", params)
-    source.execute("migrate", {"uri": uri})
 
 
 def migration_status(qmp: QmpSession) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
@@ -53,7 +54,7 @@ from drtool.mechanics.migration import (
     listen_for_migration,
     migration_status,
     migration_uri,
-    start_migration,
+    prepare_source,
     wait_migration,
 )
 from drtool.mechanics.points import load_settled_manifest
@@ -266,37 +267,36 @@ class LiveFailover(FailoverSteps):
         self.intend(Step.DESTINATION_STARTED)
         disks = {d.source_image: d.replica_image for d in self.manifest.disks}
         argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
-        start_vm(self.dr, incoming_argv(argv), self.run_layout)
-        self.intend(Step.MIGRATION_STARTED)
-        marks = {"destination_started": time.monotonic()}
-        with self.reach.qmp(self.vm) as source, dr_vm_session(self.reach, self.vm) as dest:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
+            # while the destination starts: the source's session and settings, the target's stopper
+            source_ready = pool.submit(self._prepared_source, stack, tls)
+            stopper_ready = pool.submit(self._armed_stopper, stack)
+            start_vm(self.dr, incoming_argv(argv), self.run_layout)
+            marks = {"destination_started": time.monotonic()}
+            recorded = pool.submit(self.intend, Step.MIGRATION_STARTED)
+            dest = stack.enter_context(dr_vm_session(self.reach, self.vm))
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None)
+            source, stopper = source_ready.result(), stopper_ready.result()
+            recorded.result()
             marks["listening"] = time.monotonic()
-            target = target_pid(self.dr, self.layout)
-            if target is None:
-                raise DrtoolError(f"the replication target of {self.vm.name} is not running: the replicas may "
-                                  "lack the source's last writes", hint=f"run drtool resync {self.vm.name}, then "
-                                  "fail over again")
             seen: list[Event] = []
-            with source.subscribe(["MIGRATION", "STOP"]) as source_events, \
-                    dest.subscribe(["MIGRATION", "RESUME"]) as dest_events, \
-                    contextlib.closing(ArmedStop(self.dr, target, lambda: stop_target(self.dr, self.layout))) \
-                    as stopper:
-                start_migration(source, uri, source_tls_dir(self.vm) if tls else None, PSK_USER)
-                wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, seen,
-                               "the RAM copy")
-                marks["pre_switchover"] = time.monotonic()
-                self._fault(PAUSE_HOOK)
-                self._complete_replication(source, stopper, marks)
-                self._fault(STOPPED_HOOK)
-                source.execute("migrate-continue", {"state": "pre-switchover"})
-                marks["continued"] = time.monotonic()
-                wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
-                               "the destination's migration")
-                marks["completed"] = time.monotonic()
-                dest.execute("cont")
-                marks["resumed"] = time.monotonic()
-                resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
+            source_events = stack.enter_context(source.subscribe(["MIGRATION", "STOP"]))
+            dest_events = stack.enter_context(dest.subscribe(["MIGRATION", "RESUME"]))
+            source.execute("migrate", {"uri": uri})
+            wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, seen,
+                           "the RAM copy")
+            marks["pre_switchover"] = time.monotonic()
+            self._fault(PAUSE_HOOK)
+            self._complete_replication(source, stopper, marks)
+            self._fault(STOPPED_HOOK)
+            source.execute("migrate-continue", {"state": "pre-switchover"})
+            marks["continued"] = time.monotonic()
+            wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
+                           "the destination's migration")
+            marks["completed"] = time.monotonic()
+            dest.execute("cont")
+            marks["resumed"] = time.monotonic()
+            resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
             if str(dest.execute("query-status")["status"]) != "running":
                 raise DrtoolError(f"{self.vm.name} did not run on {self.vm.dr_host} after the migration")
             info = migration_status(source)
@@ -314,6 +314,19 @@ class LiveFailover(FailoverSteps):
         self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED,
                     migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases})
         self._stop_source()
+
+    def _prepared_source(self, stack: contextlib.ExitStack, tls: bool) -> QmpSession:
+        source = stack.enter_context(self.reach.qmp(self.vm))
+        prepare_source(source, source_tls_dir(self.vm) if tls else None, PSK_USER)
+        return source
+
+    def _armed_stopper(self, stack: contextlib.ExitStack) -> ArmedStop:
+        target = target_pid(self.dr, self.layout)
+        if target is None:
+            raise DrtoolError(f"the replication target of {self.vm.name} is not running: the replicas may lack "
+                              "the source's last writes", hint=f"run drtool resync {self.vm.name}, then fail over")
+        return stack.enter_context(contextlib.closing(
+            ArmedStop(self.dr, target, lambda: stop_target(self.dr, self.layout))))
 
     def _complete_replication(self, source: QmpSession, stopper: ArmedStop, marks: dict[str, float]) -> None:
         """Inside the pause: the mirrors complete (the replicas equal the source), the target lets go of them."""
