@@ -256,3 +256,33 @@ class ArmedStop:
         """Not fired: the remote shell reads EOF and exits without stopping anything."""
         if self._stream is not None:
             self._stream.close()
+
+
+REVERSE_BITMAP_PREFIX = "drtool-reverse-"
+
+
+def reverse_bitmap_name() -> str:
+    return f"{REVERSE_BITMAP_PREFIX}{time.time_ns()}"
+
+
+def add_reverse_bitmaps(dest: QmpSession, nodes: list[str], name: str) -> None:
+    """Before the destination's cont: a persistent bitmap per disk, in one round trip (a transaction).
+
+    It records every write the DR copy makes after the switch: the old source
+    disks hold exactly what the replicas held at the switch, so protection back
+    home needs only these blocks (recover --reprotect, method "bitmap").
+    """
+    dest.execute("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": node, "name": name, "persistent": True}}
+        for node in nodes]})
+
+
+def reverse_bitmap_on(qmp: QmpSession, nodes: list[str]) -> str | None:
+    """The reverse bitmap every one of `nodes` has, consistent; None if any lacks it."""
+    names: set[str] | None = None
+    for node in qmp.execute("query-named-block-nodes", {"flat": True}):
+        if node.get("node-name") in nodes:
+            mine = {str(b["name"]) for b in node.get("dirty-bitmaps", [])
+                    if str(b.get("name", "")).startswith(REVERSE_BITMAP_PREFIX) and not b.get("inconsistent")}
+            names = mine if names is None else names & mine
+    return max(names) if names else None

@@ -30,6 +30,8 @@ class LiveWorld(World):
     dr_machines: str = MACHINES
     source_version: tuple[int, int, int] = (7, 2, 22)
     dest_faults: dict[str, str] = field(default_factory=dict)  # destination QMP command -> "kill" (one shot)
+    reverse_bitmaps: list[str] = field(default_factory=list)  # persistent bitmaps added on the destination
+    bitmaps_at_cont: list[str] | None = None  # what it had when it was resumed
 
     def dr_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
         if argv[0] == "qemu-system-x86_64" and argv[1:] == ["--version"]:
@@ -95,6 +97,17 @@ class LiveWorld(World):
         self.log.append(f"dest {command}")
         if command in ("migrate-set-capabilities", "migrate-set-parameters", "object-add", "object-del"):
             return {}
+        if command == "query-block":
+            return [{"device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+                     "inserted": {"node-name": "vd0-fmt", "file": self.dr_vm, "drv": "qcow2"}}]
+        if command == "transaction":
+            if self.dest_migration != "completed":
+                raise QmpError(command, "GenericError", "Can't add a persistent bitmap to an inactive node")
+            self.reverse_bitmaps += [a["data"]["name"] for a in args["actions"]
+                                     if a["type"] == "block-dirty-bitmap-add" and a["data"]["persistent"]]
+            return {}
+        if command == "query-named-block-nodes":
+            return [{"node-name": "vd0-fmt", "dirty-bitmaps": [{"name": n, "count": 0} for n in self.reverse_bitmaps]}]
         if command == "migrate-incoming":
             self.dest_migration = "setup"
             return {}
@@ -110,6 +123,7 @@ class LiveWorld(World):
             if self.target_running or self.dest_cannot_run:
                 raise QmpError(command, "GenericError", 'Failed to get "write" lock')
             self.dr_vm_status = "running"
+            self.bitmaps_at_cont = list(self.reverse_bitmaps)
             return {}
         return super().dr_vm_qmp(command, args)
 

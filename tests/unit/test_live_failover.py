@@ -63,6 +63,9 @@ def test_live_failover_uninterrupted_moves_the_running_vm_with_every_write() -> 
     log = world.log
     assert log.index("block-job-cancel") < log.index("source migrate-continue") < log.index("dest cont")
     assert log.index("source migrate") < log.index("block-job-cancel")
+    # reverse protection: a persistent bitmap was on the disk before the DR copy ran, and it is recorded
+    assert world.bitmaps_at_cont and record.migration is not None
+    assert record.migration["reverse_bitmap"] == world.bitmaps_at_cont[0]
 
 
 @pytest.mark.parametrize("step", LIVE_STEPS)
@@ -98,6 +101,9 @@ def test_killed_inside_the_move_a_rerun_undoes_before_the_switch_and_finishes_af
     result = failover.live_failover(inv, reach, "web")
     assert_live_on_dr_with_every_write(world)
     assert any("undone" in n for n in result.notes) == undone and bool(catch_up) == undone
+    record = world.manifest.failover
+    assert record is not None and record.migration is not None
+    assert world.bitmaps_at_cont and record.migration["reverse_bitmap"] in world.bitmaps_at_cont
     if undone:
         assert any("caught up" in n for n in result.notes)
 

@@ -34,6 +34,7 @@ from enum import Enum
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
+from drtool.mechanics.blockinfo import parse_query_block
 from drtool.mechanics.dr_target import PSK_USER, free_nbd_port, source_tls_dir, start_target, stop_target, target_pid
 from drtool.mechanics.dr_vm import dr_vm_session, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.mechanics.hardware import source_qemu_alive
@@ -47,6 +48,7 @@ from drtool.mechanics.migration import (
     ArmedStop,
     Figures,
     MigrationFailed,
+    add_reverse_bitmaps,
     cancel_migration,
     destination_mismatch,
     event_time,
@@ -55,6 +57,8 @@ from drtool.mechanics.migration import (
     migration_status,
     migration_uri,
     prepare_source,
+    reverse_bitmap_name,
+    reverse_bitmap_on,
     wait_migration,
 )
 from drtool.mechanics.points import load_settled_manifest
@@ -278,6 +282,7 @@ class LiveFailover(FailoverSteps):
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None)
             source, stopper = source_ready.result(), stopper_ready.result()
             recorded.result()
+            nodes = self._disk_nodes(dest)
             marks["listening"] = time.monotonic()
             seen: list[Event] = []
             source_events = stack.enter_context(source.subscribe(["MIGRATION", "STOP"]))
@@ -294,6 +299,8 @@ class LiveFailover(FailoverSteps):
             wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
                            "the destination's migration")
             marks["completed"] = time.monotonic()
+            reverse = reverse_bitmap_name()
+            add_reverse_bitmaps(dest, nodes, reverse)  # before cont: every write of the DR copy is in it
             dest.execute("cont")
             marks["resumed"] = time.monotonic()
             resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
@@ -312,8 +319,25 @@ class LiveFailover(FailoverSteps):
             downtime_limit_ms=DOWNTIME_LIMIT_MS, max_bandwidth=MAX_BANDWIDTH, encrypted=tls)
         phases = {name: round(at - move_started, 4) for name, at in marks.items()}
         self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED,
-                    migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases})
+                    migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases,
+                                                                                 "reverse_bitmap": reverse})
         self._stop_source()
+
+    def _disk_nodes(self, dest: QmpSession) -> list[str]:
+        """The destination's format node of each replicated disk, in manifest order."""
+        by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
+        missing = [d.device for d in self.manifest.disks if d.device not in by_device]
+        if missing:
+            raise DrtoolError(f"the destination QEMU of {self.vm.name} has no disk {missing[0]!r}")
+        return [by_device[d.device] for d in self.manifest.disks]
+
+    def _record_reverse_bitmap(self) -> dict[str, object]:
+        """A re-run that finds the destination running: the reverse bitmap it has, for the record."""
+        with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
+            name = reverse_bitmap_on(qmp, self._disk_nodes(qmp))
+            if name is not None:
+                return {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
+        return {}
 
     def _prepared_source(self, stack: contextlib.ExitStack, tls: bool) -> QmpSession:
         source = stack.enter_context(self.reach.qmp(self.vm))
@@ -376,7 +400,7 @@ class LiveFailover(FailoverSteps):
         dest = self.destination()
         if self.done(Step.DR_STARTED) or dest.status == "running":
             if not self.done(Step.DR_STARTED):
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED)
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **self._record_reverse_bitmap())
             self._stop_source()
             return Outcome.FINISHED
         source = self.source()
@@ -388,10 +412,14 @@ class LiveFailover(FailoverSteps):
         if not source.alive and dest.migration == "completed":
             switched = True  # the source quit or died after the switch: the destination has everything
         if switched and allow_finish and dest.alive and dest.migration == "completed":
+            reverse: dict[str, object] = {}
             with contextlib.suppress(QmpError, UnreachableError), dr_vm_session(self.reach, self.vm) as qmp:
+                name = reverse_bitmap_name()
+                add_reverse_bitmaps(qmp, self._disk_nodes(qmp), name)
+                reverse = {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
                 qmp.execute("cont")
             if self.destination().status == "running":
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED)
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **reverse)
                 self._stop_source()
                 return Outcome.FINISHED
         if not source.alive:
