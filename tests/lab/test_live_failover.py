@@ -22,6 +22,7 @@ from drtool.services.failover import FAULT_ENV, HOOKS_ENV
 from drtool.transport.qmp import local_qmp
 
 from .guest_drills import manifest_of, protect_guest, run_drtool, start_guest_vm, stop_dr_copy
+from .test_guest_round_trip import kill_home_qemu, kill_pidfile
 
 pytestmark = pytest.mark.lab
 _numbers = itertools.count(1)
@@ -131,3 +132,30 @@ def test_live_failover_killed_inside_the_pause_is_undone_by_a_rerun_and_then_mov
     acks = lab.dr_console(vm.name).wait_acks(5, timeout=120)
     assert acks[0].n == last_at_source.n + 1
     assert boot_ids(lab.dr_console(vm.name).lines()) == []
+
+
+def test_live_failover_then_home_sending_only_what_the_dr_copy_wrote(lab, live_vm):
+    """Live failover, reprotect from the reverse bitmap (no rewind, no hashing), cold failback: the guest
+    at home finds every record it was promised at either site."""
+    vm, config = live_vm
+    protect_guest(lab, vm, config)
+    run_drtool(config, "failover", vm.name, "--live", "--yes")
+    vm.process.wait(30)
+    dr = lab.dr_console(vm.name)
+    dr.wait_acks(20, timeout=120)  # the writer goes on at the DR site, tracked by the reverse bitmap
+    try:
+        reprotected = json.loads(run_drtool(config, "recover", vm.name, "--reprotect", "--json").stdout)
+        print(f"\nreprotect after live failover: {reprotected}", flush=True)
+        assert reprotected["method"] == "bitmap" and reprotected["rewound_bytes"] == 0
+        assert reprotected["hashed_bytes"] == 0 and 0 < reprotected["sent_bytes"] < reprotected["disk_bytes"]
+        seen = len(dr.acks())
+        dr.wait_acks(seen + 20, timeout=180)  # writing on, replicated home by the mirrors
+        run_drtool(config, "recover", vm.name, "--failback")
+        promised_dr = dr.last_ack()
+        home = vm.console.wait_verify(timeout=180)
+        assert home.problems() == [], home
+        assert home.b.max >= promised_dr.n, f"acknowledged at the DR site up to {promised_dr.n}, home has {home.b.max}"
+    finally:
+        kill_home_qemu(vm)
+        kill_pidfile(lab.host_dir("site-a") / "drtool" / vm.name / "reverse" / "target.pid")
+        kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")
