@@ -609,6 +609,8 @@ def recover_command(
                                            "(the VM stopped).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="With --restore --to: replace an existing "
                                             "file.")] = False,
+    live: Annotated[bool, typer.Option("--live", help="With --failback: without a reboot, live-migrating the "
+                                       "DR copy home.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
     """After a failover: protect the VM back towards its original host (--reprotect), then fail back (--failback).
@@ -620,6 +622,7 @@ def recover_command(
     Examples:
       drtool recover web --reprotect
       drtool recover web --failback
+      drtool recover web --failback --live
       drtool recover web --restore --point p20261127T101500000 --disk vd0 --to kvm3:/srv/web-vd0.qcow2
       drtool recover web --restore --point p20261127T101500000 --in-place
     """
@@ -635,6 +638,8 @@ def recover_command(
             raise UsageError("say what to recover: one of --reprotect, --failback, --restore")
         if not restore and (point or disk or to or in_place or overwrite):
             raise UsageError("--point, --disk, --to, --in-place and --overwrite go with --restore")
+        if live and not failback:
+            raise UsageError("--live goes with --failback")
         if restore:
             if point is None:
                 raise UsageError("--restore needs --point ID (see drtool points)")
@@ -642,7 +647,7 @@ def recover_command(
                                   overwrite=overwrite), restore_summary)
             return
         if failback:
-            out.render(state.call(recover.failback, vm), failback_summary)
+            out.render(state.call(recover.failback_live if live else recover.failback, vm), failback_summary)
             return
         with SyncProgress(out, "reprotect") as progress:
             result = state.call(recover.reprotect, vm, on_progress=progress)

@@ -159,3 +159,34 @@ def test_live_failover_then_home_sending_only_what_the_dr_copy_wrote(lab, live_v
         kill_home_qemu(vm)
         kill_pidfile(lab.host_dir("site-a") / "drtool" / vm.name / "reverse" / "target.pid")
         kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")
+
+
+def test_live_failover_and_live_failback_never_reboot_the_guest(lab, live_vm):
+    """There and back again by live migration: the guest's writer goes on from the next record at each
+    switch, never boots, and the VM ends protected at home."""
+    vm, config = live_vm
+    protect_guest(lab, vm, config)
+    [boot] = boot_ids(vm.console.lines())
+    run_drtool(config, "failover", vm.name, "--live", "--yes")
+    vm.process.wait(30)
+    last_at_source = vm.console.last_ack()
+    dr = lab.dr_console(vm.name)
+    assert dr.wait_acks(20, timeout=120)[0].n == last_at_source.n + 1
+    try:
+        run_drtool(config, "recover", vm.name, "--reprotect")
+        dr.wait_acks(len(dr.acks()) + 10, timeout=180)
+        back = json.loads(run_drtool(config, "recover", vm.name, "--failback", "--live", "--json").stdout)
+        print(f"\nlive failback: {back}", flush=True)
+        last_at_dr = dr.last_ack()
+        home = vm.console.wait_acks(10, timeout=120)  # the home QEMU's console file starts anew
+        assert boot_ids(vm.console.lines()) == [] and vm.console.verify_report() is None, "it booted at home"
+        assert home[0].n == last_at_dr.n + 1, f"home went on from {home[0].n}, the DR copy acked {last_at_dr.n}"
+        status = json.loads(run_drtool(config, "status", vm.name, "--json").stdout)["vms"][0]
+        assert (status["host"], status["state"]) == ("site-a", "protected"), status
+        assert not (lab.replica_dir(vm.name) / "vm" / "qemu.pid").exists() or not _cmdline(
+            lab.replica_dir(vm.name) / "vm" / "qemu.pid"), "the DR copy still runs"
+        assert boot  # the boot id the guest has had all along (its records carry it)
+    finally:
+        kill_home_qemu(vm)
+        kill_pidfile(lab.host_dir("site-a") / "drtool" / vm.name / "reverse" / "target.pid")
+        kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")

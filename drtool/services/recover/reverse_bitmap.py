@@ -26,9 +26,9 @@ PAUSED = "catch-up-paused"  # a reprotect step: the DR copy is paused by drtool 
 
 
 def live_reverse_bitmap(manifest: Manifest) -> str | None:
-    """The reverse bitmap a live failover recorded, if it was one."""
+    """The reverse bitmap a live failover (or an undone live failback) recorded, if any."""
     failover = manifest.failover
-    if failover is None or failover.kind.value != "live" or not failover.migration:
+    if failover is None or not failover.migration:
         return None
     name = failover.migration.get("reverse_bitmap")
     return str(name) if name else None
