@@ -159,7 +159,6 @@ class LiveFailback:
             if target is None:
                 raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
                                   hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
-            nodes = [d.node_name for d in reverse.disks]
             by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
             home_nodes = [by_device[d.device] for d in self.work.manifest.disks]
             forward = f"{BITMAP_PREFIX}{time.time_ns()}"
@@ -169,8 +168,9 @@ class LiveFailback:
                 source.execute("migrate", {"uri": uri})
                 wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
                                "the RAM copy")
+                cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+                nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
                 add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
-                cancel_mirrors(source, reverse)
                 detach_target(source, reverse)
                 stopper.fire()
                 stopper.wait()
