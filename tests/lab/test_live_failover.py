@@ -183,6 +183,8 @@ def test_live_failover_and_live_failback_never_reboot_the_guest(lab, live_vm):
         assert home[0].n == last_at_dr.n + 1, f"home went on from {home[0].n}, the DR copy acked {last_at_dr.n}"
         status = json.loads(run_drtool(config, "status", vm.name, "--json").stdout)["vms"][0]
         assert (status["host"], status["state"]) == ("site-a", "protected"), status
+        notes = [h.get("note", "") for h in manifest_of(lab, vm)["history"]]
+        assert "resync: bitmap" in notes[-1], f"the forward direction was not caught up from the bitmap: {notes}"
         assert not (lab.replica_dir(vm.name) / "vm" / "qemu.pid").exists() or not _cmdline(
             lab.replica_dir(vm.name) / "vm" / "qemu.pid"), "the DR copy still runs"
         assert boot  # the boot id the guest has had all along (its records carry it)
