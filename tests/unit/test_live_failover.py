@@ -180,3 +180,19 @@ def test_dry_run_lists_the_steps_and_changes_nothing() -> None:
     assert result.dry_run and result.plan is not None
     assert [line.split(":")[0] for line in result.plan.steps] == [s.value for s in LIVE_STEPS]
     assert world.manifest.failover is None and world.dr_vm is None
+
+
+def test_a_source_that_dies_in_the_pause_is_undone_for_an_unplanned_failover() -> None:
+    world, reach, inv = protected_live_world()
+    world.qmp_faults["block-job-cancel"] = "kill"
+    with pytest.raises(Killed):
+        failover.live_failover(inv, reach, "web")
+    world.revive()
+    world.source_alive = False  # the source host crashed while the guest was paused at pre-switchover
+    with pytest.raises(DrtoolError, match="undone") as err:
+        failover.live_failover(inv, reach, "web")
+    assert "--force" in (err.value.hint or "")
+    assert world.manifest.state is Protection.PROTECTED and world.dr_vm is None and world.target_running
+    result = failover.failover(inv, reach, "web", force=True, point_id="latest")
+    assert result.kind == "unplanned" and world.dr_vm_status == "running" and world.running_copies() == 1
+    assert world.dr_sees() == world.written  # the mirrors had carried every write before the pause

@@ -422,27 +422,30 @@ class LiveFailover(FailoverSteps):
                 self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **reverse)
                 self._stop_source()
                 return Outcome.FINISHED
-        if not source.alive:
-            raise DrtoolError(f"the source QEMU of {self.vm.name} is gone and the destination on "
-                              f"{self.vm.dr_host} cannot run: the live failover cannot finish",
-                              hint=f"fail over from the replicas: drtool failover {self.vm.name} --force "
-                                   "(after a --rollback)")
+        if not source.alive:  # neither can run: give the replicas back to the target, for --force
+            self._undo(switched, source_alive=False)
+            raise DrtoolError(f"the source QEMU of {self.vm.name} is gone and the destination on {self.vm.dr_host} "
+                              "had not switched over: the live failover was undone",
+                              hint=f"fail over from the replicas: drtool failover {self.vm.name} --force")
         return self._undo(switched)
 
-    def _undo(self, switched: bool) -> Outcome:
+    def _undo(self, switched: bool, *, source_alive: bool = True) -> Outcome:
         """The destination killed, the source running again, the DR target back; the record gone."""
-        with self.reach.qmp(self.vm) as qmp:
-            if not switched:
-                cancel_migration(qmp)
+        if source_alive:
+            with self.reach.qmp(self.vm) as qmp:
+                if not switched:
+                    cancel_migration(qmp)
         kill_vm(self.dr, self.run_layout)  # only now can the source run without a second copy
-        with self.reach.qmp(self.vm) as qmp:
-            if str(qmp.execute("query-status")["status"]) != "running":
-                qmp.execute("cont")  # postmigrate or paused: its images are activated again
-            with contextlib.suppress(QmpError):
-                qmp.execute("object-del", {"id": MIGRATION_TLS_ID})
+        if source_alive:
+            with self.reach.qmp(self.vm) as qmp:
+                if str(qmp.execute("query-status")["status"]) != "running":
+                    qmp.execute("cont")  # postmigrate or paused: its images are activated again
+                with contextlib.suppress(QmpError):
+                    qmp.execute("object-del", {"id": MIGRATION_TLS_ID})
         if target_pid(self.dr, self.layout) is None:
             start_target(self.dr, self.manifest, self.layout)
-        start_link(self.reach.shell(self.vm.host), self.vm, self.manifest)
+        if source_alive:
+            start_link(self.reach.shell(self.vm.host), self.vm, self.manifest)
         self.save(replace(self.manifest.transition(Protection.PROTECTED, "live failover undone"), failover=None))
         return Outcome.UNDONE
 
