@@ -161,9 +161,11 @@ def test_live_failover_then_home_sending_only_what_the_dr_copy_wrote(lab, live_v
         kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")
 
 
-def test_live_failover_and_live_failback_never_reboot_the_guest(lab, live_vm):
+@pytest.mark.parametrize("killed_at", [None, "failback-pre-switchover"])
+def test_live_failover_and_live_failback_never_reboot_the_guest(lab, live_vm, killed_at):
     """There and back again by live migration: the guest's writer goes on from the next record at each
-    switch, never boots, and the VM ends protected at home."""
+    switch, never boots, and the VM ends protected at home. Killed inside the failback's pause, the
+    re-run undoes it (the DR copy runs on, reverse replication catches up) and moves the VM home."""
     vm, config = live_vm
     protect_guest(lab, vm, config)
     [boot] = boot_ids(vm.console.lines())
@@ -175,6 +177,13 @@ def test_live_failover_and_live_failback_never_reboot_the_guest(lab, live_vm):
     try:
         run_drtool(config, "recover", vm.name, "--reprotect")
         dr.wait_acks(len(dr.acks()) + 10, timeout=180)
+        if killed_at:
+            env = {**os.environ, HOOKS_ENV: "1", FAULT_ENV: killed_at}
+            killed = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), "recover", vm.name,
+                                     "--failback", "--live"], env=env, capture_output=True, text=True, timeout=600,
+                                    check=False)
+            assert killed.returncode == -9, killed.stderr
+            assert manifest_of(lab, vm)["state"] == "failing-back"
         back = json.loads(run_drtool(config, "recover", vm.name, "--failback", "--live", "--json").stdout)
         print(f"\nlive failback: {back}", flush=True)
         last_at_dr = dr.last_ack()

@@ -67,10 +67,11 @@ from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
 
 from .failback import DR_STOPPED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
-from .reprotect import MIRRORS_STARTED, ReverseReplication, reprotect
+from .reprotect import MIRRORS_STARTED, ReverseReplication, killed_after, reprotect
 from .reverse_bitmap import BITMAP_METHOD
 
 LIVE_HOME_STARTED, LIVE_MIGRATING = "live-home-started", "live-migrating"
+PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
 
 
 def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
@@ -79,43 +80,59 @@ def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResu
     if vm.libvirt_domain is not None:
         raise Refused(f"{vm.name} is a libvirt domain: drtool does not migrate those live yet",
                       hint=f"fail back with a reboot: drtool recover {vm.name} --failback")
+    outcome, failure = _move(inventory, reach, name, started, interrupted_only=True)
+    if outcome == UNDONE:  # an interrupted one was undone: catch up, then move afresh
+        reprotect(inventory, reach, name)
+    if not isinstance(outcome, FailbackResult):
+        outcome, failure = _move(inventory, reach, name, started, interrupted_only=False)
+    if isinstance(outcome, FailbackResult):
+        resync(inventory, reach, name)  # replication home -> DR host: only what home wrote since the switch
+        return outcome
+    reprotect(inventory, reach, name)  # undone: the reverse direction catches up from the pause's bitmap
+    raise DrtoolError(f"the live failback of {vm.name} failed and was undone: {failure}; it runs on "
+                      f"{vm.dr_host}, reprotected", hint=f"fix the cause and run it again, or fail back with a "
+                                                         f"reboot (drtool recover {vm.name} --failback)")
+
+
+UNDONE = "undone"
+
+
+def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
+          interrupted_only: bool) -> tuple[FailbackResult | str | None, str]:
+    """Under the lock: settle an interrupted live failback (interrupted_only), or run one.
+
+    (the result, "") once home runs; (UNDONE, why) once undone; (None, "") when there was nothing to settle.
+    """
+    vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
         live_run = manifest is not None and manifest.state is Protection.FAILING_BACK and \
             manifest.reprotect is not None and manifest.reprotect.done(LIVE_HOME_STARTED)
-        if manifest is None or not (manifest.state is Protection.REPROTECTED or live_run):
+        if interrupted_only and not live_run:
+            return None, ""
+        if manifest is None or manifest.reprotect is None or not (manifest.state is Protection.REPROTECTED
+                                                                   or live_run):
             state = manifest.state.value if manifest else "not protected"
             raise Refused(f"{vm.name} is not reprotected (state {state}): fail back only once the DR copy is "
                           "replicated home", hint=f"run drtool recover {vm.name} --reprotect first")
-        assert manifest.reprotect is not None
         home = reach.shell(vm.host)
         refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
-        work = ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home)
-        move = LiveFailback(work)
-        result: FailbackResult | None = None
+        move = LiveFailback(ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home))
         if live_run:
-            finished = move.settle()
-        else:
-            move.refusals()
-            work.save(Protection.FAILING_BACK, "live failback started")
+            return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
+        move.refusals()
+        move.work.save(Protection.FAILING_BACK, "live failback started")
+        try:
+            move.run()
+        except (DrtoolError, KeyboardInterrupt) as err:
+            why = err.message if isinstance(err, DrtoolError) else "interrupted"
             try:
-                move.run()
-                finished = True
-            except (DrtoolError, KeyboardInterrupt):
-                finished = False
-                with contextlib.suppress(DrtoolError, OSError):
-                    finished = move.settle()
-                if not finished:
-                    raise
-        if finished:
-            result = move.finish(started)
-    if result is not None:
-        resync(inventory, reach, name)  # replication home -> DR host: only what home wrote since the switch
-        return result
-    reprotect(inventory, reach, name)  # undone: the reverse direction catches up from the pause's bitmap
-    raise DrtoolError(f"the live failback of {vm.name} was undone: it runs on {vm.dr_host}, reprotected",
-                      hint=f"run drtool recover {vm.name} --failback --live again, or without --live")
+                finished = move.settle()
+            except (DrtoolError, OSError):
+                raise err from None
+            return (move.finish(started) if finished else UNDONE), why
+        return move.finish(started), ""
 
 
 class LiveFailback:
@@ -127,6 +144,7 @@ class LiveFailback:
     def intend(self, step: str, **changes: object) -> None:
         self.work.record = self.work.record.with_step(step, **changes)
         self.work.save()
+        killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
 
     def refusals(self) -> None:
         if not self.work.healthy():
@@ -168,6 +186,7 @@ class LiveFailback:
                 source.execute("migrate", {"uri": uri})
                 wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
                                "the RAM copy")
+                killed_after(PAUSE_HOOK)
                 cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
                 nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
                 add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
