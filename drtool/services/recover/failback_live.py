@@ -117,7 +117,8 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
             raise Refused(f"{vm.name} is not reprotected (state {state}): fail back only once the DR copy is "
                           "replicated home", hint=f"run drtool recover {vm.name} --reprotect first")
         home = reach.shell(vm.host)
-        refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
+        if not live_run:  # an interrupted run's QEMU at home is its incoming destination: settle decides
+            refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
         move = LiveFailback(ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home))
         if live_run:
             return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
