@@ -196,3 +196,18 @@ def test_a_source_that_dies_in_the_pause_is_undone_for_an_unplanned_failover() -
     result = failover.failover(inv, reach, "web", force=True, point_id="latest")
     assert result.kind == "unplanned" and world.dr_vm_status == "running" and world.running_copies() == 1
     assert world.dr_sees() == world.written  # the mirrors had carried every write before the pause
+
+
+def test_a_pause_a_killed_checkpoint_left_is_resumed_before_the_refusals() -> None:
+    from dataclasses import replace
+
+    from drtool.state.records import SourcePause
+    from drtool.state.store import save_manifest
+
+    world, reach, inv = protected_live_world()
+    world.source_status = "paused"
+    save_manifest(reach.shell("kvm2"), inv.vm("web"), replace(world.manifest, source_pause=SourcePause("checkpoint",
+                                                                                                       "t")))
+    result = failover.live_failover(inv, reach, "web")
+    assert any("resumed web" in n for n in result.notes), result.notes
+    assert_live_on_dr_with_every_write(world)

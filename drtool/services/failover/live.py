@@ -61,6 +61,7 @@ from drtool.mechanics.migration import (
     reverse_bitmap_on,
     wait_migration,
 )
+from drtool.mechanics.pausing import resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
 from drtool.services.resync import resync
@@ -124,6 +125,8 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
         manifest = require_protected(manifest, vm)
+        manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
+        notes = (*notes, resumed) if resumed else notes
         run = LiveFailover(reach, vm, manifest)
         run.refusals()
         if dry_run:
