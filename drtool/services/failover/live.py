@@ -278,11 +278,11 @@ class LiveFailover(FailoverSteps):
             # while the destination starts: the source's session and settings, the target's stopper
             source_ready = pool.submit(self._prepared_source, stack, tls)
             stopper_ready = pool.submit(self._armed_stopper, stack)
-            start_vm(self.dr, incoming_argv(argv), self.run_layout)
+            start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout)
             marks = {"destination_started": time.monotonic()}
             recorded = pool.submit(self.intend, Step.MIGRATION_STARTED)
             dest = stack.enter_context(dr_vm_session(self.reach, self.vm))
-            listen_for_migration(dest, uri, self.layout.tls_dir if tls else None)
+            listen_for_migration(dest, uri, self.layout.tls_dir if tls else None, tls_on_command_line=True)
             source, stopper = source_ready.result(), stopper_ready.result()
             recorded.result()
             nodes = self._disk_nodes(dest)
