@@ -519,6 +519,8 @@ def failover_command(
     rollback: Annotated[bool, typer.Option("--rollback", help="Undo a planned failover: the source runs "
                                            "again, protected.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every step without doing any.")] = False,
+    live: Annotated[bool, typer.Option("--live", help="Planned, without a reboot: migrate the running VM onto "
+                                       "its replicas (a pause of about 0.1 s).")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (also DRTOOL_YES=1).")] = False,
     json_mode: JsonOption = False,
 ) -> None:
@@ -532,6 +534,7 @@ def failover_command(
     Examples:
       drtool failover web --dry-run          what would be done
       drtool failover web                    planned: the source answers, RPO 0
+      drtool failover web --live             planned, live-migrated: no reboot
       drtool failover web --force --yes      unplanned: the source is gone and fenced
       drtool failover web --test             a drill on the newest point
       drtool failover web --test --cleanup   end the drill
@@ -554,6 +557,8 @@ def failover_command(
             raise UsageError("--rollback takes no --test, --point or --dry-run")
         if test and (force or dry_run):
             raise UsageError("--test changes nothing: it takes no --force or --dry-run")
+        if live and (test or force or point):
+            raise UsageError("--live is a planned failover: it takes no --test, --force or --point")
         if test and cleanup:
             audit = Audit("failover --test --cleanup", [vm],
                           lambda r: lines([(r.vm, "drill removed")] if r.removed else []))
@@ -570,6 +575,12 @@ def failover_command(
             with SyncProgress(out, "resync") as progress:
                 caught_up = state.call(resync, vm, on_progress=progress)
             out.render(render.RolledBack(undone, caught_up), render.rolled_back_summary)
+        elif live:
+            audit = Audit("failover --live", [vm], lambda r: lines([] if r.dry_run else [
+                (r.vm, f"live failover done: {r.run_state} on {r.dr_host}")]))
+            result = state.call(failover.live_failover, vm, dry_run=dry_run, confirm=confirmer(out, yes),
+                                audit=audit)
+            out.render(result, render.failover_summary)
         else:
             audit = Audit("failover", [vm], lambda r: lines([] if r.dry_run else [
                 (r.vm, f"{r.kind} failover done from {r.point or 'the replicas'}: {r.run_state} on {r.dr_host}")]))
@@ -598,6 +609,8 @@ def recover_command(
                                            "(the VM stopped).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="With --restore --to: replace an existing "
                                             "file.")] = False,
+    live: Annotated[bool, typer.Option("--live", help="With --failback: without a reboot, live-migrating the "
+                                       "DR copy home.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
     """After a failover: protect the VM back towards its original host (--reprotect), then fail back (--failback).
@@ -609,6 +622,7 @@ def recover_command(
     Examples:
       drtool recover web --reprotect
       drtool recover web --failback
+      drtool recover web --failback --live
       drtool recover web --restore --point p20261127T101500000 --disk vd0 --to kvm3:/srv/web-vd0.qcow2
       drtool recover web --restore --point p20261127T101500000 --in-place
     """
@@ -624,6 +638,8 @@ def recover_command(
             raise UsageError("say what to recover: one of --reprotect, --failback, --restore")
         if not restore and (point or disk or to or in_place or overwrite):
             raise UsageError("--point, --disk, --to, --in-place and --overwrite go with --restore")
+        if live and not failback:
+            raise UsageError("--live goes with --failback")
         if restore:
             if point is None:
                 raise UsageError("--restore needs --point ID (see drtool points)")
@@ -631,7 +647,7 @@ def recover_command(
                                   overwrite=overwrite), restore_summary)
             return
         if failback:
-            out.render(state.call(recover.failback, vm), failback_summary)
+            out.render(state.call(recover.failback_live if live else recover.failback, vm), failback_summary)
             return
         with SyncProgress(out, "reprotect") as progress:
             result = state.call(recover.reprotect, vm, on_progress=progress)

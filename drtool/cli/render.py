@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
+from drtool.mechanics.migration import Figures
 from drtool.services.check_history import CheckHistory
 from drtool.services.checkpoint import CheckpointReport, PointsReport
 from drtool.services.dr_inventory import ExportResult
@@ -241,7 +242,17 @@ def failover_summary(result: FailoverResult) -> str:
         lines.append(f"  RTO to the guest answering: {result.rto_guest_reason}")
     if result.start_reason:
         lines.append(f"  started from {result.point}: {result.start_reason}")
+    if result.live is not None:
+        lines.append("  " + live_figures(result.live))
     return "\n".join([*lines, *(f"  note: {n}" for n in result.notes)])
+
+
+def live_figures(live: Figures) -> str:
+    pause = "unknown" if live.downtime_seconds is None else f"{live.downtime_seconds * 1000:.0f} ms"
+    qemu = "" if live.qemu_downtime_seconds is None else f", QEMU's own {live.qemu_downtime_seconds * 1000:.0f} ms"
+    return (f"live: guest paused {pause} (STOP to RESUME{qemu}), moved in {live.move_seconds:.2f} s, "
+            f"{human_size(live.ram_bytes)} of RAM sent" + (" over TLS-PSK" if live.encrypted else " unencrypted")
+            + f"; downtime-limit {live.downtime_limit_ms} ms")
 
 
 @dataclass(frozen=True)

@@ -273,16 +273,16 @@ def _ensure_target_nodes(qmp: QmpSession, manifest: Manifest, vm: Vm) -> None:
 def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap: str) -> tuple[int, float]:
     """Copy the bitmap's blocks while the VM runs, then once more paused, then mirror from now on."""
     qmp = run.qmp
-    sent = _bitmap_backup_round(qmp, manifest, nodes, bitmap)
+    sent = bitmap_backup_round(qmp, manifest, nodes, bitmap)
     paused_at = time.monotonic()
     with paused_source(run.reach, run.dr, run.vm, manifest, qmp, "resync"):  # recorded first
         paused_at = time.monotonic()
-        sent += _bitmap_backup_round(qmp, manifest, nodes, bitmap)
+        sent += bitmap_backup_round(qmp, manifest, nodes, bitmap)
         start_mirrors(qmp, manifest, nodes, sync="none")
     return sent, time.monotonic() - paused_at
 
 
-def _bitmap_backup_round(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str,
+def bitmap_backup_round(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str,
                          timeout: float = 3600) -> int:
     ids = [f"drtool-catchup{i}" for i in range(len(nodes))]
     sent = 0

@@ -43,6 +43,7 @@ def flatten_unknown(data: Any) -> Any:
 class FailoverKind(str, Enum):
     PLANNED = "planned"  # the source answers: it is stopped after a final point, RPO 0
     UNPLANNED = "unplanned"  # the source is gone (fenced, --force): start from a point or the replicas
+    LIVE = "live"  # planned, by live migration onto the replicas: no reboot (services/failover/live.py)
 
 
 class Step(str, Enum):
@@ -53,11 +54,17 @@ class Step(str, Enum):
     REPLICATION_STOPPED = "replication-stopped"
     SOURCE_STOPPED = "source-stopped"
     DR_STARTED = "dr-started"
+    # live failover only, each recorded before it acts (see services/failover/live.py)
+    DESTINATION_STARTED = "destination-started"
+    MIGRATION_STARTED = "migration-started"
+    SWITCHOVER = "switchover"
 
 
 PLANNED_STEPS = (Step.SOURCE_PAUSED, Step.FINAL_POINT, Step.REPLICATION_STOPPED, Step.SOURCE_STOPPED,
                  Step.DR_STARTED)
 UNPLANNED_STEPS = (Step.REPLICATION_STOPPED, Step.DR_STARTED)
+LIVE_STEPS = (Step.DESTINATION_STARTED, Step.MIGRATION_STARTED, Step.REPLICATION_STOPPED, Step.SWITCHOVER,
+              Step.DR_STARTED, Step.SOURCE_STOPPED)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class FailoverRecord:
     rpo_seconds: float | None = None
     rpo_bound: str | None = None  # exact | upper bound | unknown
     finished_at: str | None = None
+    migration: dict[str, Any] | None = None  # live: the port, then downtime, total time and RAM bytes
     unknown_fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, metadata=INTERNAL)
 
     def done(self, step: Step) -> bool:
@@ -109,6 +117,7 @@ class FailoverRecord:
             rpo_seconds=raw.get("rpo_seconds"),
             rpo_bound=raw.get("rpo_bound"),
             finished_at=raw.get("finished_at"),
+            migration=raw.get("migration"),
             unknown_fields=unknown_of(cls, raw),
         )
 

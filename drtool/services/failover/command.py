@@ -17,6 +17,7 @@ from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
+from drtool.mechanics.migration import Figures
 from drtool.mechanics.pausing import resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
@@ -49,6 +50,7 @@ class FailoverResult:
     rto_guest_reason: str | None = None
     start_reason: str | None = None  # unplanned: where it started and why
     notes: tuple[str, ...] = ()  # what else drtool did on the way
+    live: Figures | None = None  # --live: the migration's downtime, time and bytes
 
     def __post_init__(self) -> None:
         absent_is_none(self, "rpo_reason", "rto_guest_reason", "start_reason")
@@ -72,6 +74,9 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
         notes: tuple[str, ...] = ()
         if manifest.failover is not None and manifest.state is Protection.FAILING_OVER:
+            if manifest.failover.kind is FailoverKind.LIVE:
+                raise Refused(f"a live failover of {vm.name} is under way",
+                              hint=f"finish it with drtool failover {vm.name} --live, or undo it with --rollback")
             record, reason = _resumed(reach, vm, manifest, manifest.failover, force, point_id)
         else:
             kind = _choose_kind(reach, vm)

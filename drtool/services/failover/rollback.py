@@ -24,6 +24,7 @@ from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
 
 from .command import Confirm
+from .live import rollback_live
 from .plan import FailoverPlan
 
 
@@ -47,7 +48,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if manifest.state.reverse:
             raise Refused(f"{vm.name} is {manifest.state.value} (drtool recover): a rollback would discard it",
                           hint=f"finish with drtool recover {vm.name} --failback")
-        if record.kind is not FailoverKind.PLANNED:
+        if record.kind is FailoverKind.UNPLANNED:
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
         steps = tuple(s.value for s in record.steps)
@@ -55,6 +56,9 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
                                 (discarded_writes(vm, record, force),))
         if not confirm(the_plan):
             raise Refused("rollback not confirmed; nothing was changed")
+        if record.kind is FailoverKind.LIVE:
+            undone, state = rollback_live(reach, vm, manifest)
+            return RollbackResult(vm.name, undone, state)
         if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
             # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
             # It starts paused (-S) and runs only once the DR copy is gone.

@@ -139,10 +139,10 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
             work.step(DR_STOPPED)
         if not work.record.done(HOME_STARTED):
             if not source_qemu_alive(home, vm):
-                home.run(_home_argv(work.manifest), timeout=60)
+                home.run(home_argv(work.manifest), timeout=60)
             unmark_old_images(home, [d.source_image for d in work.manifest.disks])
             work.step(HOME_STARTED)
-        manifest, dropped = _forward_manifest(work.manifest, vm.replica_dir)
+        manifest, dropped = forward_manifest(work.manifest, vm.replica_dir)
         if not work.record.done(FORWARD_STARTED):
             layout = TargetLayout(vm.replica_dir)
             stop_target(dr, layout)
@@ -174,13 +174,13 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
     return FailbackResult(vm.name, vm.host, vm.dr_host, round(rto, 3), 0.0, dropped, resumed)
 
 
-def _home_argv(manifest: Manifest) -> list[str]:
+def home_argv(manifest: Manifest) -> list[str]:
     """The VM's own command line at home, paused (-S) and daemonized."""
     argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
     return [*argv, "-S", "-daemonize"]
 
 
-def _forward_manifest(manifest: Manifest, replica_dir: PurePosixPath) -> tuple[Manifest, tuple[str, ...]]:
+def forward_manifest(manifest: Manifest, replica_dir: PurePosixPath) -> tuple[Manifest, tuple[str, ...]]:
     """The manifest of the original direction: the replicas are the images the DR copy ran on.
 
     After an unplanned failover those are its overlays above the point it

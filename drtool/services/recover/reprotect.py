@@ -72,6 +72,8 @@ from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
 
+from .reverse_bitmap import BITMAP_METHOD, PAUSED, catch_up_from_bitmap, drop_reverse_bitmap, live_reverse_bitmap
+
 REWOUND, TARGET_STARTED, MIRRORS_STARTED, IN_SYNC = "rewound", "target-started", "mirrors-started", "in-sync"
 # Test hook: SIGKILL drtool right after this step is recorded (only with DRTOOL_TEST_HOOKS=1), as failover's.
 FAULT_ENV = "DRTOOL_FAULT_AFTER_STEP"
@@ -139,7 +141,8 @@ def reprotect(inventory: Inventory, reach: Reach, name: str, *,
         resumed = manifest.state is not Protection.FAILED_OVER
         record = manifest.reprotect
         if record is None or manifest.state is Protection.FAILED_OVER:
-            record = ReprotectRecord(now(), "hashes", manifest.failover.point if manifest.failover else None,
+            method = BITMAP_METHOD if live_reverse_bitmap(manifest) else "hashes"
+            record = ReprotectRecord(now(), method, manifest.failover.point if manifest.failover else None,
                                      free_nbd_port(home), disk_bytes=sum(d.virtual_size for d in manifest.disks))
         work = ReverseReplication(inventory, reach, vm, manifest, record, dr, home)
         if manifest.state is Protection.REPROTECTED and work.healthy():
@@ -160,7 +163,7 @@ def _require_failed_over(manifest: Manifest | None, vm: Vm) -> Manifest:
     if manifest.state not in (Protection.FAILED_OVER, Protection.REPROTECTING, Protection.REPROTECTED):
         raise Refused(f"{vm.name} has not failed over (state {manifest.state.value}): reprotect protects a "
                       "failed-over VM back to its original host", hint=f"see drtool status {vm.name}")
-    if manifest.failover is None or manifest.failover.point is None:
+    if manifest.failover is None or (manifest.failover.point is None and live_reverse_bitmap(manifest) is None):
         raise Refused(f"{vm.name}'s failover record names no point to start from",
                       hint="this is a drtool bug; nothing was changed, please report it")
     return manifest
@@ -174,6 +177,7 @@ class ReverseReplication:
         self.rvm = reverse_vm(inventory, vm)
         self.layout = TargetLayout(self.rvm.replica_dir)
         self.step_started = time.monotonic()
+        self.backup_sent = 0  # bitmap method: what the catch-up rounds sent before the mirrors started
 
     def save(self, state: Protection | None = None, note: str = "") -> None:
         manifest = self.manifest if state is None else self.manifest.transition(state, note)
@@ -206,6 +210,8 @@ class ReverseReplication:
             if status not in ("running", "paused"):
                 raise Refused(f"the DR copy of {self.vm.name} is {status!r} on {self.vm.dr_host}",
                               hint="start it (drtool failover finishes a failover), then reprotect")
+            if status == "paused" and self.record.done(PAUSED):  # an earlier run paused it for its catch-up
+                qmp.execute("cont")
             reverse = self.reverse_of(qmp)
             jobs = query_jobs(qmp, reverse)
             if len(jobs) == len(reverse.disks) and not any(j.ended for j in jobs.values()) \
@@ -215,7 +221,7 @@ class ReverseReplication:
                 self._start_over(qmp, reverse, bool(jobs))
             wait_until_ready(qmp, reverse, on_progress)
             sent = sum(j.offset for j in query_jobs(qmp, reverse).values())
-        self.record = replace(self.record, sent_bytes=sent)
+        self.record = replace(self.record, sent_bytes=sent + self.backup_sent)
 
     def _resume(self, qmp: QmpSession, reverse: Manifest, jobs: dict[str, JobState]) -> None:
         """Jobs of an earlier run exist: bring back what they need, resume the paused ones."""
@@ -239,7 +245,10 @@ class ReverseReplication:
         stop_target(self.home, self.layout)  # the old images must be closed before the rewind writes them
         self.record = self.record.without(REWOUND, TARGET_STARTED, MIRRORS_STARTED)
         self.save()
-        self._rewind()
+        if self.record.method == BITMAP_METHOD:
+            self.step(REWOUND, rewound_bytes=0, hashed_bytes=0)  # the old disks are the switch's state
+        else:
+            self._rewind()
         psk = new_psk() if reverse.transport == "tls-psk" else None
         if psk:
             push_psk(self.home, self.layout.tls_dir, psk)
@@ -251,8 +260,18 @@ class ReverseReplication:
         nodes = [d.node_name for d in reverse.disks]
         if any(n.startswith("drtool-filter") or n == filter_node(i) for i, n in enumerate(nodes)):
             raise DrtoolError(f"the DR copy of {self.vm.name} still has a mirror filter: run the command again")
-        start_mirrors(qmp, reverse, nodes, sync="top")
+        bitmap = live_reverse_bitmap(self.manifest) if self.record.method == BITMAP_METHOD else None
+        if bitmap is not None:
+            self.backup_sent = catch_up_from_bitmap(qmp, reverse, nodes, bitmap, self._record_pause)
+        else:
+            start_mirrors(qmp, reverse, nodes, sync="top")
         self.step(MIRRORS_STARTED)
+        if bitmap is not None:
+            drop_reverse_bitmap(qmp, nodes, bitmap)
+
+    def _record_pause(self, paused: bool) -> None:
+        self.record = self.record.with_step(PAUSED) if paused else self.record.without(PAUSED)
+        self.save()
 
     def _rewind(self) -> None:
         """Set every chunk of the old images that differs from the point back to the point."""

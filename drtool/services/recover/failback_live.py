@@ -1,0 +1,293 @@
+"""`drtool recover VM --failback --live`: home again without a reboot, live-migrating the DR copy onto the old disks.
+
+From reprotected (the DR copy replicates onto the original host's old images, in sync), each step recorded
+in the reprotect record before it acts:
+
+  live-home-started  the VM's own command line starts at home, paused, with -incoming defer, on its old
+                     images (an incoming QEMU keeps them inactive: the reverse target still writes them)
+  live-migrating     the DR copy migrates home (TLS-PSK with the reverse direction's key). In its pause: a
+                     persistent bitmap on the DR copy's disks (what it writes if this is undone), the
+                     reverse mirrors completed, the reverse target stopped, migrate-continue; at home a
+                     persistent bitmap (drtool's resync bitmap) on each disk before cont
+  dr-stopped         recorded once home runs: the DR copy (postmigrate) quits, its relay goes
+
+Then the state is protected and replication in the original direction catches up from that bitmap, as
+`drtool resync` does (only what the guest wrote at home since the switch). Never two running copies: a
+failure before migrate-continue cancels the migration (the DR copy runs on), kills the home QEMU, restarts
+the reverse target and goes back to reprotected; `recover --reprotect` then catches up from the bitmap
+taken in the pause. After it, home is resumed; if it cannot run it is killed and the DR copy resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import replace
+
+from drtool.domain import Inventory
+from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
+from drtool.mechanics.blockinfo import parse_query_block
+from drtool.mechanics.dr_target import (
+    PSK_USER,
+    TargetLayout,
+    free_nbd_port,
+    new_psk,
+    push_psk,
+    source_tls_dir,
+    start_target,
+    stop_target,
+    target_pid,
+)
+from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
+from drtool.mechanics.hardware import read_hardware, source_qemu_alive
+from drtool.mechanics.link import start_link, stop_link
+from drtool.mechanics.migration import (
+    RAM_COPY_TIMEOUT,
+    SWITCH_TIMEOUT,
+    ArmedStop,
+    add_reverse_bitmaps,
+    cancel_migration,
+    destination_mismatch,
+    listen_for_migration,
+    migration_status,
+    migration_uri,
+    prepare_source,
+    reverse_bitmap_name,
+    reverse_bitmap_on,
+    wait_migration,
+)
+from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain, unmark_old_images
+from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
+from drtool.services.resync import resync
+from drtool.state.manifest import now
+from drtool.state.protection import Protection
+from drtool.state.records import FailoverRecord
+from drtool.state.store import save_manifest, select_vm
+from drtool.transport.connections import Reach
+
+from .failback import DR_STOPPED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
+from .reprotect import MIRRORS_STARTED, ReverseReplication, killed_after, reprotect
+from .reverse_bitmap import BITMAP_METHOD
+
+LIVE_HOME_STARTED, LIVE_MIGRATING = "live-home-started", "live-migrating"
+PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
+
+
+def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
+    started = time.monotonic()
+    vm = select_vm(inventory, name)
+    if vm.libvirt_domain is not None:
+        raise Refused(f"{vm.name} is a libvirt domain: drtool does not migrate those live yet",
+                      hint=f"fail back with a reboot: drtool recover {vm.name} --failback")
+    outcome, failure = _move(inventory, reach, name, started, interrupted_only=True)
+    if outcome == UNDONE:  # an interrupted one was undone: catch up, then move afresh
+        reprotect(inventory, reach, name)
+    if not isinstance(outcome, FailbackResult):
+        outcome, failure = _move(inventory, reach, name, started, interrupted_only=False)
+    if isinstance(outcome, FailbackResult):
+        resync(inventory, reach, name)  # replication home -> DR host: only what home wrote since the switch
+        return outcome
+    reprotect(inventory, reach, name)  # undone: the reverse direction catches up from the pause's bitmap
+    raise DrtoolError(f"the live failback of {vm.name} failed and was undone: {failure}; it runs on "
+                      f"{vm.dr_host}, reprotected", hint=f"fix the cause and run it again, or fail back with a "
+                                                         f"reboot (drtool recover {vm.name} --failback)")
+
+
+UNDONE = "undone"
+
+
+def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
+          interrupted_only: bool) -> tuple[FailbackResult | str | None, str]:
+    """Under the lock: settle an interrupted live failback (interrupted_only), or run one.
+
+    (the result, "") once home runs; (UNDONE, why) once undone; (None, "") when there was nothing to settle.
+    """
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    with reach.lock(vm):
+        manifest = load_settled_manifest(dr, vm)
+        live_run = manifest is not None and manifest.state is Protection.FAILING_BACK and \
+            manifest.reprotect is not None and manifest.reprotect.done(LIVE_HOME_STARTED)
+        if interrupted_only and not live_run:
+            return None, ""
+        if manifest is None or manifest.reprotect is None or not (manifest.state is Protection.REPROTECTED
+                                                                   or live_run):
+            state = manifest.state.value if manifest else "not protected"
+            raise Refused(f"{vm.name} is not reprotected (state {state}): fail back only once the DR copy is "
+                          "replicated home", hint=f"run drtool recover {vm.name} --reprotect first")
+        home = reach.shell(vm.host)
+        if not live_run:  # an interrupted run's QEMU at home is its incoming destination: settle decides
+            refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
+        move = LiveFailback(ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home))
+        if live_run:
+            return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
+        move.refusals()
+        move.work.save(Protection.FAILING_BACK, "live failback started")
+        try:
+            move.run()
+        except (DrtoolError, KeyboardInterrupt) as err:
+            why = err.message if isinstance(err, DrtoolError) else "interrupted"
+            try:
+                finished = move.settle()
+            except (DrtoolError, OSError):
+                raise err from None
+            return (move.finish(started) if finished else UNDONE), why
+        return move.finish(started), ""
+
+
+class LiveFailback:
+    def __init__(self, work: ReverseReplication) -> None:
+        self.work = work
+        self.vm, self.reach, self.dr, self.home = work.vm, work.reach, work.dr, work.home
+        self.run_layout = dr_run_layout(self.vm.replica_dir)
+
+    def intend(self, step: str, **changes: object) -> None:
+        self.work.record = self.work.record.with_step(step, **changes)
+        self.work.save()
+        killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
+
+    def refusals(self) -> None:
+        if not self.work.healthy():
+            raise Refused(f"reverse replication of {self.vm.name} is not in sync: a failback now would lose writes",
+                          hint=f"run drtool recover {self.vm.name} --reprotect first")
+        binary = str(self.work.manifest.hardware["argv"][0])
+        with dr_vm_session(self.reach, self.vm) as qmp:
+            mismatch = destination_mismatch(qmp, self.home, binary, self.vm.host, self.vm.dr_host)
+        if mismatch:
+            raise Refused(f"{self.vm.name} cannot migrate live back to {self.vm.host}: {mismatch}",
+                          hint=f"fail back with a reboot: drtool recover {self.vm.name} --failback")
+
+    def run(self) -> None:
+        port = free_nbd_port(self.home)
+        rollback = reverse_bitmap_name()
+        self.intend(LIVE_HOME_STARTED)
+        if not source_qemu_alive(self.home, self.vm):
+            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
+        self.intend(LIVE_MIGRATING)
+        self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
+            "failback_port": port, "failback_rollback_bitmap": rollback}))
+        self.work.save()
+        with dr_vm_session(self.reach, self.vm) as source, self.reach.qmp(self.vm) as dest:
+            reverse = self.work.reverse_of(source)
+            uri = migration_uri(reverse.nbd_address, port)
+            tls = reverse.transport == "tls-psk"
+            listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
+            prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
+            target = target_pid(self.home, self.work.layout)
+            if target is None:
+                raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
+                                  hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
+            by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
+            home_nodes = [by_device[d.device] for d in self.work.manifest.disks]
+            forward = f"{BITMAP_PREFIX}{time.time_ns()}"
+            with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
+                    contextlib.closing(ArmedStop(self.home, target,
+                                                 lambda: stop_target(self.home, self.work.layout))) as stopper:
+                source.execute("migrate", {"uri": uri})
+                wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
+                               "the RAM copy")
+                killed_after(PAUSE_HOOK)
+                cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+                nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
+                add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
+                detach_target(source, reverse)
+                stopper.fire()
+                stopper.wait()
+                source.execute("migrate-continue", {"state": "pre-switchover"})
+                wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
+                               "the migration home")
+                add_reverse_bitmaps(dest, home_nodes, forward)  # drtool's resync bitmap: home's writes from now
+                dest.execute("cont")
+            if str(dest.execute("query-status")["status"]) != "running":
+                raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
+        self._switched(forward)
+
+    def _switched(self, forward: str | None) -> None:
+        """Home runs: trust its bitmap, then the DR copy quits (recorded first)."""
+        manifest = self.work.manifest
+        if forward is not None:
+            manifest = trusting_bitmap(manifest, forward)
+        self.work.manifest = manifest
+        self.intend(DR_STOPPED)
+        with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(self.reach, self.vm) as qmp:
+            if str(qmp.execute("query-status")["status"]) == "running":
+                raise DrtoolError(f"{self.vm.name} runs on {self.vm.dr_host} as well", hint="stop one copy by hand")
+            qmp.execute("quit")
+        deadline = time.monotonic() + QUIT_TIMEOUT
+        while vm_pid(self.dr, self.run_layout) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kill_vm(self.dr, self.run_layout)
+        stop_link(self.dr, self.work.rvm)
+
+    def finish(self, started: float) -> FailbackResult:
+        """Protected again: the forward target on the replicas, then resync's bitmap tier sends home's writes."""
+        vm, dr, home = self.vm, self.dr, self.home
+        manifest, dropped = forward_manifest(self.work.manifest, vm.replica_dir)
+        unmark_old_images(home, [d.source_image for d in manifest.disks])
+        layout = TargetLayout(vm.replica_dir)
+        stop_target(dr, layout)
+        if manifest.transport == "tls-psk":
+            psk = new_psk()
+            push_psk(dr, layout.tls_dir, psk)
+            push_psk(home, source_tls_dir(vm), psk)
+        stop_link(home, vm)
+        rto = time.monotonic() - started
+        save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, f"failed back live at {now()}"),
+                                      failover=None, reprotect=None, drill=None))
+        return FailbackResult(vm.name, vm.host, vm.dr_host, round(rto, 3), 0.0, dropped, False)
+
+    def settle(self) -> bool:
+        """A re-run, or a failure: True once home runs (finished), False once undone (the DR copy runs)."""
+        home_status, home_migration = "gone", "none"
+        with contextlib.suppress(DrtoolError), self.reach.qmp(self.vm) as qmp:
+            home_status = str(qmp.execute("query-status")["status"])
+            home_migration = str(migration_status(qmp)["status"])
+        if self.work.record.done(DR_STOPPED) or home_status == "running":
+            if not self.work.record.done(DR_STOPPED):
+                self._switched(None)
+            return True
+        dr_status, dr_migration = "gone", "none"
+        with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
+            dr_status, dr_migration = str(qmp.execute("query-status")["status"]), str(migration_status(qmp)["status"])
+        switched = dr_status == "postmigrate" or dr_migration == "completed"
+        if switched and home_status != "gone" and home_migration == "completed":
+            with contextlib.suppress(DrtoolError), self.reach.qmp(self.vm) as qmp:
+                qmp.execute("cont")
+                self._switched(None)
+                return True
+        if dr_status == "gone":
+            raise DrtoolError(f"the DR copy of {self.vm.name} is gone and home cannot run: the failback cannot finish")
+        self._undo(switched)
+        return False
+
+    def _undo(self, switched: bool) -> None:
+        with dr_vm_session(self.reach, self.vm) as qmp:
+            if not switched:
+                cancel_migration(qmp)
+        with contextlib.suppress(DrtoolError):
+            pid = read_hardware(self.home, self.vm)["pid"]
+            self.home.run(["kill", "-KILL", str(pid)], check=False, timeout=15)
+        deadline = time.monotonic() + QUIT_TIMEOUT
+        while source_qemu_alive(self.home, self.vm) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with dr_vm_session(self.reach, self.vm) as qmp:
+            if str(qmp.execute("query-status")["status"]) != "running":
+                qmp.execute("cont")
+            reverse = self.work.reverse_of(qmp)
+            jobs = query_jobs(qmp, reverse)
+            rollback = reverse_bitmap_on(qmp, [d.node_name for d in reverse.disks])
+        if target_pid(self.home, self.work.layout) is None:
+            start_target(self.home, reverse, self.work.layout)
+        start_link(self.dr, self.work.rvm, reverse)
+        record = self.work.record.without(LIVE_HOME_STARTED, LIVE_MIGRATING)
+        if len(jobs) < len(reverse.disks) and rollback is not None:  # the mirrors went: catch up from the bitmap
+            record = replace(record.without(MIRRORS_STARTED), method=BITMAP_METHOD)
+            self.work.manifest = replace(self.work.manifest, failover=_with_migration(
+                self.work.manifest.failover, {"reverse_bitmap": rollback}))
+        self.work.record = record
+        self.work.save(Protection.REPROTECTED, "live failback undone")
+
+
+def _with_migration(record: FailoverRecord | None, changes: dict[str, object]) -> FailoverRecord | None:
+    return replace(record, migration=(record.migration or {}) | changes) if record is not None else None

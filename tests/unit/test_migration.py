@@ -1,0 +1,87 @@
+"""mechanics/migration.py: the pieces of a live move that need no QEMU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from drtool.mechanics import migration
+from drtool.mechanics.migration import MigrationFailed, event_time, incoming_argv, migration_uri, wait_migration
+from drtool.transport.qmp import EventSubscription
+
+
+def test_uri_brackets_ipv6_and_leaves_names_and_ipv4() -> None:
+    assert migration_uri("192.0.2.2", 10810) == "tcp:192.0.2.2:10810"
+    assert migration_uri("2001:db8::2", 10810) == "tcp:[2001:db8::2]:10810"
+    assert migration_uri("dr.example.net", 1) == "tcp:dr.example.net:1"
+
+
+def test_destination_waits_for_a_stream_paused() -> None:
+    assert incoming_argv(["qemu-system-x86_64", "-S", "-daemonize"])[-2:] == ["-incoming", "defer"]
+
+
+def test_event_time_from_qemu_timestamps() -> None:
+    assert event_time({"timestamp": {"seconds": 10, "microseconds": 250000}}) == 10.25
+    assert event_time({}) is None
+
+
+class Migrating:
+    """query-migrate answering a sequence of statuses."""
+
+    def __init__(self, *statuses: str) -> None:
+        self.statuses = list(statuses)
+
+    def execute(self, command: str, args: Any = None, **_: Any) -> Any:
+        assert command == "query-migrate"
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"status": status} | ({"error-desc": "Unable to write to socket"} if status == "failed" else {})
+
+
+def test_wait_returns_at_the_status_and_says_why_a_migration_failed() -> None:
+    assert wait_migration(Migrating("setup", "active", "pre-switchover"), frozenset({"pre-switchover"}),
+                          5)["status"] == "pre-switchover"  # type: ignore[arg-type]
+    with pytest.raises(MigrationFailed, match="ended failed: Unable to write to socket"):
+        wait_migration(Migrating("active", "failed"), frozenset({"pre-switchover"}), 5)  # type: ignore[arg-type]
+    with pytest.raises(MigrationFailed, match="still active after 0.1 s"):
+        wait_migration(Migrating("active"), frozenset({"completed"}), 0.1)  # type: ignore[arg-type]
+
+
+def test_an_event_wakes_the_wait_at_once() -> None:
+    events = EventSubscription()
+    events._put({"event": "MIGRATION", "data": {"status": "pre-switchover"}})
+    seen: list[dict] = []
+    info = wait_migration(Migrating("active"), frozenset({"pre-switchover"}), 5, events, seen)  # type: ignore[arg-type]
+    assert info["status"] == "pre-switchover" and seen[0]["event"] == "MIGRATION"
+
+
+class Host:
+    def __init__(self, version: str, machines: str) -> None:
+        self.version, self.machines = version, machines
+
+    def run(self, argv: list[str], **_: Any) -> Any:
+        from drtool.transport.ssh import CommandResult
+
+        out = self.version if argv[1] == "--version" else self.machines
+        return CommandResult(tuple(argv), 0, out.encode(), b"")
+
+
+class Source:
+    def execute(self, command: str, args: Any = None, **_: Any) -> Any:
+        if command == "query-version":
+            return {"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": "Debian 1:7.2+dfsg-7+deb12u18"}
+        return "pc-q35-7.2-machine"
+
+
+@pytest.mark.parametrize(("version", "machines", "says"), [
+    ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u17)\n",
+     "Supported machines are:\npc-q35-7.2  Standard PC (Q35 + ICH9, 2009)\n", ""),
+    ("QEMU emulator version 7.2.5\n", "", "QEMU versions differ: the VM runs QEMU 7.2.22 on kvm1, kvm2 has QEMU 7.2.5"),
+    ("QEMU emulator version 7.2.22\n", "Supported machines are:\npc-q35-7.1  Standard PC\n",
+     "machine types differ: the VM runs pc-q35-7.2 on kvm1"),
+    ("bash: qemu: not found", "", "does not say its version"),
+])
+def test_what_keeps_the_dr_host_from_taking_the_stream(version: str, machines: str, says: str) -> None:
+    found = migration.destination_mismatch(Source(), Host(version, machines), "qemu-system-x86_64", "kvm2",  # type: ignore[arg-type]
+                                           "kvm1")
+    assert found == says if not says else says in found
