@@ -132,6 +132,8 @@ def _status_wide(report: StatusReport) -> Table:
                 protection += " (unencrypted: inventory opted out of TLS)"
         if vm.drill is not None:
             protection += "\n" + _drill_text(vm)
+        if vm.libvirt is not None:  # the domain as libvirt sees it, and what that means (libvirt_status.py)
+            protection += "".join(f"\n{line}" for line in (vm.libvirt.describe(), *vm.libvirt.notes))
         head: list[str | Text] = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
         if vm.error:
             table.add_row(*head, Text(vm.error, style="red"))

@@ -90,6 +90,11 @@ class VirshQmp(QmpSession):
                                 "its QEMU exited and replication with it",
                                 hint=f"virsh start {self.domain}, then drtool resync {self.name} (from the "
                                      "persistent bitmap)")
+        if state == "shut off" and reason.startswith("migrated"):
+            raise VmUnreachable(f"{self.name}: libvirt migrated domain {self.domain!r} away from this host: its "
+                                "QEMU here exited and replication with it",
+                                hint=f"migrate it back, then drtool resync {self.name}; or protect it from its "
+                                     "new host (the inventory's host)")
         if state in ("shut off", "crashed", "pmsuspended"):
             raise VmUnreachable(f"{self.name}: libvirt domain {self.domain!r} is {state}"
                                 + (f" ({reason}" if reason else ""), hint=f"start it: virsh start {self.domain}")
