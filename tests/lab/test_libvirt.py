@@ -12,7 +12,7 @@ import pytest
 from drtool.lab.lab import Lab
 from drtool.lab.libvirt_site import LabDomain, domain_xml, in_site, wait_libvirtd
 
-from .replication_helpers import drtool, drtool_ok, replica_has
+from .replication_helpers import drtool, drtool_ok, replica_has, status_json
 
 pytestmark = pytest.mark.lab
 
@@ -129,6 +129,19 @@ def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_la
     assert domain.virsh("domstate", domain.name).strip() == "running"
 
 
+def test_libvirts_own_snapshot_is_refused_and_status_says_why(libvirt_lab: Lab, domain: LabDomain,
+                                                              domain_config: Path):
+    refused = libvirt_lab.virsh("site-a", "snapshot-create-as", domain.name, "mine", "--disk-only", "--no-metadata")
+    assert refused.returncode != 0 and "busy" in refused.stderr, refused.stderr
+    entry = status_json(domain_config, domain.name)
+    seen = entry["libvirt"]
+    assert (seen["name"], seen["host"], seen["state"], seen["managed_save"]) == (domain.name, "site-a", "running",
+                                                                                 False), seen
+    assert "custom-monitor" in seen["tainted"] and seen["qemu_pid"] > 0 and seen["qemu_started"], seen
+    assert any("snapshot-create" in n and "busy" in n for n in seen["notes"]), seen["notes"]
+    assert entry["protection"] == "in-sync", entry
+
+
 def domain_jobs(domain: LabDomain) -> list[dict]:
     out = domain.virsh("qemu-monitor-command", domain.name, '{"execute":"query-block-jobs"}')
     return [j for j in json.loads(out)["return"] if j["device"].startswith("drtool-")]
@@ -167,7 +180,11 @@ def test_managedsave_is_reported_and_resync_resumes_from_the_bitmap(libvirt_lab:
     domain.virsh("managedsave", domain.name)  # libvirt-guests does this at host shutdown: QEMU exits
     status = drtool(domain_config, "status", domain.name)
     assert "managedsave" in status.stdout + status.stderr, status.stdout + status.stderr
+    assert status_json(domain_config, domain.name)["libvirt"]["managed_save"] is True
     domain.virsh("start", domain.name)  # restored from the save image, without drtool's jobs
+    restored = status_json(domain_config, domain.name)  # found now, not at failover: the QEMU is a new one
+    assert restored["protection"] == "broken" and "restored from a managed save" in restored["reason"], restored
+    assert restored["libvirt"]["reason"] == "restored" and restored["libvirt"]["managed_save"] is False
     domain.guest_write(0, 11 * MiB, MiB, 0xB1)
     drtool_ok(domain_config, "resync", domain.name)
     assert len(domain_jobs(domain)) == 2
@@ -205,6 +222,9 @@ def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_l
     assert sources.count(replicas) == 2, sources
     top = next(line.split()[-1] for line in sources.splitlines() if "vda" in line)
     assert replica_has(Path(top), 7 * MiB, MiB, 0x77)
+    entry = status_json(domain_config, domain.name)  # status shows the DR copy as site-b's libvirt domain
+    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over"), entry
+    assert (entry["libvirt"]["host"], entry["libvirt"]["state"]) == ("site-b", "running"), entry["libvirt"]
     libvirt_lab.virsh("site-b", "destroy", domain.name)
 
 
@@ -225,4 +245,29 @@ def test_unplanned_failover_with_force_starts_the_newest_point_under_libvirt(lib
         assert replica_has(Path(top), MiB, MiB, 0x0D)
     finally:
         libvirt_lab.virsh("site-b", "destroy", dom.name)
+        dom.remove()
+
+
+def test_rollback_of_a_libvirt_failover_gives_the_source_domain_back_as_it_was(libvirt_lab: Lab, tmp_path: Path):
+    dom = LabDomain(libvirt_lab, "lvrb", "site-a", sizes=("16M",))
+    try:
+        dom.virsh("autostart", dom.name)
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x1B)
+        drtool_ok(config, "failover", dom.name, "--yes")
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).stdout.strip() == "running"
+        assert "Autostart:      disable" in dom.virsh("dominfo", dom.name)
+        drtool_ok(config, "failover", dom.name, "--rollback", "--yes")
+        assert libvirt_lab.virsh("site-b", "dominfo", dom.name).returncode != 0  # destroyed and undefined
+        assert dom.virsh("domstate", dom.name).strip() == "running"
+        assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)  # as it was before the failover
+        entry = status_json(config, dom.name)
+        assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
+        dom.guest_write(0, 3 * MiB, MiB, 0x3B)  # replication goes on from the source domain
+        assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 3 * MiB, MiB, 0x3B))
+        assert replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), MiB, MiB, 0x1B)
+    finally:
+        for args in (("destroy", dom.name), ("undefine", dom.name)):
+            libvirt_lab.virsh("site-b", *args)
         dom.remove()
