@@ -66,6 +66,9 @@ def hosts_table(report: HostsReport, width: int = 80) -> Table:
             f"{s.vm} {human_size(s.available_bytes)}" if not s.error else f"{s.vm}: {s.error}"
             for s in h.replica_space
         ) or "-"
+        if h.qemu_access:  # libvirt domains: what their QEMU user can open (rules in full: --json)
+            space += "; " + ", ".join(f"{a.vm}: {a.user} opens drtool's files, AppArmor {a.apparmor}"
+                                      for a in h.qemu_access)
         table.add_row(
             h.name,
             _mark(h.reachable, "yes" if h.reachable else "no"),

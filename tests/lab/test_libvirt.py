@@ -119,6 +119,30 @@ def test_protect_a_libvirt_domain_replicates_both_disks(libvirt_lab: Lab, domain
     assert [d["node_name"] for d in manifest["disks"]] == ["libvirt-2-format", "libvirt-1-format"]
 
 
+def test_hosts_check_says_whether_libvirts_qemu_user_reaches_drtools_files(libvirt_lab: Lab, domain: LabDomain,
+                                                                          domain_config: Path):
+    def access() -> tuple[int, dict]:
+        checked = drtool(domain_config, "--json", "hosts", "check", "site-a")
+        [entry] = json.loads(checked.stdout)["hosts"][0]["qemu_access"]
+        return checked.returncode, entry
+
+    code, entry = access()
+    assert code == 0 and (entry["vm"], entry["user"]) == (domain.name, "libvirt-qemu"), entry
+    assert (entry["psk_dir_access"], entry["relay_socket_access"]) == ("ok", "ok"), entry
+    apparmor = Path("/sys/module/apparmor/parameters/enabled")
+    if not apparmor.exists() or apparmor.read_text().strip() != "Y":
+        assert entry["apparmor"] == "absent" and entry["missing_rules"] == [], entry
+    psk_dir = Path(entry["psk_dir"])
+    before = psk_dir.stat()
+    os.chown(psk_dir, 0, 0)  # as if drtool had not given it to libvirt's QEMU user
+    try:
+        code, denied = access()
+        assert code != 0 and denied["psk_dir_access"] == "denied", denied
+        assert denied["error"] == f"libvirt-qemu cannot read {psk_dir}", denied
+    finally:
+        os.chown(psk_dir, before.st_uid, before.st_gid)
+
+
 def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_lab: Lab, domain: LabDomain,
                                                                       domain_config: Path):
     domain.guest_write(1, MiB, MiB, 0x66)

@@ -1,0 +1,117 @@
+"""What libvirt says of a domain (virsh output as libvirt 9 prints it), and what status and hosts check make of it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+
+from drtool.mechanics.libvirt_access import APPARMOR_LOCAL, apparmor_rules, parse_access
+from drtool.mechanics.libvirt_state import SNAPSHOT_NOTE, parse_libvirt_domain, source_notes
+
+NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+INFO = """== info
+Id:             3
+Name:           db
+UUID:           5a1c2f0e-8d2b-4b43-9a55-0c1a8e2d6f10
+OS Type:        hvm
+State:          {state}
+CPU(s):         1
+Max memory:     65536 KiB
+Used memory:    65536 KiB
+Persistent:     yes
+Autostart:      enable
+Managed save:   {saved}
+Security model: none
+Security DOI:   0
+
+== state
+{state} ({reason})
+
+== status
+<domstatus state='{state}' reason='{reason}' pid='4242'>
+  <taint flag='custom-monitor'/>
+  <monitor path='/var/lib/libvirt/qemu/domain-3-db/monitor.sock' type='unix'/>
+  <domain type='qemu' id='3'><name>db</name></domain>
+</domstatus>
+== elapsed
+    120
+== end
+"""
+
+
+def running(reason: str = "booted", saved: str = "no") -> str:
+    return INFO.format(state="running", reason=reason, saved=saved)
+
+
+def test_a_running_domain_as_libvirt_sees_it():
+    domain = parse_libvirt_domain(running(), "db", "kvm1", NOW)
+    assert (domain.state, domain.reason, domain.persistent, domain.autostart, domain.managed_save) == (
+        "running", "booted", True, True, False)
+    assert domain.tainted == ("custom-monitor",) and domain.qemu_pid == 4242
+    assert domain.qemu_started == "2026-11-27T11:58:00+00:00"
+    assert domain.describe() == "libvirt domain db on kvm1: running (booted); tainted: custom-monitor"
+
+
+def test_a_domain_libvirt_does_not_know_is_undefined():
+    out = "== info\nerror: failed to get domain 'db'\n== state\nerror: failed to get domain 'db'\n== status\n" \
+          "== elapsed\n== end\n"
+    domain = parse_libvirt_domain(out, "db", "kvm1", NOW)
+    assert domain.state == "undefined" and domain.qemu_pid is None
+    assert "does not know domain db" in source_notes(domain, True, True)[0]
+
+
+def test_a_saved_domain_has_no_qemu_and_the_note_says_what_to_do():
+    out = INFO.format(state="shut off", reason="saved", saved="yes").split("== status")[0] + "== status\n== end\n"
+    domain = parse_libvirt_domain(out, "db", "kvm1", NOW)
+    assert (domain.state, domain.reason, domain.managed_save, domain.qemu_pid) == ("shut off", "saved", True, None)
+    [note] = source_notes(domain, True, True)
+    assert "managedsave" in note and "virsh start db, then drtool resync" in note
+
+
+def test_jobs_gone_under_a_restored_qemu_name_the_restart_and_the_resync():
+    domain = parse_libvirt_domain(running("restored"), "db", "kvm1", NOW)
+    notes = source_notes(domain, protected=True, jobs_missing=True)
+    assert notes[0].startswith("the domain's QEMU (pid 4242) was restored from a managed save at "
+                               "2026-11-27T11:58:00+00:00") and "drtool resync" in notes[0]
+    assert SNAPSHOT_NOTE not in notes  # no mirror: libvirt's snapshot would work now
+    migrated = source_notes(parse_libvirt_domain(running("migrated"), "db", "kvm1", NOW), True, True)
+    assert "was migrated in" in migrated[0]
+
+
+def test_a_replicated_domain_says_why_libvirts_snapshots_fail_and_what_the_taint_means():
+    notes = source_notes(parse_libvirt_domain(running(), "db", "kvm1", NOW), protected=True, jobs_missing=False)
+    assert notes[0] == SNAPSHOT_NOTE and "busy" in SNAPSHOT_NOTE and "drtool checkpoint" in SNAPSHOT_NOTE
+    assert "tainted: custom-monitor" in notes[1]
+    unprotected = source_notes(parse_libvirt_domain(running(), "db", "kvm1", NOW), False, False)
+    assert SNAPSHOT_NOTE not in unprotected
+
+
+def test_migrated_away_says_so_and_how_to_go_on():
+    out = INFO.format(state="shut off", reason="migrated", saved="no").split("== status")[0] + "== end\n"
+    [note] = source_notes(parse_libvirt_domain(out, "db", "kvm1", NOW), True, True)
+    assert "migrated domain db away from kvm1" in note and "resync" in note
+
+
+TLS, SOCK = PurePosixPath("/var/lib/drtool/db/tls/db"), PurePosixPath("/var/lib/drtool/db/db.nbd.sock")
+
+
+def test_apparmor_rules_name_the_psk_directory_and_the_relay_socket():
+    rules = apparmor_rules(TLS, SOCK)
+    assert rules == {"tls": '  "/var/lib/drtool/db/tls/db/" r,\n  "/var/lib/drtool/db/tls/db/*" r,',
+                     "socket": '  "/var/lib/drtool/db/db.nbd.sock" rw,'}
+
+
+def test_enforcing_apparmor_without_drtools_rules_says_which_are_missing():
+    out = "user libvirt-qemu\ntls ok\nsocket ok\napparmor enforcing\nrule tls\n"
+    access = parse_access("db", TLS, SOCK, out)
+    assert access.apparmor == "enforcing" and access.missing_rules == (apparmor_rules(TLS, SOCK)["socket"],)
+    assert str(APPARMOR_LOCAL) in access.error and "db.nbd.sock" in access.error and "tls/db/*" not in access.error
+
+
+def test_no_apparmor_and_a_denied_key_directory():
+    access = parse_access("db", TLS, SOCK, "user libvirt-qemu\ntls denied\nsocket absent\napparmor absent\n")
+    assert (access.apparmor, access.missing_rules) == ("absent", ())
+    assert access.error == f"libvirt-qemu cannot read {TLS}"
+    fine = parse_access("db", TLS, SOCK, "user libvirt-qemu\ntls ok\nsocket ok\napparmor not-enforcing\n")
+    assert fine.error is None and fine.apparmor == "not enforcing"
