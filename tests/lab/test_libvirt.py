@@ -157,6 +157,8 @@ def test_libvirts_own_snapshot_is_refused_and_status_says_why(libvirt_lab: Lab, 
                                                               domain_config: Path):
     refused = libvirt_lab.virsh("site-a", "snapshot-create-as", domain.name, "mine", "--disk-only", "--no-metadata")
     assert refused.returncode != 0 and "busy" in refused.stderr, refused.stderr
+    backup = libvirt_lab.virsh("site-a", "backup-begin", domain.name)
+    assert backup.returncode != 0 and "busy" in backup.stderr, backup.stderr
     entry = status_json(domain_config, domain.name)
     seen = entry["libvirt"]
     assert (seen["name"], seen["host"], seen["state"], seen["managed_save"]) == (domain.name, "site-a", "running",
@@ -222,6 +224,7 @@ def test_a_drill_runs_a_transient_copy_under_libvirt_and_changes_nothing(libvirt
     assert libvirt_lab.virsh("site-b", "domstate", name).stdout.strip() == "running"
     info = libvirt_lab.virsh("site-b", "dominfo", name).stdout
     assert "Persistent:     no" in info  # transient: nothing of it stays in the DR host's libvirt
+    assert status_json(domain_config, domain.name)["drill"]["running"] is True  # status sees libvirt's drill copy
     disks = libvirt_lab.virsh("site-b", "domblklist", name, "--details").stdout
     assert disks.count(str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "test")) == 2, disks
     # replication goes on meanwhile
