@@ -96,12 +96,16 @@ def source_notes(domain: LibvirtDomain, protected: bool, jobs_missing: bool) -> 
         notes.append(f"a managed save (virsh managedsave) ended the domain's QEMU and the mirror with it: "
                      f"virsh start {domain.name}, then drtool resync (it catches up from the persistent bitmap)")
     if protected and jobs_missing and domain.qemu_pid is not None:
-        why = {"restored": "restored from a managed save", "migrated": "migrated in",
-               "from snapshot": "reverted to a snapshot"}.get(domain.reason or "", "restarted")
+        why = {"restored": "was restored from a managed save", "migrated": "was migrated in",
+               "from snapshot": "was reverted to a snapshot"}.get(domain.reason or "")
         since = f" at {domain.qemu_started}" if domain.qemu_started else ""
-        notes.append(f"the domain's QEMU (pid {domain.qemu_pid}) was {why}{since}: drtool's mirror ended with "
-                     "the old process; "
-                     "run drtool resync (from the persistent bitmap)")
+        if why is not None:  # libvirt's own cause says a new QEMU, or a new state, under the domain
+            notes.append(f"the domain's QEMU (pid {domain.qemu_pid}) {why}{since}: drtool's mirror ended with "
+                         "the old one; run drtool resync (from the persistent bitmap)")
+        else:
+            notes.append(f"the domain's QEMU (pid {domain.qemu_pid}, started{since}, libvirt: "
+                         f"{domain.reason or domain.state}) has no drtool job: it was restarted, or the jobs were "
+                         "ended; run drtool resync (from the persistent bitmap)")
     if protected and not jobs_missing:
         notes.append(SNAPSHOT_NOTE)
     if "custom-monitor" in domain.tainted:

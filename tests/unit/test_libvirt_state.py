@@ -115,3 +115,9 @@ def test_no_apparmor_and_a_denied_key_directory():
     assert access.error == f"libvirt-qemu cannot read {TLS}"
     fine = parse_access("db", TLS, SOCK, "user libvirt-qemu\ntls ok\nsocket ok\napparmor not-enforcing\n")
     assert fine.error is None and fine.apparmor == "not enforcing"
+
+
+def test_jobs_gone_under_a_booted_qemu_do_not_claim_more_than_libvirt_knows():
+    [note, *_] = source_notes(parse_libvirt_domain(running("booted"), "db", "kvm1", NOW), True, True)
+    assert note.startswith("the domain's QEMU (pid 4242, started at 2026-11-27T11:58:00+00:00, libvirt: booted) "
+                           "has no drtool job: it was restarted, or the jobs were ended")
