@@ -5,8 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.mechanics.libvirt_access import APPARMOR_LOCAL, apparmor_rules, parse_access
 from drtool.mechanics.libvirt_state import SNAPSHOT_NOTE, parse_libvirt_domain, source_notes
+from drtool.services.libvirt_status import with_libvirt
+from drtool.services.status import DiskStatus, VmStatus
+from drtool.state.protection import Health
+
+from .fakes import FakeShell
 
 NOW = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -121,3 +127,36 @@ def test_jobs_gone_under_a_booted_qemu_do_not_claim_more_than_libvirt_knows():
     [note, *_] = source_notes(parse_libvirt_domain(running("booted"), "db", "kvm1", NOW), True, True)
     assert note.startswith("the domain's QEMU (pid 4242, started at 2026-11-27T11:58:00+00:00, libvirt: booted) "
                            "has no drtool job: it was restarted, or the jobs were ended")
+
+
+class OneShellReach:
+    def __init__(self, shell: FakeShell) -> None:
+        self.shells = {"kvm1": shell, "kvm2": shell}
+
+    def shell(self, host_name: str) -> FakeShell:
+        return self.shells[host_name]
+
+
+def libvirt_vm() -> Vm:
+    return Vm("db", "kvm1", None, "kvm2", PurePosixPath("/dr/db"), libvirt_domain="db")
+
+
+def test_status_of_a_broken_domain_names_its_restored_qemu_as_the_reason():
+    reach = OneShellReach(FakeShell(answers={"sh": (0, running("restored"), "")}))
+    disk = DiskStatus("virtio-disk0", "libvirt-2-format", "qcow2", 1 << 20, "/img", True, Health.BROKEN, None,
+                      "no replication job on the source", protected=True)
+    broken = VmStatus("db", "kvm1", "kvm2", "running", Health.BROKEN, (disk,), reason="no replication job")
+    seen = with_libvirt(reach, libvirt_vm(), broken)  # type: ignore[arg-type]
+    assert seen.reason is not None and "restored from a managed save" in seen.reason
+    assert seen.libvirt is not None and seen.libvirt.host == "kvm1" and seen.libvirt.tainted == ("custom-monitor",)
+
+
+def test_status_after_a_failover_shows_the_dr_hosts_domain():
+    dr = FakeShell(answers={"sh": (0, running(), "")})
+    reach = OneShellReach(FakeShell())
+    reach.shells["kvm2"] = dr
+    failed_over = VmStatus("db", "kvm2", "kvm2", "running", Health.FAILED_OVER)
+    seen = with_libvirt(reach, libvirt_vm(), failed_over)  # type: ignore[arg-type]
+    assert seen.libvirt is not None and seen.libvirt.host == "kvm2" and dr.ran
+    assert with_libvirt(reach, Vm("web", "kvm1", PurePosixPath("/q.sock"), "kvm2", PurePosixPath("/dr/web")),
+                        failed_over) is failed_over  # type: ignore[arg-type]
