@@ -67,8 +67,8 @@ def hosts_table(report: HostsReport, width: int = 80) -> Table:
             for s in h.replica_space
         ) or "-"
         if h.qemu_access:  # libvirt domains: what their QEMU user can open (rules in full: --json)
-            space += "; " + ", ".join(f"{a.vm}: {a.user} opens drtool's files, AppArmor {a.apparmor}"
-                                      for a in h.qemu_access)
+            space += "; " + ", ".join(f"{a.vm}: QEMU user {a.user}, PSK dir {a.psk_dir_access}, relay socket "
+                                      f"{a.relay_socket_access}, AppArmor {a.apparmor}" for a in h.qemu_access)
         table.add_row(
             h.name,
             _mark(h.reachable, "yes" if h.reachable else "no"),
