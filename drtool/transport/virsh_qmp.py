@@ -43,7 +43,7 @@ TAINT_NOTE = ("libvirt marks the domain 'tainted: custom-monitor' (drtool passes
 _EVENT_STREAM = 'virsh -c "$1" qemu-monitor-event "$2" --loop & pid=$!; cat >/dev/null; kill $pid 2>/dev/null'
 _EVENT_LINE = re.compile(r"event (?P<name>\S+) at (?P<sec>\d+)\.(?P<usec>\d+) for domain '.*': (?P<data>.*)$")
 _THROUGH_LIBVIRT = {"stop": ("suspend", "paused"), "cont": ("resume", "running")}  # QMP -> virsh, state after
-_SEPARATOR = "drtool-reply-end"  # virsh runs `A ; echo SEP ; B` in one process and one libvirt connection
+SEPARATOR = "drtool-reply-end"  # virsh runs `A ; echo SEP ; B` in one process and one libvirt connection
 _NOT_RUNNING = ("domain is not running", "failed to get domain", "Domain not found")
 
 
@@ -130,11 +130,11 @@ class VirshQmp(QmpSession):
             raise VmUnreachable(f"{self.name}: QMP session is not connected")
         if len(commands) < 2 or any(c in _THROUGH_LIBVIRT for c, _ in commands):
             return super().execute_many(commands, timeout=timeout)
-        script = f" ; echo {_SEPARATOR} ; ".join(
-            f"qemu-monitor-command {_virsh_quote(self.domain)} "
-            f"{_virsh_quote(json.dumps({'execute': c, **({'arguments': a} if a else {})}))}" for c, a in commands)
+        script = f" ; echo {SEPARATOR} ; ".join(
+            f"qemu-monitor-command {virsh_quote(self.domain)} "
+            f"{virsh_quote(json.dumps({'execute': c, **({'arguments': a} if a else {})}))}" for c, a in commands)
         result = self.shell.run(virsh_argv(self.uri, script), check=False, timeout=timeout or self.timeout)
-        parts = result.out.split(_SEPARATOR)
+        parts = result.out.split(SEPARATOR)
         if len(parts) != len(commands) or not all(p.strip() for p in parts):
             raise VmUnreachable(f"{self.name}: {', '.join(c for c, _ in commands)} did not reach QEMU through "
                                 f"libvirt: {_virsh_error(result.err)}")
@@ -205,7 +205,7 @@ def _no_socket() -> socket.socket:
     raise OSError("a libvirt domain's monitor is libvirt's: drtool goes through virsh")
 
 
-def _virsh_quote(text: str) -> str:
+def virsh_quote(text: str) -> str:
     """One argument in virsh's own command syntax (single quotes, as in sh; a quote inside is closed and escaped)."""
     return "'" + text.replace("'", "'\\''") + "'"
 

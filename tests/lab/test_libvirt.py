@@ -252,6 +252,9 @@ def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_l
     entry = status_json(domain_config, domain.name)  # status shows the DR copy as site-b's libvirt domain
     assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over"), entry
     assert (entry["libvirt"]["host"], entry["libvirt"]["state"]) == ("site-b", "running"), entry["libvirt"]
+    assert sorted(d["device"] for d in entry["disks"]) == ["virtio-disk0", "virtio-disk1"], entry["disks"]
+    assert all(d["image"].startswith(replicas) and d["virtual_size"] > 0 for d in entry["disks"]), entry["disks"]
+    assert entry["libvirt"]["tainted"] == []  # status read the DR copy through libvirt's API: no QMP passed
     libvirt_lab.virsh("site-b", "destroy", domain.name)
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
+import pytest
+
 from drtool.domain import Vm
+from drtool.errors import VmUnreachable
+from drtool.mechanics.blockinfo import parse_query_block
 from drtool.mechanics.libvirt_access import APPARMOR_LOCAL, apparmor_rules, parse_access
 from drtool.mechanics.libvirt_state import SNAPSHOT_NOTE, parse_libvirt_domain, source_notes
-from drtool.services.libvirt_status import with_libvirt
+from drtool.services.libvirt_status import LibvirtCopyView, with_libvirt
 from drtool.services.status import DiskStatus, VmStatus
 from drtool.state.protection import Health
 
@@ -160,3 +164,28 @@ def test_status_after_a_failover_shows_the_dr_hosts_domain():
     assert seen.libvirt is not None and seen.libvirt.host == "kvm2" and dr.ran
     assert with_libvirt(reach, Vm("web", "kvm1", PurePosixPath("/q.sock"), "kvm2", PurePosixPath("/dr/web")),
                         failed_over) is failed_over  # type: ignore[arg-type]
+
+
+DR_COPY = """running
+
+drtool-reply-end<domain type='qemu' id='1'><name>db</name><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/dr/db/top-vda.qcow2' index='2'/><target dev='vda' bus='virtio'/><alias name='virtio-disk0'/></disk>
+  <disk type='file' device='cdrom'><target dev='sda' bus='sata'/><alias name='sata0-0-0'/></disk>
+</devices></domain>
+drtool-reply-end vda   33554432   196608   33554432
+"""
+
+
+def test_the_dr_copy_is_read_through_libvirts_api_without_passing_qmp():
+    dr = FakeShell(answers={"virsh": (0, DR_COPY, "")})
+    with LibvirtCopyView("db (failed over)", dr, "db") as view:
+        assert view.execute("query-status") == {"status": "running"}
+        [disk] = parse_query_block(view.execute("query-block"))
+    assert (disk.device, disk.format, disk.image, disk.virtual_size) == ("virtio-disk0", "qcow2",
+                                                                          "/dr/db/top-vda.qcow2", 33554432)
+    [call] = dr.ran
+    assert "qemu-monitor-command" not in call[-1] and call[-1].startswith("domstate 'db' ; echo drtool-reply-end")
+    gone = FakeShell(answers={"virsh": (0, "", "error: failed to get domain 'db'\n")})
+    with pytest.raises(VmUnreachable, match="not known: error: failed to get domain"):
+        LibvirtCopyView("db (failed over)", gone, "db").connect()
