@@ -67,6 +67,9 @@ def hosts_table(report: HostsReport, width: int = 80) -> Table:
             f"{s.vm} {human_size(s.available_bytes)}" if not s.error else f"{s.vm}: {s.error}"
             for s in h.replica_space
         ) or "-"
+        if h.qemu_access:  # libvirt domains: what their QEMU user can open (rules in full: --json)
+            space += "; " + ", ".join(f"{a.vm}: QEMU user {a.user}, PSK dir {a.psk_dir_access}, relay socket "
+                                      f"{a.relay_socket_access}, AppArmor {a.apparmor}" for a in h.qemu_access)
         table.add_row(
             h.name,
             _mark(h.reachable, "yes" if h.reachable else "no"),
@@ -133,6 +136,8 @@ def _status_wide(report: StatusReport) -> Table:
                 protection += " (unencrypted: inventory opted out of TLS)"
         if vm.drill is not None:
             protection += "\n" + _drill_text(vm)
+        if vm.libvirt is not None:  # the domain as libvirt sees it, and what that means (libvirt_status.py)
+            protection += "".join(f"\n{line}" for line in (vm.libvirt.describe(), *vm.libvirt.notes))
         head: list[str | Text] = [vm.name, vm.host, state, Text(protection, style=_replication_style(vm.protection))]
         if vm.error:
             table.add_row(*head, Text(vm.error, style="red"))

@@ -15,7 +15,7 @@ from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import Refused, RemoteCommandError
-from drtool.mechanics.remote import write_file
+from drtool.mechanics.remote import make_dirs, write_file
 from drtool.transport.connections import RemoteShell
 from drtool.transport.virsh_qmp import virsh_argv
 
@@ -106,9 +106,22 @@ def domain_running(shell: RemoteShell, vm: Vm, name: str) -> bool:
     return result.ok and result.out.strip() == "running"
 
 
+# the source's autostart as it was before a failover disabled it, kept on the source host for a rollback;
+# written once (a re-run after the disable must not record "disable"), removed when the rollback restored it
+_KEEP_AUTOSTART = ('[ -e "$1" ] || { mkdir -p "$(dirname "$1")" && virsh -q -c "$2" dominfo "$3" | '
+                   'sed -n "s/^Autostart: *//p" > "$1.tmp" && mv "$1.tmp" "$1"; }')
+_GONE = ("not running", "failed to get domain", "Domain not found", "domain is not running")
+
+
+def _autostart_record(vm: Vm) -> PurePosixPath:
+    return vm.source_state_dir / f"{vm.name}.libvirt-autostart"
+
+
 def stop_source_domain(shell: RemoteShell, vm: Vm) -> None:
     """Planned failover: the source domain destroyed and kept from starting again with its host."""
     assert vm.libvirt_domain is not None
+    shell.run(["sh", "-c", _KEEP_AUTOSTART, "sh", str(_autostart_record(vm)), vm.libvirt_uri, vm.libvirt_domain],
+              check=False, timeout=60)
     for step in (("autostart", "--disable", vm.libvirt_domain), ("destroy", vm.libvirt_domain)):
         result = shell.run(virsh_argv(vm.libvirt_uri, *step), check=False, timeout=120)
         if not result.ok and "not running" not in result.err:
@@ -136,3 +149,43 @@ def stop_drill_domain(shell: RemoteShell, vm: Vm, hardware: dict[str, Any]) -> b
     """Destroy a drill's transient domain (it is gone with that); whether one ran."""
     name = drill_domain_name(hardware["libvirt_xml"])
     return shell.run(virsh_argv(vm.libvirt_uri, "destroy", name), check=False, timeout=120).ok
+
+
+def remove_dr_domain(shell: RemoteShell, vm: Vm, xml: str) -> bool:
+    """Rollback: the DR copy destroyed and undefined on the DR host; whether it ran."""
+    name = domain_name(xml)
+    ran = domain_running(shell, vm, name)
+    for step in (("destroy", name), ("undefine", name)):
+        result = shell.run(virsh_argv(vm.libvirt_uri, *step), check=False, timeout=120)
+        if not result.ok and not any(s in result.err for s in _GONE):
+            raise RemoteCommandError(f"virsh {step[0]} {name} on {vm.dr_host}: {result.err.strip()}")
+    return ran
+
+
+def start_source_domain_paused(shell: RemoteShell, vm: Vm, xml: str) -> None:
+    """Rollback: the source domain defined again if libvirt lost it, and started paused where it ran."""
+    assert vm.libvirt_domain is not None
+    if not shell.run(virsh_argv(vm.libvirt_uri, "dominfo", vm.libvirt_domain), check=False, timeout=60).ok:
+        path = vm.source_state_dir / f"{vm.name}.domain.xml"
+        make_dirs(shell, vm.source_state_dir)
+        write_file(shell, path, xml.encode(), mode=0o600)
+        result = shell.run(virsh_argv(vm.libvirt_uri, "define", str(path)), check=False, timeout=120)
+        if not result.ok:
+            raise RemoteCommandError(f"virsh define {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")
+    result = shell.run(virsh_argv(vm.libvirt_uri, "start", "--paused", vm.libvirt_domain), check=False, timeout=120)
+    if not result.ok and "already active" not in result.err:
+        raise RemoteCommandError(f"virsh start {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")
+
+
+def restore_source_autostart(shell: RemoteShell, vm: Vm) -> bool:
+    """Rollback's last step: the source's autostart as it was before the failover; whether it is enabled."""
+    assert vm.libvirt_domain is not None
+    record = _autostart_record(vm)
+    kept = shell.run(["cat", "--", str(record)], check=False, timeout=30)
+    enabled = kept.ok and kept.out.strip() == "enable"
+    if enabled:
+        result = shell.run(virsh_argv(vm.libvirt_uri, "autostart", vm.libvirt_domain), check=False, timeout=60)
+        if not result.ok:
+            raise RemoteCommandError(f"virsh autostart {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")
+    shell.run(["rm", "-f", "--", str(record)], timeout=30)
+    return enabled

@@ -10,6 +10,7 @@ from drtool.absent import absent_is_none
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
 from drtool.mechanics.hasher import SYSTEM_PYTHON
+from drtool.mechanics.libvirt_access import QemuAccess, check_qemu_access
 from drtool.mechanics.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
@@ -51,6 +52,7 @@ class HostCheck:
     host_key: str | None = None
     tools: tuple[ToolCheck, ...] = ()
     replica_space: tuple[SpaceCheck, ...] = ()
+    qemu_access: tuple[QemuAccess, ...] = ()  # per libvirt domain on the host: can its QEMU open drtool's files
     error: str | None = None
     exit_code: ExitCode = ExitCode.OK
 
@@ -91,6 +93,8 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
         uris = sorted({vm.libvirt_uri for vm in inventory.vms.values()
                        if vm.libvirt_domain is not None and name in (vm.host, vm.dr_host)})
         tools += tuple(_check_libvirt(shell, uri) for uri in uris)
+        access = tuple(check_qemu_access(shell, vm) for vm in sorted(inventory.vms.values(), key=lambda v: v.name)
+                       if vm.libvirt_domain is not None and vm.host == name)
         space = tuple(
             _check_space(shell, vm.name, str(vm.replica_dir))
             for vm in sorted(inventory.vms.values(), key=lambda v: v.name)
@@ -100,7 +104,8 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
         return HostCheck(name, host.address, reachable=False, error=str(err), exit_code=err.exit_code)
     missing = [t.name for t in tools if t.version is None]
     space_errors = [s.error for s in space if s.error]
-    problems = ([f"missing: {', '.join(missing)}"] if missing else []) + space_errors
+    problems = ([f"missing: {', '.join(missing)}"] if missing else []) + space_errors \
+        + [f"{a.vm}: {a.error}" for a in access if a.error]
     return HostCheck(
         name,
         host.address,
@@ -108,6 +113,7 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
         host_key=shell.host_key,
         tools=tools,
         replica_space=space,
+        qemu_access=access,
         error="; ".join(problems),
         exit_code=ExitCode.FAILED if problems else ExitCode.OK,
     )

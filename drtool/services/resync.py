@@ -284,25 +284,37 @@ def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap
 
 def bitmap_backup_round(qmp: QmpSession, manifest: Manifest, nodes: list[str], bitmap: str,
                          timeout: float = 3600) -> int:
+    """Copy the bitmap's blocks to the replicas; the bytes sent.
+
+    The jobs are watched through query-jobs (they stay, concluded, until
+    dismissed); events only wake the wait early. Through libvirt an event can
+    come before `virsh qemu-monitor-event` listens, and a wait on it alone
+    would never end.
+    """
     ids = [f"drtool-catchup{i}" for i in range(len(nodes))]
+    for jid in ids:  # concluded by a run killed before it dismissed them: the ids must be free
+        with contextlib.suppress(QmpError):
+            qmp.execute("job-dismiss", {"id": jid})
     sent = 0
     with qmp.subscribe(["BLOCK_JOB_COMPLETED"]) as events:
         for i, node in enumerate(nodes):
             qmp.execute("blockdev-backup", {
                 "job-id": ids[i], "device": node, "target": nbd_node(i), "sync": "bitmap",
-                "bitmap": bitmap, "bitmap-mode": "on-success", "auto-dismiss": True,
+                "bitmap": bitmap, "bitmap-mode": "on-success", "auto-dismiss": False,
             })
         pending = set(ids)
         deadline = time.monotonic() + timeout
         while pending:
-            event = events.get(timeout=max(0.1, deadline - time.monotonic()))
-            if event is None:
+            for job in qmp.execute("query-jobs"):
+                if job.get("id") in pending and job.get("status") == "concluded":
+                    qmp.execute("job-dismiss", {"id": job["id"]})
+                    if job.get("error"):
+                        raise DrtoolError(f"catching up {manifest.vm} failed: {job['error']}",
+                                          hint=f"check the link to {manifest.dr_host} and run drtool resync again")
+                    pending.discard(job["id"])
+                    sent += int(job.get("current-progress", 0))
+            if pending and time.monotonic() > deadline:
                 raise DrtoolError(f"catching up {manifest.vm} from its bitmap did not finish in {timeout:g} s")
-            data = event.get("data", {})
-            if data.get("device") in pending:
-                if data.get("error"):
-                    raise DrtoolError(f"catching up {manifest.vm} failed: {data['error']}",
-                                      hint=f"check the link to {manifest.dr_host} and run drtool resync again")
-                pending.discard(data["device"])
-                sent += int(data.get("offset", 0))
+            if pending:
+                events.get(timeout=0.05)
     return sent

@@ -10,7 +10,7 @@ from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.dr_vm import dr_vm_session, drill_layout, vm_pid
+from drtool.mechanics.libvirt_state import LibvirtDomain
 from drtool.mechanics.old_site import look_briefly
 from drtool.mechanics.replication import (
     JobState,
@@ -19,6 +19,7 @@ from drtool.mechanics.replication import (
     replication_health,
 )
 from drtool.services.concurrent import map_concurrently
+from drtool.services.libvirt_status import dr_copy_session, drill_running, with_libvirt
 from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
@@ -68,6 +69,7 @@ class VmStatus:
     state: Protection | None = None  # the manifest's protection state (None: no manifest)
     newest_point_age: float | None = None  # s since the newest point in time was taken
     drill: DrillStatus | None = None  # a test failover on the DR host (None: none)
+    libvirt: LibvirtDomain | None = None  # a libvirt domain: as its host's libvirtd sees it (libvirt_status.py)
 
     def __post_init__(self) -> None:
         absent_is_none(self, "error", "reason")
@@ -90,7 +92,7 @@ def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
     vms = select_vms(inventory, names)
-    return StatusReport(tuple(map_concurrently(lambda vm: _status_of(reach, vm), vms)))
+    return StatusReport(tuple(map_concurrently(lambda vm: with_libvirt(reach, vm, _status_of(reach, vm)), vms)))
 
 
 def _status_of(reach: Reach, vm: Vm) -> VmStatus:
@@ -101,8 +103,7 @@ def _status_of(reach: Reach, vm: Vm) -> VmStatus:
         if manifest is not None and manifest.state.replicating:
             target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
         if manifest is not None and manifest.drill is not None:
-            drill = DrillStatus(manifest.drill.point, manifest.drill.started_at,
-                                vm_pid(dr, drill_layout(vm)) is not None)
+            drill = DrillStatus(manifest.drill.point, manifest.drill.started_at, drill_running(dr, vm, manifest))
     except DrtoolError as err:
         manifest, manifest_error, manifest_exit = None, f"manifest unreadable: {err}", err.exit_code
     else:
@@ -175,7 +176,7 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
                         exit_code=ExitCode.FAILED, mode=manifest.mode, transport=manifest.transport,
                         reason=f"{split}; stop it there", state=manifest.state)
     try:
-        with dr_vm_session(reach, vm) as qmp:
+        with dr_copy_session(reach, vm, manifest) as qmp:
             run_state = qmp.execute("query-status")["status"]
             devices = parse_query_block(qmp.execute("query-block"))
     except DrtoolError as err:

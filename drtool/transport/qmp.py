@@ -13,7 +13,7 @@ import contextlib
 import queue
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -134,6 +134,11 @@ class QmpSession:
             raise VmUnreachable(f"{self.name}: no answer to {command} within {timeout or self.timeout:g} s") from err
         except (StateError, EOFError, ConnectionError) as err:
             raise VmUnreachable(f"{self.name}: the QMP connection was lost during {command}") from err
+
+    def execute_many(self, commands: Sequence[tuple[str, dict[str, Any] | None]], *,
+                     timeout: float | None = None) -> list[Any]:
+        """Several read-only commands' replies, in order (a libvirt domain answers them in one virsh call)."""
+        return [self.execute(command, args, timeout=timeout) for command, args in commands]
 
     @contextlib.contextmanager
     def subscribe(self, names: Iterable[str] = ()) -> Iterator[EventSubscription]:

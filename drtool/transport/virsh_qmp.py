@@ -26,7 +26,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from drtool.errors import QmpError, VmUnreachable
@@ -43,6 +43,7 @@ TAINT_NOTE = ("libvirt marks the domain 'tainted: custom-monitor' (drtool passes
 _EVENT_STREAM = 'virsh -c "$1" qemu-monitor-event "$2" --loop & pid=$!; cat >/dev/null; kill $pid 2>/dev/null'
 _EVENT_LINE = re.compile(r"event (?P<name>\S+) at (?P<sec>\d+)\.(?P<usec>\d+) for domain '.*': (?P<data>.*)$")
 _THROUGH_LIBVIRT = {"stop": ("suspend", "paused"), "cont": ("resume", "running")}  # QMP -> virsh, state after
+SEPARATOR = "drtool-reply-end"  # virsh runs `A ; echo SEP ; B` in one process and one libvirt connection
 _NOT_RUNNING = ("domain is not running", "failed to get domain", "Domain not found")
 
 
@@ -89,6 +90,11 @@ class VirshQmp(QmpSession):
                                 "its QEMU exited and replication with it",
                                 hint=f"virsh start {self.domain}, then drtool resync {self.name} (from the "
                                      "persistent bitmap)")
+        if state == "shut off" and reason.startswith("migrated"):
+            raise VmUnreachable(f"{self.name}: libvirt migrated domain {self.domain!r} away from this host: its "
+                                "QEMU here exited and replication with it",
+                                hint=f"migrate it back, then drtool resync {self.name}; or protect it from its "
+                                     "new host (the inventory's host)")
         if state in ("shut off", "crashed", "pmsuspended"):
             raise VmUnreachable(f"{self.name}: libvirt domain {self.domain!r} is {state}"
                                 + (f" ({reason}" if reason else ""), hint=f"start it: virsh start {self.domain}")
@@ -116,6 +122,32 @@ class VirshQmp(QmpSession):
         if "error" in reply:
             raise QmpError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
         return reply.get("return")
+
+    def execute_many(self, commands: Sequence[tuple[str, dict[str, Any] | None]], *,
+                     timeout: float | None = None) -> list[Any]:
+        """Several commands in one virsh process (one SSH round trip, one libvirt connection): the drain's poll."""
+        if not self._connected:
+            raise VmUnreachable(f"{self.name}: QMP session is not connected")
+        if len(commands) < 2 or any(c in _THROUGH_LIBVIRT for c, _ in commands):
+            return super().execute_many(commands, timeout=timeout)
+        script = f" ; echo {SEPARATOR} ; ".join(
+            f"qemu-monitor-command {virsh_quote(self.domain)} "
+            f"{virsh_quote(json.dumps({'execute': c, **({'arguments': a} if a else {})}))}" for c, a in commands)
+        result = self.shell.run(virsh_argv(self.uri, script), check=False, timeout=timeout or self.timeout)
+        parts = result.out.split(SEPARATOR)
+        if len(parts) != len(commands) or not all(p.strip() for p in parts):
+            raise VmUnreachable(f"{self.name}: {', '.join(c for c, _ in commands)} did not reach QEMU through "
+                                f"libvirt: {_virsh_error(result.err)}")
+        replies = []
+        for (command, _), part in zip(commands, parts, strict=True):
+            try:
+                reply = json.loads(part)
+            except ValueError as err:
+                raise VmUnreachable(f"{self.name}: libvirt answered {command} with {part.strip()[:200]!r}") from err
+            if "error" in reply:
+                raise QmpError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
+            replies.append(reply.get("return"))
+        return replies
 
     def _through_libvirt(self, command: str, timeout: float) -> dict[str, Any]:
         """Pause and resume as libvirt's own operations, so that its view of the domain stays right."""
@@ -171,6 +203,11 @@ class VirshQmp(QmpSession):
 
 def _no_socket() -> socket.socket:
     raise OSError("a libvirt domain's monitor is libvirt's: drtool goes through virsh")
+
+
+def virsh_quote(text: str) -> str:
+    """One argument in virsh's own command syntax (single quotes, as in sh; a quote inside is closed and escaped)."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def _virsh_error(err: str) -> str:

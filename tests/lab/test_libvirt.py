@@ -12,7 +12,7 @@ import pytest
 from drtool.lab.lab import Lab
 from drtool.lab.libvirt_site import LabDomain, domain_xml, in_site, wait_libvirtd
 
-from .replication_helpers import drtool, drtool_ok, replica_has
+from .replication_helpers import drtool, drtool_ok, replica_has, status_json
 
 pytestmark = pytest.mark.lab
 
@@ -119,6 +119,30 @@ def test_protect_a_libvirt_domain_replicates_both_disks(libvirt_lab: Lab, domain
     assert [d["node_name"] for d in manifest["disks"]] == ["libvirt-2-format", "libvirt-1-format"]
 
 
+def test_hosts_check_says_whether_libvirts_qemu_user_reaches_drtools_files(libvirt_lab: Lab, domain: LabDomain,
+                                                                          domain_config: Path):
+    def access() -> tuple[int, dict]:
+        checked = drtool(domain_config, "--json", "hosts", "check", "site-a")
+        [entry] = json.loads(checked.stdout)["hosts"][0]["qemu_access"]
+        return checked.returncode, entry
+
+    code, entry = access()
+    assert code == 0 and (entry["vm"], entry["user"]) == (domain.name, "libvirt-qemu"), entry
+    assert (entry["psk_dir_access"], entry["relay_socket_access"]) == ("ok", "ok"), entry
+    apparmor = Path("/sys/module/apparmor/parameters/enabled")
+    if not apparmor.exists() or apparmor.read_text().strip() != "Y":
+        assert entry["apparmor"] == "absent" and entry["missing_rules"] == [], entry
+    psk_dir = Path(entry["psk_dir"])
+    before = psk_dir.stat()
+    os.chown(psk_dir, 0, 0)  # as if drtool had not given it to libvirt's QEMU user
+    try:
+        code, denied = access()
+        assert code != 0 and denied["psk_dir_access"] == "denied", denied
+        assert denied["error"] == f"libvirt-qemu cannot read {psk_dir}", denied
+    finally:
+        os.chown(psk_dir, before.st_uid, before.st_gid)
+
+
 def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_lab: Lab, domain: LabDomain,
                                                                       domain_config: Path):
     domain.guest_write(1, MiB, MiB, 0x66)
@@ -127,6 +151,21 @@ def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_la
     point = manifest["points"][-1]
     assert replica_has(Path(point["images"]["virtio-disk1"]), MiB, MiB, 0x66)
     assert domain.virsh("domstate", domain.name).strip() == "running"
+
+
+def test_libvirts_own_snapshot_is_refused_and_status_says_why(libvirt_lab: Lab, domain: LabDomain,
+                                                              domain_config: Path):
+    refused = libvirt_lab.virsh("site-a", "snapshot-create-as", domain.name, "mine", "--disk-only", "--no-metadata")
+    assert refused.returncode != 0 and "busy" in refused.stderr, refused.stderr
+    backup = libvirt_lab.virsh("site-a", "backup-begin", domain.name)
+    assert backup.returncode != 0 and "busy" in backup.stderr, backup.stderr
+    entry = status_json(domain_config, domain.name)
+    seen = entry["libvirt"]
+    assert (seen["name"], seen["host"], seen["state"], seen["managed_save"]) == (domain.name, "site-a", "running",
+                                                                                 False), seen
+    assert "custom-monitor" in seen["tainted"] and seen["qemu_pid"] > 0 and seen["qemu_started"], seen
+    assert any("snapshot-create" in n and "busy" in n for n in seen["notes"]), seen["notes"]
+    assert entry["protection"] == "in-sync", entry
 
 
 def domain_jobs(domain: LabDomain) -> list[dict]:
@@ -167,7 +206,11 @@ def test_managedsave_is_reported_and_resync_resumes_from_the_bitmap(libvirt_lab:
     domain.virsh("managedsave", domain.name)  # libvirt-guests does this at host shutdown: QEMU exits
     status = drtool(domain_config, "status", domain.name)
     assert "managedsave" in status.stdout + status.stderr, status.stdout + status.stderr
+    assert status_json(domain_config, domain.name)["libvirt"]["managed_save"] is True
     domain.virsh("start", domain.name)  # restored from the save image, without drtool's jobs
+    restored = status_json(domain_config, domain.name)  # found now, not at failover: the QEMU is a new one
+    assert restored["protection"] == "broken" and "restored from a managed save" in restored["reason"], restored
+    assert restored["libvirt"]["reason"] == "restored" and restored["libvirt"]["managed_save"] is False
     domain.guest_write(0, 11 * MiB, MiB, 0xB1)
     drtool_ok(domain_config, "resync", domain.name)
     assert len(domain_jobs(domain)) == 2
@@ -181,6 +224,7 @@ def test_a_drill_runs_a_transient_copy_under_libvirt_and_changes_nothing(libvirt
     assert libvirt_lab.virsh("site-b", "domstate", name).stdout.strip() == "running"
     info = libvirt_lab.virsh("site-b", "dominfo", name).stdout
     assert "Persistent:     no" in info  # transient: nothing of it stays in the DR host's libvirt
+    assert status_json(domain_config, domain.name)["drill"]["running"] is True  # status sees libvirt's drill copy
     disks = libvirt_lab.virsh("site-b", "domblklist", name, "--details").stdout
     assert disks.count(str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "test")) == 2, disks
     # replication goes on meanwhile
@@ -205,6 +249,12 @@ def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_l
     assert sources.count(replicas) == 2, sources
     top = next(line.split()[-1] for line in sources.splitlines() if "vda" in line)
     assert replica_has(Path(top), 7 * MiB, MiB, 0x77)
+    entry = status_json(domain_config, domain.name)  # status shows the DR copy as site-b's libvirt domain
+    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over"), entry
+    assert (entry["libvirt"]["host"], entry["libvirt"]["state"]) == ("site-b", "running"), entry["libvirt"]
+    assert sorted(d["device"] for d in entry["disks"]) == ["virtio-disk0", "virtio-disk1"], entry["disks"]
+    assert all(d["image"].startswith(replicas) and d["virtual_size"] > 0 for d in entry["disks"]), entry["disks"]
+    assert entry["libvirt"]["tainted"] == []  # status read the DR copy through libvirt's API: no QMP passed
     libvirt_lab.virsh("site-b", "destroy", domain.name)
 
 
@@ -225,4 +275,29 @@ def test_unplanned_failover_with_force_starts_the_newest_point_under_libvirt(lib
         assert replica_has(Path(top), MiB, MiB, 0x0D)
     finally:
         libvirt_lab.virsh("site-b", "destroy", dom.name)
+        dom.remove()
+
+
+def test_rollback_of_a_libvirt_failover_gives_the_source_domain_back_as_it_was(libvirt_lab: Lab, tmp_path: Path):
+    dom = LabDomain(libvirt_lab, "lvrb", "site-a", sizes=("16M",))
+    try:
+        dom.virsh("autostart", dom.name)
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x1B)
+        drtool_ok(config, "failover", dom.name, "--yes")
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).stdout.strip() == "running"
+        assert "Autostart:      disable" in dom.virsh("dominfo", dom.name)
+        drtool_ok(config, "failover", dom.name, "--rollback", "--yes")
+        assert libvirt_lab.virsh("site-b", "dominfo", dom.name).returncode != 0  # destroyed and undefined
+        assert dom.virsh("domstate", dom.name).strip() == "running"
+        assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)  # as it was before the failover
+        entry = status_json(config, dom.name)
+        assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
+        dom.guest_write(0, 3 * MiB, MiB, 0x3B)  # replication goes on from the source domain
+        assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 3 * MiB, MiB, 0x3B))
+        assert replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), MiB, MiB, 0x1B)
+    finally:
+        for args in (("destroy", dom.name), ("undefine", dom.name)):
+            libvirt_lab.virsh("site-b", *args)
         dom.remove()

@@ -34,8 +34,18 @@ class FakeShell:
         return CommandResult(argv, rc, out.encode(), err.encode())
 
 
+class ExecutesInOrder:
+    """QmpSession.execute_many for a fake: each command through the fake's own execute."""
+
+    def execute(self, command: str, args: dict | None = None, *, timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def execute_many(self, commands: list[tuple[str, Any]], *, timeout: float | None = None) -> list[Any]:
+        return [self.execute(command, args, timeout=timeout) for command, args in commands]
+
+
 @dataclass
-class FakeQmp:
+class FakeQmp(ExecutesInOrder):
     replies: dict[str, Any]
     executed: list[tuple[str, Any]] = field(default_factory=list)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from drtool.errors import QmpError
 
+from .fakes import ExecutesInOrder
+
 
 @dataclass
 class FakeJob:
@@ -32,7 +34,7 @@ class HangGuard(AssertionError):
 
 
 @dataclass
-class FakeJobsQemu:
+class FakeJobsQemu(ExecutesInOrder):
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     executed: list[tuple[str, Any]] = field(default_factory=list)
     max_queries: int = 2000

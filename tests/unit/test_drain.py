@@ -6,12 +6,13 @@ from typing import Any
 
 from drtool.mechanics.replication import job_id, wait_drained
 
+from .fakes import ExecutesInOrder
 from .test_replication_jobs import manifest
 
 MiB = 1 << 20
 
 
-class DrainingQemu:
+class DrainingQemu(ExecutesInOrder):
     """Each poll (bitmaps, then jobs) reads the next (dirty bytes, len, offset) of a script; the last repeats."""
 
     def __init__(self, script: list[tuple[int, int, int]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import PurePosixPath
 
 import pytest
@@ -10,10 +11,12 @@ import pytest
 from drtool.domain import Vm
 from drtool.errors import QmpError, VmUnreachable
 from drtool.mechanics.hardware import read_hardware, source_qemu_alive
+from drtool.mechanics.replication import job_id, wait_drained
 from drtool.transport.ssh import CommandResult
 from drtool.transport.virsh_qmp import VirshQmp, parse_event_line
 
 from .local_shell import LocalShell, fake_process
+from .test_replication_jobs import manifest
 
 
 class FakeVirsh:
@@ -39,11 +42,34 @@ class FakeVirsh:
                 return CommandResult(tuple(argv), 1, b"", b"error: Requested operation is not valid\n")
             self.state = wanted
             return CommandResult(tuple(argv), 0, b"", b"")
+        if len(argv) == 5:  # several commands in virsh's own syntax: `A ; echo SEP ; B`
+            out, err = [], []
+            for words in split_virsh_commands(argv[4]):
+                if words[0] == "echo":
+                    out.append(" ".join(words[1:]))
+                    continue
+                result = self.run(argv[:4] + words)
+                out.append(result.out)
+                err.append(result.err)
+            return CommandResult(tuple(argv), 0, "".join(out).encode(), "".join(err).encode())
         if not self.state.startswith("running"):
             return CommandResult(tuple(argv), 1, b"", b"error: Requested operation is not valid: domain is not running\n")
         command = json.loads(argv[6])["execute"]
         reply = self.replies.get(command, {"error": {"class": "CommandNotFound", "desc": f"no {command}"}})
         return CommandResult(tuple(argv), 0, json.dumps(reply).encode(), b"")
+
+
+def split_virsh_commands(script: str) -> list[list[str]]:
+    """virsh's command string: words as sh splits them, commands separated by a lone `;`."""
+    commands: list[list[str]] = [[]]
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=";")
+    lexer.whitespace_split = True
+    for word in lexer:
+        if word == ";":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
 
 
 def test_commands_pass_through_virsh_as_one_argument_each():
@@ -113,3 +139,32 @@ def test_the_qemu_of_a_libvirt_domain_is_found_by_its_guest_name():
         for proc in (other, ours):
             proc.kill()
             proc.wait()
+
+
+def test_a_drains_poll_is_one_virsh_call_with_both_queries_in_order():
+    virsh = FakeVirsh()
+    virsh.replies["query-named-block-nodes"] = {"return": [
+        {"node-name": "disk0", "dirty-bitmaps": [{"name": "", "count": 0}]}]}
+    virsh.replies["query-block-jobs"] = {"return": [
+        {"device": job_id(0), "len": 8, "offset": 8, "ready": True, "status": "ready", "paused": False,
+         "io-status": "ok"}]}
+    with VirshQmp("web", virsh, "it's prod") as qmp:
+        before = len(virsh.calls)
+        assert wait_drained(qmp, manifest(1), ["disk0"], timeout=5, poll=0)
+        polls = [c for c in virsh.calls[before:] if len(c) == 5]
+    assert len(polls) == 2 and len(virsh.calls) - before == 2 * 3  # two polls: each one virsh process
+    first = split_virsh_commands(polls[0][4])
+    assert [w[:2] for w in first] == [["qemu-monitor-command", "it's prod"], ["echo", "drtool-reply-end"],
+                                      ["qemu-monitor-command", "it's prod"]]
+    assert [json.loads(w[2])["execute"] for w in first if w[0] != "echo"] == ["query-named-block-nodes",
+                                                                              "query-block-jobs"]
+
+
+def test_several_commands_in_one_call_fail_as_one_would():
+    virsh = FakeVirsh()
+    with VirshQmp("web", virsh, "web-prod") as qmp:
+        with pytest.raises(QmpError, match="no query-named-block-nodes"):
+            qmp.execute_many([("query-named-block-nodes", {"flat": True}), ("query-status", None)])
+        virsh.state = "shut off (destroyed)"
+        with pytest.raises(VmUnreachable, match="domain is not running"):
+            qmp.execute_many([("query-status", None), ("query-status", None)])

@@ -14,6 +14,7 @@ from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError
 from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
 from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
+from drtool.mechanics.libvirt_domain import remove_dr_domain, restore_source_autostart, start_source_domain_paused
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay
 from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
@@ -52,6 +53,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
         steps = tuple(s.value for s in record.steps)
+        libvirt_xml = manifest.hardware.get("libvirt_xml") if vm.libvirt_domain is not None else None
         the_plan = FailoverPlan(vm.name, "rollback", tuple(f"undo {s}" for s in reversed(steps)),
                                 (discarded_writes(vm, record, force),))
         if not confirm(the_plan):
@@ -62,10 +64,16 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
             # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
             # It starts paused (-S) and runs only once the DR copy is gone.
-            src.run(_relaunch_argv(manifest), timeout=60)
+            if libvirt_xml is not None:  # the domain libvirt ran, as it was defined
+                start_source_domain_paused(src, vm, libvirt_xml)
+            else:
+                src.run(_relaunch_argv(manifest), timeout=60)
         run_layout = dr_run_layout(vm.replica_dir)
-        dr_vm_ran = record.done(Step.DR_STARTED) or vm_pid(dr, run_layout) is not None
-        kill_vm(dr, run_layout)
+        if libvirt_xml is not None:  # the DR host's libvirt runs the copy: destroyed and undefined
+            dr_vm_ran = remove_dr_domain(dr, vm, libvirt_xml) or record.done(Step.DR_STARTED)
+        else:
+            dr_vm_ran = record.done(Step.DR_STARTED) or vm_pid(dr, run_layout) is not None
+            kill_vm(dr, run_layout)
         final = manifest.point(record.point or "") if record.done(Step.FINAL_POINT) else None
         if dr_vm_ran and final is not None:
             # the DR VM wrote into the tops above the final point (the target is stopped by
@@ -80,6 +88,8 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             if qmp.execute("query-status")["status"] != "running" and paused_by_drtool:
                 qmp.execute("cont")
             state = str(qmp.execute("query-status")["status"])
+        if libvirt_xml is not None and vm.libvirt_domain is not None:
+            restore_source_autostart(src, vm)  # as it was before the failover disabled it
         save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, "failover rolled back"),
                                       failover=None, source_pause=None))
     return RollbackResult(vm.name, tuple(reversed(steps)), state)
