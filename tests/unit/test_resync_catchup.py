@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from drtool.errors import DrtoolError, QmpError
-from drtool.services.resync import _bitmap_backup_round
+from drtool.services.resync import bitmap_backup_round
 
 from .fakes import ExecutesInOrder
 from .test_replication_jobs import manifest
@@ -56,11 +56,11 @@ class DeafQemu(ExecutesInOrder):
 
 def test_the_catch_up_ends_by_polling_when_no_event_comes_and_frees_the_job_ids():
     qemu = DeafQemu()
-    assert _bitmap_backup_round(qemu, manifest(2), ["disk0", "disk1"], "drtool-resync-1", timeout=10) == 2 * 65536
+    assert bitmap_backup_round(qemu, manifest(2), ["disk0", "disk1"], "drtool-resync-1", timeout=10) == 2 * 65536
     assert qemu.jobs == {}  # dismissed, and the leftover of a killed run (catchup0, concluded) dismissed first
     assert qemu.executed[0] == ("job-dismiss", {"id": "drtool-catchup0"})
 
 
 def test_a_failed_catch_up_says_so():
     with pytest.raises(DrtoolError, match="catching up web failed: Input/output error"):
-        _bitmap_backup_round(DeafQemu(error="Input/output error"), manifest(1), ["disk0"], "b", timeout=10)
+        bitmap_backup_round(DeafQemu(error="Input/output error"), manifest(1), ["disk0"], "b", timeout=10)
