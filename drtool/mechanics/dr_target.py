@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
-from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
+from drtool.mechanics.remote import OwnProcess, make_dirs, running_pid, stop_process, write_file
 from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
@@ -125,14 +125,18 @@ def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, t
     return pid
 
 
+def target_process(layout: TargetLayout) -> OwnProcess:
+    return OwnProcess(layout.pidfile, "qemu-storage", str(layout.pidfile), (layout.pidfile, layout.qmp_socket))
+
+
 def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -> None:
     """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers: one round trip.
 
     QMP quit was measured to end qsd no faster than SIGTERM (both ~10 ms); what
     took 1.9 s on the lab was waiting for an exited daemon to be reaped.
     """
-    stop_process(shell, layout.pidfile, "qemu-storage", str(layout.pidfile), timeout,
-                 (layout.pidfile, layout.qmp_socket))
+    target = target_process(layout)
+    stop_process(shell, target.pidfile, target.program, target.marker, timeout, target.leftovers)
 
 
 def free_nbd_port(shell: RemoteShell) -> int:

@@ -19,7 +19,7 @@ from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.command_line import MappedCommandLine, plan_command_line
 from drtool.mechanics.libvirt_domain import dr_domain_xml
-from drtool.mechanics.remote import running_pid, stop_process
+from drtool.mechanics.remote import OWN_PROCESS_SH, OwnProcess, running_pid, stop_process
 from drtool.state.manifest import ReplicaDisk
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -73,21 +73,38 @@ def check_mapping(hardware: dict[str, Any], disks: tuple[ReplicaDisk, ...], repl
     return mapped.changes
 
 
-# $1 run dir, $2 monitor socket, $3 tenths of a second to wait for it, then QEMU's argv.
-_START_SCRIPT = """mkdir -p -m 700 -- "$1" || exit 1
-sock=$2 tenths=$3; shift 3
+# $1 run dir, $2 monitor socket, $3 twentieths of a second to wait for it, $4 pid file, $5 how many
+# arguments follow for a daemon to stop first (0, or stop_ours's four and files to remove), then QEMU's argv.
+# Nothing is started when the pid file names a QEMU of drtool's that runs (an earlier run, killed, started it).
+_START_SCRIPT = OWN_PROCESS_SH + """dir=$1 sock=$2 ticks=$3 own=$4 n=$5
+shift 5
+if [ "$n" -gt 0 ]; then
+  stop_ours "$1" "$2" "$3" "$4" || exit 1
+  shift 4; n=$((n-4))
+  while [ "$n" -gt 0 ]; do rm -f -- "$1"; shift; n=$((n-1)); done
+fi
+[ -n "$(ours "$own" qemu-system "$own")" ] && exit 0
+mkdir -p -m 700 -- "$dir" || exit 1
 "$@" || exit $?
 i=0
 while [ ! -S "$sock" ]; do
-  i=$((i+1)); [ $i -gt "$tenths" ] && exit 99
+  i=$((i+1)); [ $i -gt "$ticks" ] && exit 99
   sleep 0.05
 done"""
 
 
-def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60) -> None:
-    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip."""
+def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60,
+             stop_first: OwnProcess | None = None) -> None:
+    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip.
+
+    Does nothing when the layout's QEMU runs already. stop_first: a daemon to
+    stop before (the replication target, which has the replicas open), in the
+    same round trip.
+    """
+    first = [*stop_first.stop_args(20), *(str(f) for f in stop_first.leftovers)] if stop_first else []
     result = shell.run(["sh", "-c", _START_SCRIPT, "sh", str(layout.run_dir), str(layout.qmp_socket),
-                        str(int(timeout * 20)), *argv], check=False, timeout=2 * timeout + 15)
+                        str(int(timeout * 20)), str(layout.pidfile), str(len(first)), *first, *argv],
+                       check=False, timeout=2 * timeout + 35)
     if result.exit_status == 99:
         raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
     if not result.ok:

@@ -55,7 +55,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
                                 (discarded_writes(vm, record, force),))
         if not confirm(the_plan):
             raise Refused("rollback not confirmed; nothing was changed")
-        if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
+        if record.done(Step.REPLICATION_STOPPED) and not _source_alive(reach, vm):
             # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
             # It starts paused (-S) and runs only once the DR copy is gone.
             src.run(_relaunch_argv(manifest), timeout=60)
