@@ -11,6 +11,7 @@ must never reach the production network.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -50,10 +51,35 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
 
 
 def map_recorded(hardware: dict[str, Any], disks: dict[str, str], layout: RunLayout, default_qmp: str,
-                 *, isolate_network: bool = False) -> MappedCommandLine:
-    """The command line a manifest recorded (with the disks it excludes), mapped to run in `layout`."""
-    return plan_command_line(hardware["argv"], disks, hardware.get("qmp_socket", default_qmp), layout.run_dir,
-                             isolate_network=isolate_network, exclude=tuple(hardware.get("exclude", ())))
+                 *, isolate_network: bool = False, leave_out: tuple[str, ...] = ()) -> MappedCommandLine:
+    """The command line a manifest recorded (with the disks it excludes), mapped to run in `layout`.
+
+    Disks hot-added after the VM started (recorded as hardware["added_disks"] when protect added them) are
+    not on its command line: their -blockdev and -device are appended. leave_out: see plan_command_line.
+    """
+    mapped = plan_command_line(hardware["argv"], disks, hardware.get("qmp_socket", default_qmp), layout.run_dir,
+                               isolate_network=isolate_network, exclude=tuple(hardware.get("exclude", ())),
+                               leave_out=leave_out)
+    extra = added_disk_options(hardware, disks)
+    if not extra:
+        return mapped
+    return MappedCommandLine([*mapped.argv, *extra], mapped.changes)
+
+
+def added_disk_options(hardware: dict[str, Any], disks: dict[str, str]) -> list[str]:
+    """-blockdev and -device for the hot-added disks started here (the ones `disks` maps), unless the
+    command line has their device already (the VM was restarted with them)."""
+    on_command_line = {part[3:] for option in hardware["argv"] for part in option.split(",") if part.startswith("id=")}
+    options: list[str] = []
+    for added in hardware.get("added_disks", ()):
+        image = disks.get(added["image"])
+        if image is None or added["device"] in on_command_line:
+            continue
+        blockdev = {"driver": added["format"], "node-name": added["node"],
+                    "file": {"driver": "file", "filename": image}}
+        options += ["-blockdev", json.dumps(blockdev),
+                    "-device", f"{added['driver']},drive={added['node']},id={added['device']}"]
+    return options
 
 
 def check_mapping(hardware: dict[str, Any], disks: tuple[ReplicaDisk, ...], replica_dir: PurePosixPath,

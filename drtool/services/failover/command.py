@@ -18,7 +18,7 @@ from drtool.domain import Inventory, Vm
 from drtool.errors import HostUnreachable, Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.pausing import resume_own_pause
-from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.points import lacking_note, load_settled_manifest, missing_disks
 from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.replication import query_jobs
 from drtool.state.manifest import Manifest, now
@@ -135,14 +135,32 @@ def _new_record(sessions: FailoverSessions, vm: Vm, manifest: Manifest, kind: Fa
 
 
 def _start(vm: Vm, manifest: Manifest, point_id: str | None) -> tuple[str, str]:
+    """Where an unplanned failover starts, and why; a point without some of the VM's disks only when named.
+
+    A point taken before a disk was added to the protection holds nothing of
+    that disk: the DR copy would start without it. That is never a default,
+    only what the user asks for with --point, and the plan and result say it.
+    """
     if point_id is not None:
-        return point_id, "the point asked for (--point)"
-    point, reason = default_start(manifest)
-    if point is None:
-        raise Refused(f"{vm.name} has no consistent place to start from: {reason}",
-                      hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
-                           "to start from the replicas as they are")
-    return point, reason
+        reason = "the point asked for (--point)"
+    else:
+        default, reason = default_start(manifest)
+        if default is None:
+            raise Refused(f"{vm.name} has no consistent place to start from: {reason}",
+                          hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
+                               "to start from the replicas as they are")
+        point_id = default
+    point = manifest.point(point_id)
+    missing = missing_disks(manifest, point) if point is not None else ()
+    if missing and point is not None:
+        if reason != "the point asked for (--point)":
+            raise Refused(f"{vm.name}'s newest consistent point lacks disks: {lacking_note(missing, point)}; "
+                          "a DR copy from it would run without them",
+                          hint=f"to start without them, name it: drtool failover {vm.name} --force --point "
+                               f"{point.id}" + (" (or --point latest: the replicas as they are)"
+                                                if manifest.mode == "sync" else ""))
+        reason += f"; it starts WITHOUT {', '.join(missing)}: {lacking_note(missing, point)}"
+    return point_id, reason
 
 
 def _resumed(reach: Reach, sessions: FailoverSessions, vm: Vm, manifest: Manifest, record: FailoverRecord,

@@ -92,8 +92,10 @@ class FailoverSteps:
             overlays[device] = overlay
         return overlays
 
-    def start_on_dr(self, disks: dict[str, str], stop_first: OwnProcess | None = None) -> None:
-        """Start the DR copy on these disks (source image -> image here), paused; stop_first: see start_vm."""
+    def start_on_dr(self, disks: dict[str, str], stop_first: OwnProcess | None = None,
+                    leave_out: tuple[str, ...] = ()) -> None:
+        """Start the DR copy on these disks (source image -> image here), paused; stop_first: see start_vm;
+        leave_out: source images of disks it runs without (see plan_command_line)."""
         xml = self.manifest.hardware.get("libvirt_xml")
         if xml is not None:  # the DR host's libvirt runs the copy, from the domain's definition
             if stop_first is not None:
@@ -106,7 +108,8 @@ class FailoverSteps:
                 mapped = dr_domain_xml(xml, disks, tuple(self.manifest.hardware.get("exclude", ())))
                 start_domain(self.dr, self.vm, mapped, self.run_layout.run_dir)
             return
-        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
+        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket),
+                            leave_out=leave_out).argv
         start_vm(self.dr, argv, self.run_layout, stop_first=stop_first)  # not again if an earlier run started it
 
     def verify(self) -> str:

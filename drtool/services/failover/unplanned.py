@@ -35,9 +35,11 @@ class UnplannedFailover(FailoverSteps):
             if point is None:
                 raise Refused(f"{self.vm.name} has no point {chosen!r} to start from")
             overlays = self.overlays(point, self.vm.replica_dir / "failover")
-            disks = {d.source_image: overlays[d.device] for d in self.manifest.disks}
+            disks = {d.source_image: overlays[d.device] for d in self.manifest.disks if d.device in overlays}
+            # disks added after the point (its start reason says so): the copy starts without them
+            left_out = tuple(d.source_image for d in self.manifest.disks if d.device not in overlays)
             self.save_record(replace(self.record, point=point.id))
-            self.start_on_dr(disks)
+            self.start_on_dr(disks, leave_out=left_out)
             self.record_step(Step.DR_STARTED)
 
     def _latest_as_point(self) -> RecoveryPoint:
