@@ -171,3 +171,41 @@ def test_defect1_with_a_real_guest_writing_records_no_acknowledged_record_is_los
         assert outcome.drtool_report["rpo_seconds"] == 0
     finally:
         stop_dr_copy(lab, vm)
+
+
+@pytest.mark.parametrize("step", ["final-point", "replication-stopped"])
+def test_defect4_force_finishes_a_planned_failover_whose_source_died_as_unplanned_from_its_final_point(
+        lab: Lab, lab_vm: LabVm, lab_config: Path, step: str) -> None:
+    """Killed after its final point (and after stopping replication: the DR copy may be started, paused), the
+    source QEMU dies: the planned failover cannot finish as planned; --force finishes it from the final point."""
+    from drtool.services.failover import FAULT_ENV, HOOKS_ENV
+
+    vm = lab_vm
+    drtool_ok(lab_config, "protect", vm.name)
+    vm.guest_write("vd0", 0, MiB, 0x41)
+    wait_in_sync(vm)
+    vm.guest_write("vd0", 20 * MiB, MiB, 0x42)  # the last write before the failover: in its final point only
+    try:
+        killed = subprocess.run([sys.executable, "-m", "drtool", "--config", str(lab_config), "failover", vm.name,
+                                 "--yes"], env=os.environ | {FAULT_ENV: step, HOOKS_ENV: "1"},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        final = manifest_of(lab, vm)["failover"]["point"]
+        vm.kill()  # the source dies, paused, before it could be quit
+        refused = drtool(lab_config, "failover", vm.name, "--yes")
+        assert refused.returncode == 4 and "--force" in refused.stderr, refused.stderr
+        report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--force", "--yes", "--json").stdout)
+        assert report["kind"] == "unplanned" and report["point"] == final, report
+        assert "final point" in report["start_reason"] and report["run_state"] == "running"
+        overlay = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
+        assert replica_has(overlay, 20 * MiB, MiB, 0x42), "the DR copy lacks the last write before the pause"
+        assert replica_has(overlay, 0, MiB, 0x41)
+        manifest = manifest_of(lab, vm)
+        assert manifest["state"] == "failed-over" and step in manifest["failover"]["converted_from"]
+        entry = status_json(lab_config, vm.name)
+        assert (entry["host"], entry["run_state"]) == ("site-b", "running"), entry
+        # one DR copy, on the overlays of the final point (a paused one the planned run started is gone)
+        qemus = subprocess.run(["pgrep", "-f", str(replica_dir(lab, vm))], capture_output=True, text=True).stdout
+        assert len([p for p in qemus.split() if "qemu-system" in Path(f"/proc/{p}/exe").resolve().name]) == 1
+    finally:
+        stop_started_vms(lab, vm)
