@@ -64,11 +64,13 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
     with reach.lock(vm), FailoverSessions(reach, vm) as sessions:
-        # a planned failover needs both monitors: opened while the manifest is read (a monitor serves one
-        # client at a time, so only under the VM's lock, and every use of the source's goes through `sessions`)
-        sessions.prefetch(sessions.SOURCE)
+        # A planned failover needs both monitors: opened ahead of need (a monitor serves one client at a
+        # time, so only under the VM's lock, and every use of the source's goes through `sessions`). The
+        # source's only if the failover may be planned: its host may be the one that is gone.
         sessions.prefetch(sessions.TARGET)
         manifest = load_settled_manifest(dr, vm)
+        if manifest is None or manifest.failover is None or manifest.failover.kind is FailoverKind.PLANNED:
+            sessions.prefetch(sessions.SOURCE)
         if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
