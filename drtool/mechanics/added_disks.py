@@ -27,7 +27,7 @@ from drtool.domain import Vm
 from drtool.errors import DrtoolError, QmpError, Refused
 from drtool.mechanics.blockinfo import BlockDevice
 from drtool.mechanics.dr_target import TargetLayout, export_replica, unexport_replica
-from drtool.mechanics.dr_vm import check_mapping
+from drtool.mechanics.dr_vm import added_disk_options, check_mapping
 from drtool.mechanics.link import link_socket
 from drtool.mechanics.pausing import target_session
 from drtool.mechanics.remote import remove
@@ -161,3 +161,9 @@ def _undo(reach: Reach, vm: Vm, dr: RemoteShell, qmp: QmpSession, manifest: Mani
     with contextlib.suppress(DrtoolError):
         remove(dr, *(TargetLayout(vm.replica_dir).replica_image(manifest.disks[i].device) for i in indexes))
 
+
+def with_added_disks(manifest: Manifest, argv: list[str]) -> list[str]:
+    """The source's own command line (to start it again where it ran) with the disks hot-added since it
+    started, on their own images."""
+    own = {a["image"]: a["image"] for a in manifest.hardware.get(ADDED, ())}
+    return [*argv, *added_disk_options(manifest.hardware | {"argv": argv}, own)]

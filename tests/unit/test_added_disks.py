@@ -91,3 +91,13 @@ def test_only_added_disks_whose_first_copy_was_not_seen_through_are_finished_by_
     assert seeding_disks(world.manifest) == []
     seeding = replace(world.manifest, hardware=world.manifest.hardware | {ADDED: [ADDED_ENTRY | {"seeding": True}]})
     assert seeding_disks(seeding) == [1]
+
+
+def test_a_rollback_relaunches_the_source_with_its_hot_added_disk() -> None:
+    from drtool.services.failover.rollback import _relaunch_argv
+
+    world, reach, inv = protected_world()
+    _with_added_disk(world, reach, inv)
+    argv = _relaunch_argv(world.manifest)
+    assert f'"filename": "{ADDED_IMAGE}"' in " ".join(argv) and "virtio-blk-pci,drive=vd1-fmt,id=vd1" in argv
+    assert argv[-2:] == ["-S", "-daemonize"]

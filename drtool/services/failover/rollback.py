@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError
+from drtool.mechanics.added_disks import with_added_disks
 from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
 from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.points import load_settled_manifest
@@ -104,4 +105,4 @@ def _source_alive(reach: Reach, vm: Vm) -> bool:
 def _relaunch_argv(manifest: Manifest) -> list[str]:
     """The source's own command line, paused (-S) and daemonized, to start it again where it ran."""
     argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
-    return [*argv, "-S", "-daemonize"]
+    return [*with_added_disks(manifest, argv), "-S", "-daemonize"]
