@@ -173,11 +173,14 @@ def test_defect1_with_a_real_guest_writing_records_no_acknowledged_record_is_los
         stop_dr_copy(lab, vm)
 
 
-@pytest.mark.parametrize("step", ["final-point", "replication-stopped"])
-def test_defect4_force_finishes_a_planned_failover_whose_source_died_as_unplanned_from_its_final_point(
-        lab: Lab, lab_vm: LabVm, lab_config: Path, step: str) -> None:
-    """Killed after its final point (and after stopping replication: the DR copy may be started, paused), the
-    source QEMU dies: the planned failover cannot finish as planned; --force finishes it from the final point."""
+@pytest.mark.parametrize(("step", "lost"), [("final-point", "qemu"), ("replication-stopped", "host"),
+                                           ("replication-stopped", "qemu")])
+def test_defect4_a_planned_failover_whose_source_died_finishes_from_its_final_point(
+        lab: Lab, lab_vm: LabVm, lab_config: Path, step: str, lost: str) -> None:
+    """Killed after its final point (after stopping replication, too: the DR copy may be started, paused),
+    the source dies: its QEMU, or its whole host. Past stopping replication, a host that answers without
+    the QEMU means the source died paused after its final point: the failover finishes as planned. Else
+    it cannot finish as planned, and --force finishes it as unplanned from the final point."""
     from drtool.services.failover import FAULT_ENV, HOOKS_ENV
 
     vm = lab_vm
@@ -192,20 +195,28 @@ def test_defect4_force_finishes_a_planned_failover_whose_source_died_as_unplanne
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         final = manifest_of(lab, vm)["failover"]["point"]
         vm.kill()  # the source dies, paused, before it could be quit
-        refused = drtool(lab_config, "failover", vm.name, "--yes")
-        assert refused.returncode == 4 and "--force" in refused.stderr, refused.stderr
-        report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--force", "--yes", "--json").stdout)
-        assert report["kind"] == "unplanned" and report["point"] == final, report
-        assert "final point" in report["start_reason"] and report["run_state"] == "running"
-        overlay = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
-        assert replica_has(overlay, 20 * MiB, MiB, 0x42), "the DR copy lacks the last write before the pause"
-        assert replica_has(overlay, 0, MiB, 0x41)
-        manifest = manifest_of(lab, vm)
-        assert manifest["state"] == "failed-over" and step in manifest["failover"]["converted_from"]
-        entry = status_json(lab_config, vm.name)
-        assert (entry["host"], entry["run_state"]) == ("site-b", "running"), entry
-        # one DR copy, on the overlays of the final point (a paused one the planned run started is gone)
-        qemus = subprocess.run(["pgrep", "-f", str(replica_dir(lab, vm))], capture_output=True, text=True).stdout
-        assert len([p for p in qemus.split() if "qemu-system" in Path(f"/proc/{p}/exe").resolve().name]) == 1
+        if lost == "host":
+            lab.isolate("site-a")
+        if step == "replication-stopped" and lost == "qemu":
+            report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--yes", "--json").stdout)
+            assert report["kind"] == "planned" and report["point"] == final and report["rpo_seconds"] == 0, report
+            disk = Path(json.loads((replica_dir(lab, vm) / "manifest.json").read_text())["disks"][0]["replica_image"])
+        else:
+            refused = drtool(lab_config, "failover", vm.name, "--yes")
+            assert refused.returncode == 4 and "--force" in refused.stderr, refused.stderr
+            report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--force", "--yes", "--json").stdout)
+            assert report["kind"] == "unplanned" and report["point"] == final, report
+            assert "final point" in report["start_reason"]
+            disk = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
+            assert step in manifest_of(lab, vm)["failover"]["converted_from"]
+        assert report["run_state"] == "running" and manifest_of(lab, vm)["state"] == "failed-over"
+        assert replica_has(disk, 20 * MiB, MiB, 0x42), "the DR copy lacks the last write before the pause"
+        assert replica_has(disk, 0, MiB, 0x41)
+        # one DR copy (a paused one the planned run started is gone when the failover became unplanned)
+        pids = subprocess.run(["pgrep", "-f", f"{replica_dir(lab, vm)}/"], capture_output=True, text=True).stdout
+        qemus = [p for p in pids.split() if Path(f"/proc/{p}/exe").resolve().name.startswith("qemu-system")]
+        assert len(qemus) == 1, qemus
     finally:
+        if lost == "host":
+            lab.unisolate("site-a")
         stop_started_vms(lab, vm)
