@@ -121,7 +121,8 @@ def finish_adding(reach: Reach, vm: Vm, dr: RemoteShell, qmp: QmpSession, manife
     added = [a | {"seeding": False} if a["device"] in {manifest.disks[i].device for i in indexes} else a
              for a in manifest.hardware.get(ADDED, ())]
     done = replace(trusting_bitmap(manifest, bitmap), hardware=manifest.hardware | {ADDED: added})
-    done = done.transition(Protection.PROTECTED, "added disks in sync")
+    if done.state is not Protection.PROTECTED:  # (a resync may have seen the copy through meanwhile)
+        done = done.transition(Protection.PROTECTED, "added disks in sync")
     save_manifest(dr, vm, done)
     return done
 
