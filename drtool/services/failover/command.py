@@ -143,7 +143,8 @@ def _start(vm: Vm, manifest: Manifest, point_id: str | None) -> tuple[str, str]:
     that disk: the DR copy would start without it. That is never a default,
     only what the user asks for with --point, and the plan and result say it.
     """
-    if point_id is not None:
+    asked = point_id is not None
+    if asked:
         reason = "the point asked for (--point)"
     else:
         default, reason = default_start(manifest)
@@ -155,7 +156,7 @@ def _start(vm: Vm, manifest: Manifest, point_id: str | None) -> tuple[str, str]:
     point = manifest.point(point_id)
     missing = missing_disks(manifest, point) if point is not None else ()
     if missing and point is not None:
-        if reason != "the point asked for (--point)":
+        if not asked:
             raise Refused(f"{vm.name}'s newest consistent point lacks disks: {lacking_note(missing, point)}; "
                           "a DR copy from it would run without them",
                           hint=f"to start without them, name it: drtool failover {vm.name} --force --point "
