@@ -144,15 +144,15 @@ def _start(vm: Vm, manifest: Manifest, point_id: str | None) -> tuple[str, str]:
     only what the user asks for with --point, and the plan and result say it.
     """
     asked = point_id is not None
-    if asked:
-        reason = "the point asked for (--point)"
-    else:
+    if point_id is None:
         default, reason = default_start(manifest)
         if default is None:
             raise Refused(f"{vm.name} has no consistent place to start from: {reason}",
                           hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
                                "to start from the replicas as they are")
         point_id = default
+    else:
+        reason = "the point asked for (--point)"
     point = manifest.point(point_id)
     missing = missing_disks(manifest, point) if point is not None else ()
     if missing and point is not None:
