@@ -179,8 +179,13 @@ class _Graph:
 
 
 def plan_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, run_dir: PurePosixPath, *,
-                      isolate_network: bool = False, exclude: tuple[str, ...] = ()) -> MappedCommandLine:
-    """The source QEMU's argv, made to run from `disks` (source image -> image here) in `run_dir`."""
+                      isolate_network: bool = False, exclude: tuple[str, ...] = (),
+                      leave_out: tuple[str, ...] = ()) -> MappedCommandLine:
+    """The source QEMU's argv, made to run from `disks` (source image -> image here) in `run_dir`.
+
+    leave_out: source images of replicated disks the copy starts without (a point taken before they were
+    protected), with their devices, where the command line has them.
+    """
     options = split_options(argv)
     values = {i: OptionValue.parse(o.name, o.value) for i, o in enumerate(options)
               if o.name in _STRUCTURED and o.value is not None}
@@ -188,7 +193,7 @@ def plan_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, r
         if o.name == "-readconfig":
             raise Refused(f"the VM's command line reads devices from {o.value} (-readconfig), which drtool "
                           "cannot map", hint="give those devices on QEMU's command line instead")
-    dropped, changes = _check_disks(_Graph(options, values).disks(), disks, exclude)
+    dropped, changes = _check_disks(_Graph(options, values).disks(), disks, exclude, leave_out)
     mapper = _Mapper(argv[0], options, values, disks, qmp_socket, run_dir, isolate_network)
     mapper.changes += changes
     out = mapper.map(dropped)
@@ -203,7 +208,8 @@ def plan_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, r
     return MappedCommandLine(mapper.finish(out), tuple(mapper.changes))
 
 
-def _check_disks(found: list[_Disk], disks: dict[str, str], exclude: tuple[str, ...]) -> tuple[set[int], list[str]]:
+def _check_disks(found: list[_Disk], disks: dict[str, str], exclude: tuple[str, ...],
+                 leave_out: tuple[str, ...] = ()) -> tuple[set[int], list[str]]:
     """The options of excluded disks, and what leaving them out changes; refuses any other disk it cannot map."""
     unknown = [name for name in exclude if not any(name in d.names or name in d.paths for d in found)]
     if unknown:
@@ -215,6 +221,10 @@ def _check_disks(found: list[_Disk], disks: dict[str, str], exclude: tuple[str, 
         if any(name in exclude for name in (*disk.names, *disk.paths)):
             dropped |= disk.options
             changes.append(f"left out disk {disk.name} (excluded in the inventory)")
+            continue
+        if any(path in leave_out for path in disk.paths):
+            dropped |= disk.options
+            changes.append(f"left out disk {disk.name} (the point was taken before it was protected)")
             continue
         reasons = disk.problems + [path for path in disk.paths if path not in disks]
         if reasons:

@@ -9,6 +9,7 @@ SSH session and drtool's process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.domain import Vm
-from drtool.errors import RemoteCommandError
-from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
+from drtool.errors import QmpError, RemoteCommandError
+from drtool.mechanics.remote import OwnProcess, make_dirs, running_pid, stop_process, write_file
 from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
+from drtool.transport.qmp import QmpSession
 
 PSK_USER = "drtool"
 FIRST_NBD_PORT = 10809
@@ -97,6 +99,30 @@ def target_argv(manifest: Manifest, layout: TargetLayout) -> list[str]:
     return argv
 
 
+def export_replica(target: QmpSession, manifest: Manifest, i: int) -> None:
+    """Serve replica i from the running target too (a disk added to a protected VM), as target_argv would.
+
+    Each part is added only if missing: a run killed half-way is finished by the next.
+    """
+    disk = manifest.disks[i]
+    nodes = {n["node-name"] for n in target.execute("query-named-block-nodes", {"flat": True})}
+    if f"file{i}" not in nodes:
+        target.execute("blockdev-add", {"driver": "file", "node-name": f"file{i}", "filename": disk.replica_image})
+    if f"replica{i}" not in nodes:
+        target.execute("blockdev-add", {"driver": "qcow2", "node-name": f"replica{i}", "file": f"file{i}"})
+    if not any(e.get("id") == f"export{i}" for e in target.execute("query-block-exports")):
+        target.execute("block-export-add", {"type": "nbd", "id": f"export{i}", "node-name": f"replica{i}",
+                                            "name": disk.export, "writable": True, "writethrough": True})
+
+
+def unexport_replica(target: QmpSession, i: int) -> None:
+    """Undo export_replica, as far as it went."""
+    for command, args in (("block-export-del", {"id": f"export{i}"}), ("blockdev-del", {"node-name": f"replica{i}"}),
+                          ("blockdev-del", {"node-name": f"file{i}"})):
+        with contextlib.suppress(QmpError):
+            target.execute(command, args)
+
+
 def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
     """Sparse qcow2 replicas of the source disks' virtual sizes."""
     for disk in manifest.disks:
@@ -125,14 +151,18 @@ def start_target(shell: RemoteShell, manifest: Manifest, layout: TargetLayout, t
     return pid
 
 
+def target_process(layout: TargetLayout) -> OwnProcess:
+    return OwnProcess(layout.pidfile, "qemu-storage", str(layout.pidfile), (layout.pidfile, layout.qmp_socket))
+
+
 def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -> None:
     """SIGTERM the target (qsd flushes and closes its images), SIGKILL if it lingers: one round trip.
 
     QMP quit was measured to end qsd no faster than SIGTERM (both ~10 ms); what
     took 1.9 s on the lab was waiting for an exited daemon to be reaped.
     """
-    stop_process(shell, layout.pidfile, "qemu-storage", str(layout.pidfile), timeout,
-                 (layout.pidfile, layout.qmp_socket))
+    target = target_process(layout)
+    stop_process(shell, target.pidfile, target.program, target.marker, timeout, target.leftovers)
 
 
 def free_nbd_port(shell: RemoteShell) -> int:

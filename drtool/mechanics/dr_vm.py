@@ -11,6 +11,7 @@ must never reach the production network.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -19,7 +20,7 @@ from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.command_line import MappedCommandLine, plan_command_line
 from drtool.mechanics.libvirt_domain import dr_domain_xml
-from drtool.mechanics.remote import running_pid, stop_process
+from drtool.mechanics.remote import OWN_PROCESS_SH, OwnProcess, running_pid, stop_process
 from drtool.state.manifest import ReplicaDisk
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -50,10 +51,35 @@ def map_command_line(argv: list[str], disks: dict[str, str], qmp_socket: str, la
 
 
 def map_recorded(hardware: dict[str, Any], disks: dict[str, str], layout: RunLayout, default_qmp: str,
-                 *, isolate_network: bool = False) -> MappedCommandLine:
-    """The command line a manifest recorded (with the disks it excludes), mapped to run in `layout`."""
-    return plan_command_line(hardware["argv"], disks, hardware.get("qmp_socket", default_qmp), layout.run_dir,
-                             isolate_network=isolate_network, exclude=tuple(hardware.get("exclude", ())))
+                 *, isolate_network: bool = False, leave_out: tuple[str, ...] = ()) -> MappedCommandLine:
+    """The command line a manifest recorded (with the disks it excludes), mapped to run in `layout`.
+
+    Disks hot-added after the VM started (recorded as hardware["added_disks"] when protect added them) are
+    not on its command line: their -blockdev and -device are appended. leave_out: see plan_command_line.
+    """
+    mapped = plan_command_line(hardware["argv"], disks, hardware.get("qmp_socket", default_qmp), layout.run_dir,
+                               isolate_network=isolate_network, exclude=tuple(hardware.get("exclude", ())),
+                               leave_out=leave_out)
+    extra = added_disk_options(hardware, disks)
+    if not extra:
+        return mapped
+    return MappedCommandLine([*mapped.argv, *extra], mapped.changes)
+
+
+def added_disk_options(hardware: dict[str, Any], disks: dict[str, str]) -> list[str]:
+    """-blockdev and -device for the hot-added disks started here (the ones `disks` maps), unless the
+    command line has their device already (the VM was restarted with them)."""
+    on_command_line = {part[3:] for option in hardware["argv"] for part in option.split(",") if part.startswith("id=")}
+    options: list[str] = []
+    for added in hardware.get("added_disks", ()):
+        image = disks.get(added["image"])
+        if image is None or added["device"] in on_command_line:
+            continue
+        blockdev = {"driver": added["format"], "node-name": added["node"],
+                    "file": {"driver": "file", "filename": image}}
+        options += ["-blockdev", json.dumps(blockdev),
+                    "-device", f"{added['driver']},drive={added['node']},id={added['device']}"]
+    return options
 
 
 def check_mapping(hardware: dict[str, Any], disks: tuple[ReplicaDisk, ...], replica_dir: PurePosixPath,
@@ -73,21 +99,38 @@ def check_mapping(hardware: dict[str, Any], disks: tuple[ReplicaDisk, ...], repl
     return mapped.changes
 
 
-# $1 run dir, $2 monitor socket, $3 tenths of a second to wait for it, then QEMU's argv.
-_START_SCRIPT = """mkdir -p -m 700 -- "$1" || exit 1
-sock=$2 tenths=$3; shift 3
+# $1 run dir, $2 monitor socket, $3 twentieths of a second to wait for it, $4 pid file, $5 how many
+# arguments follow for a daemon to stop first (0, or stop_ours's four and files to remove), then QEMU's argv.
+# Nothing is started when the pid file names a QEMU of drtool's that runs (an earlier run, killed, started it).
+_START_SCRIPT = OWN_PROCESS_SH + """dir=$1 sock=$2 ticks=$3 own=$4 n=$5
+shift 5
+if [ "$n" -gt 0 ]; then
+  stop_ours "$1" "$2" "$3" "$4" || exit 1
+  shift 4; n=$((n-4))
+  while [ "$n" -gt 0 ]; do rm -f -- "$1"; shift; n=$((n-1)); done
+fi
+[ -n "$(ours "$own" qemu-system "$own")" ] && exit 0
+mkdir -p -m 700 -- "$dir" || exit 1
 "$@" || exit $?
 i=0
 while [ ! -S "$sock" ]; do
-  i=$((i+1)); [ $i -gt "$tenths" ] && exit 99
+  i=$((i+1)); [ $i -gt "$ticks" ] && exit 99
   sleep 0.05
 done"""
 
 
-def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60) -> None:
-    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip."""
+def start_vm(shell: RemoteShell, argv: list[str], layout: RunLayout, timeout: float = 60,
+             stop_first: OwnProcess | None = None) -> None:
+    """Start a mapped command line on a host (it daemonizes) and wait for its monitor: one round trip.
+
+    Does nothing when the layout's QEMU runs already. stop_first: a daemon to
+    stop before (the replication target, which has the replicas open), in the
+    same round trip.
+    """
+    first = [*stop_first.stop_args(20), *(str(f) for f in stop_first.leftovers)] if stop_first else []
     result = shell.run(["sh", "-c", _START_SCRIPT, "sh", str(layout.run_dir), str(layout.qmp_socket),
-                        str(int(timeout * 20)), *argv], check=False, timeout=2 * timeout + 15)
+                        str(int(timeout * 20)), str(layout.pidfile), str(len(first)), *first, *argv],
+                       check=False, timeout=2 * timeout + 35)
     if result.exit_status == 99:
         raise RemoteCommandError(f"QEMU started but its monitor {layout.qmp_socket} did not appear")
     if not result.ok:

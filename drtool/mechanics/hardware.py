@@ -23,7 +23,7 @@ from drtool.state.store import save_manifest
 from drtool.transport.connections import RemoteShell
 
 _FIND_QEMU = r"""
-import json, os, re, sys
+import json, os, re, sys, time
 how, key = sys.argv[1], sys.argv[2]
 if how == "socket":
     forms = {key, key.replace(",", ",,")}
@@ -36,19 +36,28 @@ else:  # a libvirt domain: -name guest=NAME,...
     def ours(argv):
         return any(a == "-name" and i + 1 < len(argv) and argv[i + 1].split(",")[0] == guest
                    for i, a in enumerate(argv))
-for pid in os.listdir("/proc"):
-    if not pid.isdigit():
-        continue
-    try:
-        with open("/proc/%s/cmdline" % pid, "rb") as f:
-            argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
-    except OSError:
-        continue
-    if argv and "qemu-system" in os.path.basename(argv[0]) and ours(argv):
-        owner = os.stat("/proc/%s" % pid)
-        print(json.dumps({"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}))
-        sys.exit(0)
-sys.exit(3)
+def find():
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
+            owner = os.stat("/proc/%s" % pid)
+        except OSError:
+            continue
+        if argv and "qemu-system" in os.path.basename(argv[0]) and ours(argv):
+            return {"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}
+    return None
+# argv[3], if given: seconds to wait, looking every 20 ms, for the process to be gone
+deadline = time.monotonic() + float(sys.argv[3]) if len(sys.argv) > 3 else 0
+found = find()
+while found is not None and time.monotonic() < deadline:
+    time.sleep(0.02)
+    found = find()
+if found is None:
+    sys.exit(3)
+print(json.dumps(found))
 """
 
 
@@ -59,10 +68,14 @@ def _which(vm: Vm) -> tuple[str, str, str]:
     return "socket", str(vm.monitor), f"a QEMU process with {vm.monitor} on its command line"
 
 
-def read_hardware(shell: RemoteShell, vm: Vm) -> dict[str, Any]:
-    """{"pid", "argv", "uid", "gid", "read_at"} of the VM's QEMU on its host (uid: who opens its files)."""
+def read_hardware(shell: RemoteShell, vm: Vm, wait_gone: float = 0) -> dict[str, Any]:
+    """{"pid", "argv", "uid", "gid", "read_at"} of the VM's QEMU on its host (uid: who opens its files).
+
+    wait_gone: seconds to wait for the process to end first (a QEMU told to quit).
+    """
     how, key, what = _which(vm)
-    result = shell.run(["python3", "-c", _FIND_QEMU, how, key], check=False, timeout=30)
+    argv = ["python3", "-c", _FIND_QEMU, how, key] + ([f"{wait_gone:g}"] if wait_gone > 0 else [])
+    result = shell.run(argv, check=False, timeout=30 + wait_gone)
     if result.exit_status == 3:
         raise RemoteCommandError(f"no QEMU process on the host: {what} is not running",
                                  hint="the monitor must be given on QEMU's command line (-chardev ... path=)"
@@ -74,10 +87,10 @@ def read_hardware(shell: RemoteShell, vm: Vm) -> dict[str, Any]:
     return found
 
 
-def source_qemu_alive(shell: RemoteShell, vm: Vm) -> bool:
-    """Whether the VM's QEMU process runs on the host."""
+def source_qemu_alive(shell: RemoteShell, vm: Vm, wait_gone: float = 0) -> bool:
+    """Whether the VM's QEMU process runs on the host (after waiting up to wait_gone seconds for it to end)."""
     try:
-        read_hardware(shell, vm)
+        read_hardware(shell, vm, wait_gone)
         return True
     except RemoteCommandError as err:
         if "no QEMU process" in err.message:

@@ -91,18 +91,25 @@ def paused_source(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest, qmp
         save_manifest(dr, vm, replace(manifest, source_pause=None))
 
 
-def resume_own_pause(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest) -> tuple[Manifest, str]:
+def resume_own_pause(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest,
+                     session: QmpSession | None = None) -> tuple[Manifest, str]:
     """Resume a pause an earlier drtool recorded and did not undo; (manifest, what was done or "").
 
     A planned failover past stopping replication keeps its pause: the source
     must not run again unreplicated, only be stopped (or resumed by --rollback).
+    session: the caller's session to the source's monitor, if it holds one (a
+    monitor serves one client at a time).
     """
     pause = manifest.source_pause
     if pause is None:
         return manifest, ""
     if manifest.failover is not None and manifest.failover.done(Step.REPLICATION_STOPPED):
         return manifest, ""
-    resumed = resume_source(reach, vm)
+    running = False
+    if session is not None:
+        with contextlib.suppress(DrtoolError, OSError):  # else resume_source tries fresh connections
+            running = session.execute("query-status")["status"] == "running"
+    resumed = not running and resume_source(reach, vm, session)
     manifest = replace(manifest, source_pause=None)
     save_manifest(dr, vm, manifest)
     if not resumed:

@@ -50,6 +50,16 @@ def node_of_image(target: QmpSession, image: str) -> str:
                       hint="the target and its manifest disagree; check drtool status")
 
 
+def missing_disks(manifest: Manifest, point: RecoveryPoint) -> tuple[str, ...]:
+    """The VM's disks a point does not hold: added to its protection after the point was taken."""
+    return tuple(d.device for d in manifest.disks if d.device not in point.images)
+
+
+def lacking_note(missing: Sequence[str], point: RecoveryPoint) -> str:
+    return (f"point {point.id} was taken before disk{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"{'were' if len(missing) > 1 else 'was'} protected")
+
+
 def prepare_point(manifest: Manifest, layout: TargetLayout, quiesce: str, quiesce_seconds: float) -> Manifest:
     """The manifest with a pending point: write it to the DR host before take_point."""
     point_id = new_point_id()
@@ -226,7 +236,7 @@ def merge_orphans(target: QmpSession, shell: RemoteShell, manifest: Manifest, in
     if not chain or chain[-1] != disk.replica_image:
         raise DrtoolError(f"the chain of {disk.device} does not end at its replica {disk.replica_image}: {chain}")
     manifest = _repair_detached(shell, manifest, index, chain, save)
-    named = {p.images[disk.device] for p in manifest.points}
+    named = {p.images[disk.device] for p in manifest.points if disk.device in p.images}
     orphans: list[str] = []
     for image in list(chain[:-1]):
         if image not in named:
@@ -235,7 +245,7 @@ def merge_orphans(target: QmpSession, shell: RemoteShell, manifest: Manifest, in
         if orphans:  # chain is re-read and checked after each commit
             manifest, chain = _commit_into(target, shell, manifest, index, chain, image, orphans[0], save)
         orphans = []
-    expected = [p.images[disk.device] for p in manifest.points] + [disk.replica_image]
+    expected = [p.images[disk.device] for p in manifest.points if disk.device in p.images] + [disk.replica_image]
     if chain != expected:
         raise DrtoolError(f"the chain of {disk.device} on {manifest.dr_host} is {' <- '.join(chain)}; "
                           f"its points expect {' <- '.join(expected)}",
@@ -298,17 +308,17 @@ def _repair_detached(shell: RemoteShell, manifest: Manifest, index: int, chain: 
     """
     disk = manifest.disks[index]
     for point in manifest.points:
-        image = point.images[disk.device]
-        if image in chain:
+        image = point.images.get(disk.device)
+        if image is None or image in chain:  # (a point taken before the disk was added holds none of it)
             continue
         own = backing_chain(shell, image)  # raises if the file is gone: then nothing can be repaired
         into = next((c for c in reversed(own) if c in chain), None)
-        if into is None or any(p.images[disk.device] == into for p in manifest.points):
+        if into is None or any(p.images.get(disk.device) == into for p in manifest.points):
             raise DrtoolError(f"point {point.id}'s image {image} of {disk.device} is not in the replica's chain",
                               hint="the target and its manifest disagree; check the replica directory")
         manifest = _repoint(manifest, disk.device, image, into)
         save(manifest)
-        named = {p.images[disk.device] for p in manifest.points}
+        named = {p.images[disk.device] for p in manifest.points if disk.device in p.images}
         stale = [c for c in own[own.index(into) + 1:] if c not in named]
         if stale:
             shell.run(["rm", "-f", "--", *stale], timeout=60)

@@ -21,25 +21,25 @@ echo "$p"
 if [ -d "$p" ] && [ -w "$p" ]; then echo writable-dir; else echo not-writable-dir; fi
 df -P -B1 -- "$p" | tail -n 1"""
 
-# Write stdin to $1 atomically: temp file, check its size ($3) and sha256 ($4) (an
+# Write stdin to $1 atomically: temp file, check its sha256 ($4) and so its size ($3) (an
 # SSH channel that closes mid-write gives `cat` an early EOF, and cat exits 0),
 # fsync, keep the old file as $1.prev when $5 is "keep", rename, fsync the directory.
+# Few programs: on a loaded host each one started costs more than the write.
 _WRITE_SCRIPT = """set -e
 umask 077
 tmp="$1.tmp.$$"
 cat > "$tmp"
-size=$(wc -c < "$tmp")
 sum=$(sha256sum < "$tmp")
-if [ "$size" -ne "$3" ] || [ "${sum%% *}" != "$4" ]; then
+if [ "${sum%% *}" != "$4" ]; then
   rm -f -- "$tmp"
-  echo "received $size of $3 bytes or another checksum: $1 left as it was" >&2
+  echo "the $3 bytes arrived cut short or damaged (another checksum): $1 left as it was" >&2
   exit 65
 fi
-chmod "$2" "$tmp"
+[ "$2" = 600 ] || chmod "$2" "$tmp"
 sync "$tmp"
 if [ "$5" = keep ] && [ -e "$1" ]; then ln -f -- "$1" "$1.prev"; fi
 mv -f "$tmp" "$1"
-sync "$(dirname -- "$1")\""""
+case $1 in */*) sync "${1%/*}/";; *) sync .;; esac"""
 
 
 @dataclass(frozen=True)
@@ -91,30 +91,64 @@ def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
 # A process runs if it exists and is not a zombie: an exited daemon whose parent
 # has not reaped it yet (under some init systems for seconds) holds no file any more.
 # ours PIDFILE PROGRAM MARKER prints the pid if that process runs, is PROGRAM and has
-# MARKER in one of its arguments.
-_OURS = '''alive() { kill -0 "$1" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+# MARKER in one of its arguments. stop_ours PIDFILE PROGRAM MARKER TICKS stops it:
+# SIGTERM, then SIGKILL after TICKS hundredths of a second, looking every 10 ms (a
+# daemon that exits on SIGTERM is gone in about that: qsd, the link relay). Shell
+# built-ins where they do: every program started costs a fork and exec, and on a
+# loaded host those add up to most of a round trip.
+OWN_PROCESS_SH = '''\
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  while read -r key value; do
+    [ "$key" = State: ] && { [ "${value%% *}" != Z ]; return; }
+  done 2>/dev/null < "/proc/$1/status"
+  return 1
+}
 ours() {
-  p=$(cat -- "$1" 2>/dev/null) || return 1
+  p=
+  { read -r p < "$1"; } 2>/dev/null
   case $p in ""|*[!0-9]*) return 1;; esac
   alive "$p" || return 1
-  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -q -- "$2" || return 1
-  tr '\\0' '\\n' < "/proc/$p/cmdline" | grep -qF -- "$3" || return 1
+  grep -qzF -- "$2" "/proc/$p/cmdline" 2>/dev/null || return 1
+  grep -qzF -- "$3" "/proc/$p/cmdline" 2>/dev/null || return 1
   echo "$p"
 }
-'''
-_RUNNING_PID_SCRIPT = _OURS + 'ours "$1" "$2" "$3"'
-# $1 pid file, $2 program, $3 marker, $4 tenths of a second before SIGKILL, then files to remove.
-_STOP_SCRIPT = _OURS + '''p=$(ours "$1" "$2" "$3")
-tenths=$4; shift 4
-if [ -n "$p" ]; then
+stop_ours() {
+  p=$(ours "$1" "$2" "$3") || return 0
   kill -TERM "$p" 2>/dev/null
   i=0
   while alive "$p"; do
-    i=$((i+1)); [ $i -gt "$tenths" ] && { kill -KILL "$p"; break; }
-    sleep 0.1
+    i=$((i+1)); [ $i -gt "$4" ] && { kill -KILL "$p"; return 0; }
+    sleep 0.01
   done
-fi
+}
+'''
+_RUNNING_PID_SCRIPT = OWN_PROCESS_SH + 'ours "$1" "$2" "$3"'
+# $1 pid file, $2 program, $3 marker, $4 hundredths of a second before SIGKILL, then files to remove.
+_STOP_SCRIPT = OWN_PROCESS_SH + '''stop_ours "$1" "$2" "$3" "$4"
+shift 4
 [ $# -eq 0 ] || rm -f -- "$@"'''
+# $1 pid, $2 marker, $3 hundredths of a second: wait until that process is gone (or no longer has the
+# marker among its arguments, its pid reused); exit 1 if it still runs then.
+_WAIT_GONE_SCRIPT = OWN_PROCESS_SH + '''i=0
+while alive "$1" && grep -qzF -- "$2" "/proc/$1/cmdline" 2>/dev/null; do
+  i=$((i+1)); [ $i -gt "$3" ] && exit 1
+  sleep 0.01
+done'''
+
+
+@dataclass(frozen=True)
+class OwnProcess:
+    """A daemon drtool started: found by its pid file, its program and a marker only its arguments hold."""
+
+    pidfile: PurePosixPath
+    program: str
+    marker: str
+    leftovers: tuple[PurePosixPath, ...] = ()  # files to remove once it is stopped
+
+    def stop_args(self, timeout: float) -> list[str]:
+        """The arguments of stop_ours, for a script that stops it."""
+        return [str(self.pidfile), self.program, self.marker, str(int(timeout * 100))]
 
 
 def running_pid(shell: RemoteShell, pidfile: PurePosixPath, program: str, marker: str) -> int | None:
@@ -146,8 +180,18 @@ def stop_process(shell: RemoteShell, pidfile: PurePosixPath, program: str, marke
 
     SIGTERM (QEMU flushes and closes its images), SIGKILL if it lingers past timeout.
     """
-    shell.run(["sh", "-c", _STOP_SCRIPT, "sh", str(pidfile), program, marker, str(int(timeout * 10)),
-               *(str(f) for f in remove_after)], timeout=timeout + 15)
+    own = OwnProcess(pidfile, program, marker, remove_after)
+    shell.run(["sh", "-c", _STOP_SCRIPT, "sh", *own.stop_args(timeout), *(str(f) for f in remove_after)],
+              timeout=timeout + 15)
+
+
+def wait_gone(shell: RemoteShell, pid: int, marker: str, timeout: float) -> bool:
+    """Wait until process pid (whose arguments hold marker) is gone, up to timeout; whether it is."""
+    result = shell.run(["sh", "-c", _WAIT_GONE_SCRIPT, "sh", str(pid), marker, str(int(timeout * 100))],
+                       check=False, timeout=timeout + 15)
+    if result.exit_status not in (0, 1):
+        raise RemoteCommandError(f"cannot tell whether process {pid} ended: {result.err.strip()}")
+    return result.ok
 
 
 def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_existing: bool = False) -> None:

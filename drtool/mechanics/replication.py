@@ -111,18 +111,23 @@ def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPat
         assert tls_dir is not None
         qmp.execute("object-add", {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": "client",
                                    "dir": str(tls_dir), "username": psk_user, "priority": TLS_PRIORITY})
-    for i, disk in enumerate(manifest.disks):
-        args = {
-            "driver": "nbd",
-            "node-name": nbd_node(i),
-            "server": {"type": "unix", "path": str(link_socket)},
-            "export": disk.export,
-            "reconnect-delay": RECONNECT_DELAY,
-            "open-timeout": OPEN_TIMEOUT,
-        }
-        if manifest.transport == "tls-psk":
-            args["tls-creds"] = TLS_ID
-        qmp.execute("blockdev-add", args, timeout=OPEN_TIMEOUT + 20)
+    for i in range(len(manifest.disks)):
+        attach_disk(qmp, manifest, i, link_socket)
+
+
+def attach_disk(qmp: QmpSession, manifest: Manifest, i: int, link_socket: PurePosixPath) -> None:
+    """The NBD client node of disk i (the TLS credentials, if any, are there already)."""
+    args = {
+        "driver": "nbd",
+        "node-name": nbd_node(i),
+        "server": {"type": "unix", "path": str(link_socket)},
+        "export": manifest.disks[i].export,
+        "reconnect-delay": RECONNECT_DELAY,
+        "open-timeout": OPEN_TIMEOUT,
+    }
+    if manifest.transport == "tls-psk":
+        args["tls-creds"] = TLS_ID
+    qmp.execute("blockdev-add", args, timeout=OPEN_TIMEOUT + 20)
 
 
 def current_nodes(qmp: QmpSession, manifest: Manifest) -> list[str]:
@@ -142,21 +147,25 @@ def current_nodes(qmp: QmpSession, manifest: Manifest) -> list[str]:
 
 def start_mirrors(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], sync: str = "full") -> None:
     """One mirror job per disk; write-blocking in sync mode, background in async."""
-    copy_mode = "write-blocking" if manifest.mode == "sync" else "background"
     for i, node in enumerate(nodes):
-        qmp.execute("blockdev-mirror", {
-            "job-id": job_id(i),
-            "device": node,
-            "target": nbd_node(i),
-            "sync": sync,
-            "copy-mode": copy_mode,
-            "on-target-error": "stop",  # pause and keep tracking dirty blocks; "report" would abort
-            "on-source-error": "stop",
-            "auto-finalize": True,
-            "auto-dismiss": False,
-            "filter-node-name": filter_node(i),
-            "buf-size": MIRROR_BUF_SIZE,
-        })
+        start_mirror(qmp, manifest, i, node, sync)
+
+
+def start_mirror(qmp: QmpSession, manifest: Manifest, i: int, node: str, sync: str = "full") -> None:
+    """The mirror job of disk i, from its node onto its NBD client node."""
+    qmp.execute("blockdev-mirror", {
+        "job-id": job_id(i),
+        "device": node,
+        "target": nbd_node(i),
+        "sync": sync,
+        "copy-mode": "write-blocking" if manifest.mode == "sync" else "background",
+        "on-target-error": "stop",  # pause and keep tracking dirty blocks; "report" would abort
+        "on-source-error": "stop",
+        "auto-finalize": True,
+        "auto-dismiss": False,
+        "filter-node-name": filter_node(i),
+        "buf-size": MIRROR_BUF_SIZE,
+    })
 
 
 def query_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:

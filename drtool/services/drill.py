@@ -17,7 +17,7 @@ from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.dr_vm import drill_layout, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.mechanics.libvirt_domain import domain_running, drill_domain_name, start_drill_domain, stop_drill_domain
 from drtool.mechanics.pausing import take_consistent_point, target_session
-from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.points import lacking_note, load_settled_manifest, missing_disks
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
 from drtool.state.manifest import now
 from drtool.state.records import DrillRecord
@@ -55,13 +55,19 @@ def test_failover(inventory: Inventory, reach: Reach, name: str, point_id: str |
         if manifest.drill is not None and running:
             raise Refused(f"a test failover of {vm.name} is already running (point {manifest.drill.point})",
                           hint=f"remove it first: drtool failover {vm.name} --test --cleanup")
-        taken = not manifest.points and point_id is None
-        if taken:  # a drill of "now": the point a checkpoint would take
+        # a drill of "now" (the point a checkpoint would take) when there is no point, or when the newest
+        # lacks a disk added since: a drill must never pass without a disk the VM has
+        taken = point_id is None and (not manifest.points or bool(missing_disks(manifest, manifest.points[-1])))
+        if taken:
             with target_session(reach, vm) as target, reach.qmp(vm) as qmp:
                 manifest, _ = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused", "drill")
         point = manifest.point(point_id) if point_id else manifest.points[-1]
         if point is None:
             raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        missing = missing_disks(manifest, point)
+        if missing:
+            raise Refused(f"{lacking_note(missing, point)}: a drill of it would run without them",
+                          hint=f"drill a newer point, or the newest: drtool failover {vm.name} --test")
         # recorded first: a drill killed before its VM runs is started again by the same command
         save_manifest(dr, vm, replace(manifest, drill=DrillRecord(point.id, now())))
         make_dirs(dr, layout.run_dir)

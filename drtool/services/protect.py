@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from drtool.domain import Host, Inventory, Vm
 from drtool.errors import DrtoolError, Refused
+from drtool.mechanics.added_disks import add_disks, finish_adding, seeding_disks
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -129,11 +130,36 @@ def protect(inventory: Inventory, reach: Reach, vm_name: str, *, wait: bool = Tr
     src, dr = reach.shell(vm.host), reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
     with reach.lock(vm):
-        _check_not_protected(load_manifest(dr, vm), vm)
+        existing = load_manifest(dr, vm)
+        if existing is not None and existing.state in (Protection.PROTECTED, Protection.RESYNCING):
+            with reach.qmp(vm) as qmp:
+                added = _add_disks_locked(reach, vm, dr, qmp, existing, wait, on_progress, started)
+            if added is not None:
+                return added
+        _check_not_protected(existing, vm)
         with reach.qmp(vm) as qmp:
             result = _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started)
         keep_entry(inventory, reach, vm)  # the DR site describes itself (failover from it alone)
     return result
+
+
+def _add_disks_locked(reach: Reach, vm: Vm, dr: RemoteShell, qmp: QmpSession, manifest: Manifest, wait: bool,
+                      on_progress: ProgressCallback | None, started: float) -> ProtectResult | None:
+    """A protected VM's disks not replicated yet (hot-added), added (mechanics/added_disks.py); None: none."""
+    replicated = {d.device for d in manifest.disks}
+    new = [d for d in _wanted_disks(parse_query_block(qmp.execute("query-block")), vm) if d.device not in replicated]
+    seeding = seeding_disks(manifest)
+    if new:
+        manifest = add_disks(reach, vm, dr, qmp, manifest, new, wait, on_progress)
+    elif seeding:  # an earlier protect that added them was killed, or ran with --no-wait
+        manifest = finish_adding(reach, vm, dr, qmp, manifest, seeding, wait, on_progress)
+    else:
+        return None
+    names = [d.device for d in new] or [manifest.disks[i].device for i in seeding]
+    return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks,
+                         wait, time.monotonic() - started, sum(d.allocated for d in new),
+                         notes=(f"added {', '.join(names)} to the protection; the other disks' replication went on "
+                                "as it was; points taken before hold nothing of them",))
 
 
 def _check_not_protected(existing: Manifest | None, vm: Vm) -> None:
@@ -235,15 +261,7 @@ def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
     if state not in RUNNING_STATES:
         raise Refused(f"{vm.name} is not running on {vm.host} (QEMU reports {state!r})",
                       hint="start the VM, then protect it")
-    devices = parse_query_block(qmp.execute("query-block"))
-    if vm.disks:
-        by_id = {d.device: d for d in devices}
-        missing = [d for d in vm.disks if d not in by_id]
-        if missing:
-            raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
-                          hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
-        devices = [by_id[d] for d in vm.disks]
-    devices = [d for d in devices if d.device not in vm.exclude_disks and d.node_name not in vm.exclude_disks]
+    devices = _wanted_disks(parse_query_block(qmp.execute("query-block")), vm)
     if not devices:
         raise Refused(f"{vm.name} has no disk attached to a device")
     for d in devices:
@@ -254,6 +272,18 @@ def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
         raise Refused(f"{vm.name} already has drtool replication jobs ({', '.join(busy)})",
                       hint=f"it is protected already: see drtool status {vm.name}")
     return devices
+
+
+def _wanted_disks(devices: list[BlockDevice], vm: Vm) -> list[BlockDevice]:
+    """The attached disks the inventory wants replicated (its disks list, less exclude_disks)."""
+    if vm.disks:
+        by_id = {d.device: d for d in devices}
+        missing = [d for d in vm.disks if d not in by_id]
+        if missing:
+            raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
+                          hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
+        devices = [by_id[d] for d in vm.disks]
+    return [d for d in devices if d.device not in vm.exclude_disks and d.node_name not in vm.exclude_disks]
 
 
 def _check_room(vm: Vm, space: Space, devices: list[BlockDevice], in_use: int) -> None:

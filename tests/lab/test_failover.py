@@ -130,7 +130,7 @@ def test_failover_killed_after_each_step_finishes_when_run_again(lab, protected,
         [*_drtool_argv(lab_config), "failover", vm.name, "--yes"], env=os.environ | {FAULT_ENV: step, HOOKS_ENV: "1"},
         capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert manifest_of(lab, vm)["failover"]["steps"][-1] == step
+    assert step in manifest_of(lab, vm)["failover"]["steps"]  # (steps recorded in one write are killed together)
     drtool_ok(lab_config, "failover", vm.name, "--yes")
     entry = status_json(lab_config, vm.name)
     assert (entry["host"], entry["run_state"]) == ("site-b", "running")

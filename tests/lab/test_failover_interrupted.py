@@ -171,3 +171,52 @@ def test_defect1_with_a_real_guest_writing_records_no_acknowledged_record_is_los
         assert outcome.drtool_report["rpo_seconds"] == 0
     finally:
         stop_dr_copy(lab, vm)
+
+
+@pytest.mark.parametrize(("step", "lost"), [("final-point", "qemu"), ("replication-stopped", "host"),
+                                           ("replication-stopped", "qemu")])
+def test_defect4_a_planned_failover_whose_source_died_finishes_from_its_final_point(
+        lab: Lab, lab_vm: LabVm, lab_config: Path, step: str, lost: str) -> None:
+    """Killed after its final point (after stopping replication, too: the DR copy may be started, paused),
+    the source dies: its QEMU, or its whole host. Past stopping replication, a host that answers without
+    the QEMU means the source died paused after its final point: the failover finishes as planned. Else
+    it cannot finish as planned, and --force finishes it as unplanned from the final point."""
+    from drtool.services.failover import FAULT_ENV, HOOKS_ENV
+
+    vm = lab_vm
+    drtool_ok(lab_config, "protect", vm.name)
+    vm.guest_write("vd0", 0, MiB, 0x41)
+    wait_in_sync(vm)
+    vm.guest_write("vd0", 20 * MiB, MiB, 0x42)  # the last write before the failover: in its final point only
+    try:
+        killed = subprocess.run([sys.executable, "-m", "drtool", "--config", str(lab_config), "failover", vm.name,
+                                 "--yes"], env=os.environ | {FAULT_ENV: step, HOOKS_ENV: "1"},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        final = manifest_of(lab, vm)["failover"]["point"]
+        vm.kill()  # the source dies, paused, before it could be quit
+        if lost == "host":
+            lab.isolate("site-a")
+        if step == "replication-stopped" and lost == "qemu":
+            report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--yes", "--json").stdout)
+            assert report["kind"] == "planned" and report["point"] == final and report["rpo_seconds"] == 0, report
+            disk = Path(json.loads((replica_dir(lab, vm) / "manifest.json").read_text())["disks"][0]["replica_image"])
+        else:
+            refused = drtool(lab_config, "failover", vm.name, "--yes")
+            assert refused.returncode == 4 and "--force" in refused.stderr, refused.stderr
+            report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--force", "--yes", "--json").stdout)
+            assert report["kind"] == "unplanned" and report["point"] == final, report
+            assert "final point" in report["start_reason"]
+            disk = replica_dir(lab, vm) / "failover" / "vd0.qcow2"
+            assert step in manifest_of(lab, vm)["failover"]["converted_from"]
+        assert report["run_state"] == "running" and manifest_of(lab, vm)["state"] == "failed-over"
+        assert replica_has(disk, 20 * MiB, MiB, 0x42), "the DR copy lacks the last write before the pause"
+        assert replica_has(disk, 0, MiB, 0x41)
+        # one DR copy (a paused one the planned run started is gone when the failover became unplanned)
+        pids = subprocess.run(["pgrep", "-f", f"{replica_dir(lab, vm)}/"], capture_output=True, text=True).stdout
+        qemus = [p for p in pids.split() if Path(f"/proc/{p}/exe").resolve().name.startswith("qemu-system")]
+        assert len(qemus) == 1, qemus
+    finally:
+        if lost == "host":
+            lab.unisolate("site-a")
+        stop_started_vms(lab, vm)

@@ -235,7 +235,13 @@ def test_defect3_resync_and_failover_resume_a_pause_of_drtools_own() -> None:
 @pytest.mark.parametrize("step", [Step.SOURCE_PAUSED, Step.FINAL_POINT, Step.REPLICATION_STOPPED])
 def test_defect4_force_finishes_a_planned_failover_whose_source_died_from_its_final_point(step: Step) -> None:
     world, reach, inv = protected_world()
-    interrupt(world, "kill", step_recorded(step), lambda: failover.failover(inv, reach, "web"))
+    if step is Step.SOURCE_PAUSED:  # the pause is recorded done with the final point: killed in between
+        kill_after_source_command(world, "stop")
+        with pytest.raises(Killed):
+            failover.failover(inv, reach, "web")
+        world.revive()
+    else:
+        interrupt(world, "kill", step_recorded(step), lambda: failover.failover(inv, reach, "web"))
     written_at_pause = world.written
     world.source_alive = world.source_host_up = False  # the source dies, paused
     with pytest.raises(Refused, match="--force"):
@@ -249,7 +255,8 @@ def test_defect4_force_finishes_a_planned_failover_whose_source_died_from_its_fi
         assert "final point" in result.start_reason
     record = world.manifest.failover
     assert result.kind == "unplanned" and record is not None and record.kind is FailoverKind.UNPLANNED
-    assert record.converted_from is not None and step in record.converted_from
+    if step is not Step.SOURCE_PAUSED:  # (a planned failover with no step done leaves no steps to record)
+        assert record.converted_from is not None and step in record.converted_from
     assert world.manifest.state is Protection.FAILED_OVER and world.dr_vm_status == "running"
     assert world.dr_sees() == written_at_pause, "the final point holds every write up to the pause"
 
@@ -300,28 +307,33 @@ def test_a_failure_while_stopping_replication_keeps_the_source_paused_and_says_s
     assert_failed_over_with_every_write(world)
 
 
-def test_a_pause_recorded_by_a_killed_failover_is_taken_for_drtools_own() -> None:
-    world, reach, inv = protected_world()
+def kill_after_source_command(world: World, name: str) -> dict[str, int]:
+    """drtool dies right after the source's monitor ran this command (once); how often it ran."""
     original = world.source_qmp
-    calls = {"stops": 0}
+    calls = {name: 0}
 
-    def stop_then_die(command: str, args: dict[str, Any]) -> Any:
-        """Killed after the pause record and the stop, before the step is recorded."""
+    def run_then_die(command: str, args: dict[str, Any]) -> Any:
         result = original(command, args)
-        if command == "stop":
-            calls["stops"] += 1
+        if command == name:
+            calls[name] += 1
+            world.source_qmp = original  # type: ignore[method-assign]
             world.killed = True
             raise Killed()
         return result
 
-    world.source_qmp = stop_then_die  # type: ignore[method-assign]
+    world.source_qmp = run_then_die  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_pause_recorded_by_a_killed_failover_is_taken_for_drtools_own() -> None:
+    world, reach, inv = protected_world()
+    calls = kill_after_source_command(world, "stop")  # after the pause record and the stop, before the step
     with pytest.raises(Killed):
         failover.failover(inv, reach, "web")
-    world.source_qmp = original  # type: ignore[method-assign]
     world.revive()
     assert world.source_status == "paused" and world.manifest.source_pause is not None
     failover.rollback(inv, reach, "web")
-    assert world.source_status == "running" and calls["stops"] == 1
+    assert world.source_status == "running" and calls["stop"] == 1
 
 
 def test_status_says_when_the_source_is_left_paused_by_drtool() -> None:

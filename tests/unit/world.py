@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -185,8 +186,12 @@ class World:
             running = {(program, pidfile) for program, pidfile, alive in self._processes() if alive}
             pid = PIDS.get((program, pidfile))
             return (0, f"{pid}\n", "") if (program, pidfile) in running else (1, "", "")
-        if script == dr_vm_module._START_SCRIPT:  # start_vm: the command line, then its monitor
-            return self.dr_run(args[3:], None)
+        if script == dr_vm_module._START_SCRIPT:  # start_vm: a daemon stopped first, the command line unless
+            first = args[5:5 + int(args[4])]  # it runs, then its monitor
+            if first and first[0] == str(TargetLayout(REPLICAS).pidfile):
+                self.target_running = False
+            runs = {pidfile for _, pidfile, alive in self._processes() if alive}
+            return (0, "", "") if args[3] in runs else self.dr_run(args[5 + len(first):], None)
         if script.startswith("o=$1"):  # create an overlay unless it exists
             if args[0] in self.images:
                 return 0, "", ""
@@ -223,6 +228,12 @@ class World:
                 self.link_up = True
             return 0, "", ""
         if argv[:2] == ["sh", "-c"]:
+            if argv[2] == remote._WAIT_GONE_SCRIPT:  # until the source QEMU has ended (its quit comes meanwhile)
+                deadline = time.monotonic() + int(argv[6]) / 100
+                while self.source_alive and not self.killed and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                self.alive()
+                return (1, "", "") if self.source_alive else (0, "", "")
             if argv[2] == remote._STOP_SCRIPT:  # the link relay
                 self.link_up = False
                 return 0, "", ""
@@ -363,6 +374,9 @@ class WorldQmp(QmpSession):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 
 from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
-from drtool.errors import Refused, UnreachableError, UsageError
+from drtool.errors import HostUnreachable, Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.migration import Figures
 from drtool.mechanics.pausing import resume_own_pause
-from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.points import lacking_note, load_settled_manifest, missing_disks
 from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.replication import query_jobs
 from drtool.state.manifest import Manifest, now
@@ -30,6 +30,7 @@ from drtool.transport.connections import Reach
 
 from .plan import FailoverPlan, default_start, plan
 from .planned import PlannedFailover
+from .sessions import FailoverSessions
 from .unplanned import LATEST, UnplannedFailover
 
 
@@ -64,8 +65,14 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
     started = time.monotonic()
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
-    with reach.lock(vm):
+    with reach.lock(vm), FailoverSessions(reach, vm) as sessions:
+        # A planned failover needs both monitors: opened ahead of need (a monitor serves one client at a
+        # time, so only under the VM's lock, and every use of the source's goes through `sessions`). The
+        # source's only if the failover may be planned: its host may be the one that is gone.
+        sessions.prefetch(sessions.TARGET)
         manifest = load_settled_manifest(dr, vm)
+        if manifest is None or manifest.failover is None or manifest.failover.kind is FailoverKind.PLANNED:
+            sessions.prefetch(sessions.SOURCE)
         if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
@@ -77,13 +84,14 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             if manifest.failover.kind is FailoverKind.LIVE:
                 raise Refused(f"a live failover of {vm.name} is under way",
                               hint=f"finish it with drtool failover {vm.name} --live, or undo it with --rollback")
-            record, reason = _resumed(reach, vm, manifest, manifest.failover, force, point_id)
+            record, reason = _resumed(reach, sessions, vm, manifest, manifest.failover, force, point_id)
         else:
-            kind = _choose_kind(reach, vm)
+            kind = _choose_kind(reach, sessions, vm)
             if kind is FailoverKind.PLANNED:
-                manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
+                with sessions.source() as qmp:
+                    manifest, resumed = resume_own_pause(reach, dr, vm, manifest, qmp)
                 notes = (resumed,) if resumed else ()
-            record, reason = _new_record(reach, vm, manifest, kind, force, point_id)
+            record, reason = _new_record(sessions, vm, manifest, kind, force, point_id)
         the_plan = plan(vm, manifest, record.kind, record.point, reason)
         if dry_run:
             return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, None, None, "not started",
@@ -98,8 +106,10 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             if manifest.state is not Protection.FAILING_OVER:
                 manifest = manifest.transition(Protection.FAILING_OVER, f"{record.kind.value} failover started")
             manifest = replace(manifest, failover=record)
-            save_manifest(dr, vm, manifest)
-        run = (PlannedFailover if record.kind is FailoverKind.PLANNED else UnplannedFailover)(reach, vm, manifest)
+            if record.kind is FailoverKind.UNPLANNED:  # a planned one writes it with its pause, before the stop
+                save_manifest(dr, vm, manifest)
+        steps = PlannedFailover if record.kind is FailoverKind.PLANNED else UnplannedFailover
+        run = steps(reach, vm, manifest, sessions)
         run.run()
         state = run.verify()
         record = run.record
@@ -114,7 +124,7 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
                           goals.rto_guest_reason, the_plan.start_reason, notes)
 
 
-def _new_record(reach: Reach, vm: Vm, manifest: Manifest, kind: FailoverKind, force: bool,
+def _new_record(sessions: FailoverSessions, vm: Vm, manifest: Manifest, kind: FailoverKind, force: bool,
                 point_id: str | None) -> tuple[FailoverRecord, str]:
     if kind is FailoverKind.UNPLANNED and not force:
         raise Refused(
@@ -125,33 +135,55 @@ def _new_record(reach: Reach, vm: Vm, manifest: Manifest, kind: FailoverKind, fo
     if kind is FailoverKind.PLANNED:
         if point_id is not None:
             raise UsageError("--point is for an unplanned failover: a planned one keeps every write (RPO 0)")
-        _require_healthy_replication(reach, vm, manifest)
+        _require_healthy_replication(sessions, vm, manifest)
         return FailoverRecord(kind, now(), state_before=manifest.state.value), ""
     point, reason = _start(vm, manifest, point_id)
     return FailoverRecord(kind, now(), point=point, start_reason=reason, state_before=manifest.state.value), reason
 
 
 def _start(vm: Vm, manifest: Manifest, point_id: str | None) -> tuple[str, str]:
-    if point_id is not None:
-        return point_id, "the point asked for (--point)"
-    point, reason = default_start(manifest)
-    if point is None:
-        raise Refused(f"{vm.name} has no consistent place to start from: {reason}",
-                      hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
-                           "to start from the replicas as they are")
-    return point, reason
+    """Where an unplanned failover starts, and why; a point without some of the VM's disks only when named.
+
+    A point taken before a disk was added to the protection holds nothing of
+    that disk: the DR copy would start without it. That is never a default,
+    only what the user asks for with --point, and the plan and result say it.
+    """
+    asked = point_id is not None
+    if point_id is None:
+        default, reason = default_start(manifest)
+        if default is None:
+            raise Refused(f"{vm.name} has no consistent place to start from: {reason}",
+                          hint=f"take points with drtool checkpoint {vm.name}, or pass --point latest "
+                               "to start from the replicas as they are")
+        point_id = default
+    else:
+        reason = "the point asked for (--point)"
+    point = manifest.point(point_id)
+    missing = missing_disks(manifest, point) if point is not None else ()
+    if missing and point is not None:
+        if not asked:
+            raise Refused(f"{vm.name}'s newest consistent point lacks disks: {lacking_note(missing, point)}; "
+                          "a DR copy from it would run without them",
+                          hint=f"to start without them, name it: drtool failover {vm.name} --force --point "
+                               f"{point.id}" + (" (or --point latest: the replicas as they are)"
+                                                if manifest.mode == "sync" else ""))
+        reason += f"; it starts WITHOUT {', '.join(missing)}: {lacking_note(missing, point)}"
+    return point_id, reason
 
 
-def _resumed(reach: Reach, vm: Vm, manifest: Manifest, record: FailoverRecord, force: bool,
-             point_id: str | None) -> tuple[FailoverRecord, str]:
+def _resumed(reach: Reach, sessions: FailoverSessions, vm: Vm, manifest: Manifest, record: FailoverRecord,
+             force: bool, point_id: str | None) -> tuple[FailoverRecord, str]:
     """The record a re-run goes on with: the same failover, or (--force) a planned one made unplanned."""
     if record.kind is FailoverKind.UNPLANNED or record.done(Step.SOURCE_STOPPED):
         if point_id is not None:
             raise UsageError(f"the failover of {vm.name} is under way from {record.point or 'its final point'}: "
                              "--point cannot change it now")
         return record, record.start_reason
-    # a planned failover whose source is not stopped yet: does the source still answer?
-    if _choose_kind(reach, vm) is FailoverKind.PLANNED:
+    # a planned failover whose source is not stopped yet: does the source still answer? Past stopping
+    # replication, a source host that answers without the QEMU is one the failover quit (killed before it
+    # recorded that), or one that died paused after its final point: finishing as planned loses nothing.
+    kind = _choose_kind(reach, sessions, vm)
+    if kind is FailoverKind.PLANNED or (record.done(Step.REPLICATION_STOPPED) and _host_answers(reach, vm)):
         if point_id is not None:
             raise UsageError("--point is for an unplanned failover: a planned one keeps every write (RPO 0)")
         return record, ""
@@ -170,12 +202,22 @@ def _resumed(reach: Reach, vm: Vm, manifest: Manifest, record: FailoverRecord, f
                           state_before=record.state_before, converted_from=record.steps), reason
 
 
-def _choose_kind(reach: Reach, vm: Vm) -> FailoverKind:
-    """Planned if the source QEMU is there; unplanned only if its host does not answer at all.
+def _choose_kind(reach: Reach, sessions: FailoverSessions, vm: Vm) -> FailoverKind:
+    """Planned if the source QEMU is there; unplanned if its host does not answer or it has no such QEMU.
 
-    A monitor that is merely busy (another QMP client) or slow must never turn
-    a planned failover into an unplanned one: that would start a second copy.
+    A monitor that answers says so at once. One that does not is looked for
+    among the host's processes: a monitor that is merely busy (another QMP
+    client) or slow must never turn a planned failover into an unplanned one,
+    which would start a second copy.
     """
+    try:
+        with sessions.source() as qmp:
+            qmp.execute("query-status")
+        return FailoverKind.PLANNED
+    except HostUnreachable:
+        return FailoverKind.UNPLANNED
+    except UnreachableError:
+        pass
     try:
         shell = reach.shell(vm.host)
     except UnreachableError:
@@ -183,9 +225,17 @@ def _choose_kind(reach: Reach, vm: Vm) -> FailoverKind:
     return FailoverKind.PLANNED if source_qemu_alive(shell, vm) else FailoverKind.UNPLANNED
 
 
-def _require_healthy_replication(reach: Reach, vm: Vm, manifest: Manifest) -> None:
+def _host_answers(reach: Reach, vm: Vm) -> bool:
+    try:
+        reach.shell(vm.host)
+    except UnreachableError:
+        return False
+    return True
+
+
+def _require_healthy_replication(sessions: FailoverSessions, vm: Vm, manifest: Manifest) -> None:
     """A planned failover promises RPO 0: refuse before touching anything if replication is broken."""
-    with reach.qmp(vm) as qmp:
+    with sessions.source() as qmp:
         jobs = query_jobs(qmp, manifest)
     if len(jobs) < len(manifest.disks) or any(j.broken for j in jobs.values()):
         raise Refused(f"replication of {vm.name} is broken: a planned failover now would lose writes",

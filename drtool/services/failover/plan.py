@@ -10,6 +10,7 @@ from drtool.absent import absent_is_none
 from drtool.domain import Vm
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
+from drtool.mechanics.points import lacking_note, missing_disks
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.protection import Protection
 from drtool.state.records import PLANNED_STEPS, UNPLANNED_STEPS, FailoverKind, Step
@@ -114,5 +115,9 @@ def plan(vm: Vm, manifest: Manifest, kind: FailoverKind, point_id: str | None, s
             f"last known replication state: {replicas_state(manifest).value} at {manifest.updated_at}; "
             f"{start_reason}: {lost}",
         )
+        point = manifest.point(point_id or "")
+        missing = missing_disks(manifest, point) if point is not None else ()
+        if missing and point is not None:
+            warnings += (f"the DR copy starts WITHOUT disk(s) {', '.join(missing)}: {lacking_note(missing, point)}",)
     lines = tuple(("(done) " if step in done else "") + f"{step.value}: {described[step]}" for step in steps)
     return FailoverPlan(vm.name, kind.value, lines, warnings, start_reason)

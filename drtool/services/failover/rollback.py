@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError
+from drtool.mechanics.added_disks import with_added_disks
 from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
 from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.libvirt_domain import remove_dr_domain, restore_source_autostart, start_source_domain_paused
@@ -61,7 +62,7 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if record.kind is FailoverKind.LIVE:
             undone, state = rollback_live(reach, vm, manifest)
             return RollbackResult(vm.name, undone, state)
-        if record.done(Step.SOURCE_STOPPED) and not _source_alive(reach, vm):
+        if record.done(Step.REPLICATION_STOPPED) and not _source_alive(reach, vm):
             # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
             # It starts paused (-S) and runs only once the DR copy is gone.
             if libvirt_xml is not None:  # the domain libvirt ran, as it was defined
@@ -118,4 +119,4 @@ def _source_alive(reach: Reach, vm: Vm) -> bool:
 def _relaunch_argv(manifest: Manifest) -> list[str]:
     """The source's own command line, paused (-S) and daemonized, to start it again where it ran."""
     argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
-    return [*argv, "-S", "-daemonize"]
+    return [*with_added_disks(manifest, argv), "-S", "-daemonize"]

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError
 from drtool.mechanics.dr_target import TargetLayout
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_recorded, start_vm, vm_pid
+from drtool.mechanics.dr_vm import dr_run_layout, map_recorded, start_vm
 from drtool.mechanics.libvirt_domain import (
     domain_name,
     domain_running,
@@ -19,11 +19,13 @@ from drtool.mechanics.libvirt_domain import (
     open_to_qemu_group,
     start_domain,
 )
-from drtool.mechanics.remote import create_overlay, make_dirs
+from drtool.mechanics.remote import OwnProcess, create_overlay, make_dirs, stop_process
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.records import FailoverRecord, Step
 from drtool.state.store import save_manifest
 from drtool.transport.connections import Reach
+
+from .sessions import FailoverSessions
 
 # Test hook: SIGKILL drtool right after this step is recorded. Armed only together with
 # DRTOOL_TEST_HOOKS=1, so a stray variable in a production environment does nothing.
@@ -34,12 +36,14 @@ HOOKS_ENV = "DRTOOL_TEST_HOOKS"
 class FailoverSteps:
     """One failover's work against the hosts; subclasses run the steps of one kind."""
 
-    def __init__(self, reach: Reach, vm: Vm, manifest: Manifest) -> None:
+    def __init__(self, reach: Reach, vm: Vm, manifest: Manifest, sessions: FailoverSessions | None = None) -> None:
         self.reach, self.vm, self.manifest = reach, vm, manifest
+        self.sessions = sessions or FailoverSessions(reach, vm)
         self.dr = reach.shell(vm.dr_host)
         self.layout = TargetLayout(vm.replica_dir)
         self.run_layout = dr_run_layout(vm.replica_dir)
         self._step_started = time.monotonic()
+        self._step_seconds: dict[Step, float] = {}
 
     @property
     def record(self) -> FailoverRecord:
@@ -57,12 +61,21 @@ class FailoverSteps:
     def done(self, step: Step) -> bool:
         return self.record.done(step)
 
-    def record_step(self, step: Step, **changes: object) -> None:
-        """Record a step as done, with the record's other fields that go with it."""
-        record = replace(self.record.with_step(step, time.monotonic() - self._step_started), **changes)  # type: ignore[arg-type]
-        self._step_started = time.monotonic()
-        self.save_record(record)
-        if os.environ.get(HOOKS_ENV) == "1" and os.environ.get(FAULT_ENV) == step.value:
+    def step_done(self, step: Step) -> None:
+        """A step's work is done (its time measured); record_steps writes it down."""
+        now = time.monotonic()
+        self._step_seconds[step] = now - self._step_started
+        self._step_started = now
+
+    def record_step(self, *steps: Step, **changes: object) -> None:
+        """Record steps as done, in one manifest write, with the record's other fields that go with them."""
+        record = self.record
+        for step in steps:
+            if step not in self._step_seconds:
+                self.step_done(step)
+            record = record.with_step(step, self._step_seconds.pop(step))
+        self.save_record(replace(record, **changes))  # type: ignore[arg-type]
+        if os.environ.get(HOOKS_ENV) == "1" and os.environ.get(FAULT_ENV) in {s.value for s in steps}:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def overlays(self, point: RecoveryPoint, directory: PurePosixPath) -> dict[str, str]:
@@ -79,9 +92,15 @@ class FailoverSteps:
             overlays[device] = overlay
         return overlays
 
-    def start_on_dr(self, disks: dict[str, str]) -> None:
+    def start_on_dr(self, disks: dict[str, str], stop_first: OwnProcess | None = None,
+                    leave_out: tuple[str, ...] = ()) -> None:
+        """Start the DR copy on these disks (source image -> image here), paused; stop_first: see start_vm;
+        leave_out: source images of disks it runs without (see plan_command_line)."""
         xml = self.manifest.hardware.get("libvirt_xml")
         if xml is not None:  # the DR host's libvirt runs the copy, from the domain's definition
+            if stop_first is not None:
+                stop_process(self.dr, stop_first.pidfile, stop_first.program, stop_first.marker, 20,
+                             stop_first.leftovers)
             if not domain_running(self.dr, self.vm, domain_name(xml)):
                 make_dirs(self.dr, self.run_layout.run_dir)
                 if self.manifest.hardware.get("gid"):
@@ -89,10 +108,9 @@ class FailoverSteps:
                 mapped = dr_domain_xml(xml, disks, tuple(self.manifest.hardware.get("exclude", ())))
                 start_domain(self.dr, self.vm, mapped, self.run_layout.run_dir)
             return
-        if vm_pid(self.dr, self.run_layout) is not None:
-            return  # started by an earlier run that was killed before recording it
-        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
-        start_vm(self.dr, argv, self.run_layout)
+        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket),
+                            leave_out=leave_out).argv
+        start_vm(self.dr, argv, self.run_layout, stop_first=stop_first)  # not again if an earlier run started it
 
     def verify(self) -> str:
         """Resume the VM on the DR host and see it run."""
@@ -101,10 +119,12 @@ class FailoverSteps:
             if not domain_running(self.dr, self.vm, domain_name(xml)):
                 raise DrtoolError(f"libvirt on {self.vm.dr_host} started {domain_name(xml)} but it is not running")
             return "running"
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.sessions.dr_vm() as qmp:
             if qmp.execute("query-status")["status"] != "running":
                 qmp.execute("cont")
-            state = str(qmp.execute("query-status")["status"])
+                state = str(qmp.execute("query-status")["status"])
+            else:
+                state = "running"
         if state != "running":
             raise DrtoolError(f"{self.vm.name} started on {self.vm.dr_host} but is {state!r}, not running")
         return state

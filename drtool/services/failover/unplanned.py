@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from drtool.errors import Refused
 from drtool.mechanics.dr_target import stop_target
+from drtool.mechanics.dr_vm import kill_vm
 from drtool.state.manifest import RecoveryPoint, now
 from drtool.state.records import Step
 
@@ -22,6 +23,10 @@ LATEST_QUIESCE = "unplanned-latest"
 class UnplannedFailover(FailoverSteps):
     def run(self) -> None:
         if not self.done(Step.REPLICATION_STOPPED):
+            if self.record.converted_from and Step.REPLICATION_STOPPED in self.record.converted_from:
+                # the planned run may have started the DR copy on the replicas, paused (-S): it never ran
+                # (resumed only once the source is stopped); this one starts on overlays of its point
+                kill_vm(self.dr, self.run_layout)
             stop_target(self.dr, self.layout)
             self.record_step(Step.REPLICATION_STOPPED)
         if not self.done(Step.DR_STARTED):
@@ -30,9 +35,11 @@ class UnplannedFailover(FailoverSteps):
             if point is None:
                 raise Refused(f"{self.vm.name} has no point {chosen!r} to start from")
             overlays = self.overlays(point, self.vm.replica_dir / "failover")
-            disks = {d.source_image: overlays[d.device] for d in self.manifest.disks}
+            disks = {d.source_image: overlays[d.device] for d in self.manifest.disks if d.device in overlays}
+            # disks added after the point (its start reason says so): the copy starts without them
+            left_out = tuple(d.source_image for d in self.manifest.disks if d.device not in overlays)
             self.save_record(replace(self.record, point=point.id))
-            self.start_on_dr(disks)
+            self.start_on_dr(disks, leave_out=left_out)
             self.record_step(Step.DR_STARTED)
 
     def _latest_as_point(self) -> RecoveryPoint:

@@ -26,6 +26,7 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
+from drtool.mechanics.added_disks import with_added_disks
 from drtool.mechanics.dr_target import (
     PSK_USER,
     TargetLayout,
@@ -177,7 +178,7 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
 def home_argv(manifest: Manifest) -> list[str]:
     """The VM's own command line at home, paused (-S) and daemonized."""
     argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
-    return [*argv, "-S", "-daemonize"]
+    return [*with_added_disks(manifest, argv), "-S", "-daemonize"]
 
 
 def forward_manifest(manifest: Manifest, replica_dir: PurePosixPath) -> tuple[Manifest, tuple[str, ...]]:

@@ -38,7 +38,7 @@ from drtool.mechanics.dr_target import (
     stop_target,
 )
 from drtool.mechanics.old_site import qemu_on_images
-from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.points import lacking_note, load_settled_manifest
 from drtool.mechanics.remote import make_dirs, remove
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.store import require_protected, select_vm
@@ -113,6 +113,10 @@ def restore(inventory: Inventory, reach: Reach, name: str, *, point_id: str, dis
                 raise Refused(f"{vm.name} has failed over: its own disks on {vm.host} are not what runs",
                               hint="restore --to a new path instead")
             plan = [(d, d.source_image, d.format, False) for d in disks]
+        lacking = [d for d, *_ in plan if d.device not in point.images]  # before anything is written
+        if lacking:
+            raise UsageError(f"{lacking_note([d.device for d in lacking], point)}: it holds nothing of them",
+                             hint=f"choose a newer point (drtool points {vm.name}) or another --disk")
         restored = []
         for replica, path, fmt, create in plan:
             started = time.monotonic()
