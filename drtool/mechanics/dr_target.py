@@ -17,9 +17,10 @@ from pathlib import PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
-from drtool.state.manifest import Manifest
-from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.mechanics.remote import make_dirs, running_pid, stop_process, write_file
+from drtool.mechanics.replication import TLS_PRIORITY
+from drtool.state.manifest import Manifest
+from drtool.transport.batch import PidCheck
 from drtool.transport.connections import RemoteShell
 
 PSK_USER = "drtool"
@@ -102,6 +103,11 @@ def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
     for disk in manifest.disks:
         shell.run(["qemu-img", "create", "-q", "-f", "qcow2", "--", disk.replica_image, str(disk.virtual_size)],
                   timeout=120)
+
+
+def target_pid_check(layout: TargetLayout) -> PidCheck:
+    """What target_pid asks, for a batch of them (transport/batch.py)."""
+    return PidCheck(layout.pidfile, "qemu-storage", str(layout.pidfile))
 
 
 def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:

@@ -7,10 +7,12 @@ The small POSIX sh scripts below are constants; paths and modes reach them as
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import RemoteCommandError
+from drtool.transport.batch import FileReads, PidCheck
 from drtool.transport.connections import RemoteShell
 
 # Nearest existing path at or above $1: print it, whether it is a writable
@@ -156,3 +158,15 @@ def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_exist
     if keep_existing:
         argv = ["sh", "-c", 'o=$1; shift; [ -e "$o" ] || exec "$@"', "sh", overlay, *argv]
     shell.run(argv, timeout=60)
+
+
+def read_files_one_by_one(shell: RemoteShell, files: Sequence[PurePosixPath], pids: Sequence[PidCheck]) -> FileReads:
+    """What transport/batch.py's read_files answers, a command per file: for shells that run no python3."""
+    read: dict[PurePosixPath, bytes | None] = {}
+    errors: dict[PurePosixPath, str] = {}
+    for path in files:
+        try:
+            read[path] = read_file(shell, path)
+        except RemoteCommandError as err:
+            read[path], errors[path] = None, str(err)
+    return FileReads(read, tuple(running_pid(shell, c.pidfile, c.program, c.marker) for c in pids), errors)

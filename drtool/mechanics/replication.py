@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
+from typing import Any
 
-from drtool.mechanics.blockinfo import parse_query_block
 from drtool.errors import DrtoolError, QmpError
+from drtool.mechanics.blockinfo import parse_query_block
 from drtool.state.manifest import Manifest
 from drtool.transport.qmp import QmpSession
 
@@ -144,9 +145,14 @@ def start_mirrors(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], syn
 
 def query_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:
     """drtool's jobs on this QEMU, by job id."""
+    return jobs_of(qmp.execute("query-block-jobs"), manifest)
+
+
+def jobs_of(block_jobs: list[dict[str, Any]], manifest: Manifest) -> dict[str, JobState]:
+    """drtool's jobs in a query-block-jobs reply, by job id."""
     devices = {job_id(i): d.device for i, d in enumerate(manifest.disks)}
     jobs = {}
-    for raw in qmp.execute("query-block-jobs"):
+    for raw in block_jobs:
         jid = raw.get("device", "")
         if jid in devices:
             jobs[jid] = JobState(jid, devices[jid], int(raw.get("len", 0)), int(raw.get("offset", 0)),

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, ExitCode
+from drtool.errors import DrtoolError, ExitCode, RemoteCommandError
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
-from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_target import TargetLayout, target_pid_check
 from drtool.mechanics.dr_vm import dr_vm_session
-from drtool.mechanics.replication import JobState, job_id, query_jobs
+from drtool.mechanics.replication import JobState, job_id, jobs_of
 from drtool.services.concurrent import map_concurrently
-from drtool.state.manifest import Manifest
+from drtool.state.manifest import Manifest, manifest_path
 from drtool.state.protection import Health, Protection, worst
-from drtool.state.store import load_manifest, select_vm
+from drtool.state.store import manifest_from, previous_manifest_path, select_vm
+from drtool.transport.batch import MonitorReplies
 from drtool.transport.connections import Reach
 
 
@@ -63,31 +65,92 @@ def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
 
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
+    """Every VM's status from one round trip per host and role, all hosts at once.
+
+    Each DR host reads the manifests and checks the targets of all its VMs in
+    one remote command; each source host answers the QMP queries of all its
+    VMs through one relay (transport/batch.py): SSH channels and time grow
+    with hosts, not VMs. A VM running on its DR host after a failover is asked
+    there, on its own.
+    """
     vms = select_vms(inventory, names)
-    return StatusReport(tuple(map_concurrently(lambda vm: _status_of(reach, vm), vms)))
+    by_dr = _group(vms, lambda vm: vm.dr_host)
+    by_source = _group(vms, lambda vm: vm.host)
+    work: list[tuple[str, str, list[Vm]]] = ([("dr", h, group) for h, group in by_dr.items()]
+                                             + [("source", h, group) for h, group in by_source.items()])
+    gathered = map_concurrently(lambda job: _gather(reach, *job), work)
+    dr_side: dict[str, _DrSide] = {}
+    source_side: dict[str, MonitorReplies] = {}
+    for dr_found, source_found in gathered:
+        dr_side.update(dr_found)
+        source_side.update(source_found)
+    return StatusReport(tuple(map_concurrently(
+        lambda vm: _status_of(reach, vm, dr_side[vm.name], source_side[vm.name]), vms)))
 
 
-def _status_of(reach: Reach, vm: Vm) -> VmStatus:
-    target_running = True
+@dataclass(frozen=True)
+class _DrSide:
+    manifest: Manifest | None
+    target_running: bool
+    error: str = ""
+    exit_code: ExitCode = ExitCode.OK
+
+
+def _group(vms: Sequence[Vm], key: Callable[[Vm], str]) -> dict[str, list[Vm]]:
+    groups: dict[str, list[Vm]] = {}
+    for vm in vms:
+        groups.setdefault(key(vm), []).append(vm)
+    return groups
+
+
+def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, _DrSide],
+                                                                         dict[str, MonitorReplies]]:
+    """One host's part: (DR side by VM, {}) or ({}, source monitors by VM)."""
+    if role == "dr":
+        return _read_dr_side(reach, host, vms), {}
+    sockets = {vm.qmp_socket: vm.name for vm in vms}
     try:
-        dr = reach.shell(vm.dr_host)
-        manifest = load_manifest(dr, vm)
-        if manifest is not None and manifest.state.replicating:
-            target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
+        replies = reach.query_monitors(host, sockets, SOURCE_QUERIES)
     except DrtoolError as err:
-        manifest, manifest_error, manifest_exit = None, f"manifest unreadable: {err}", err.exit_code
-    else:
-        manifest_error, manifest_exit = "", ExitCode.OK
+        return {}, {vm.name: MonitorReplies(unreachable=err) for vm in vms}
+    return {}, {vm.name: replies[vm.qmp_socket] for vm in vms}
+
+
+SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
+
+
+def _read_dr_side(reach: Reach, host: str, vms: list[Vm]) -> dict[str, _DrSide]:
+    files = [p for vm in vms for p in (manifest_path(vm.replica_dir), previous_manifest_path(vm))]
+    try:
+        reads = reach.read_files(host, files, [target_pid_check(TargetLayout(vm.replica_dir)) for vm in vms])
+    except DrtoolError as err:
+        return {vm.name: _DrSide(None, False, f"manifest unreadable: {err}", err.exit_code) for vm in vms}
+    found = {}
+    for vm, pid in zip(vms, reads.pids, strict=True):
+        current, previous = manifest_path(vm.replica_dir), previous_manifest_path(vm)
+        try:
+            if current in reads.errors:
+                raise RemoteCommandError(reads.errors[current])
+            manifest = manifest_from(vm, reads.files[current], partial(reads.files.get, previous))
+        except DrtoolError as err:
+            found[vm.name] = _DrSide(None, False, f"manifest unreadable: {err}", err.exit_code)
+            continue
+        found[vm.name] = _DrSide(manifest, pid is not None)
+    return found
+
+
+def _status_of(reach: Reach, vm: Vm, dr_side: _DrSide, source: MonitorReplies) -> VmStatus:
+    manifest, manifest_error, manifest_exit = dr_side.manifest, dr_side.error, dr_side.exit_code
+    target_running = dr_side.target_running or manifest is None or not manifest.state.replicating
     state = manifest.state if manifest is not None else None
     if manifest is not None and manifest.state is Protection.UNPROTECTED:
         manifest = None
     if manifest is not None and manifest.state.failing_over:
         return _failed_over_status(reach, vm, manifest)
     try:
-        with reach.qmp(vm) as qmp:
-            run_state = qmp.execute("query-status")["status"]
-            devices = parse_query_block(qmp.execute("query-block"))
-            jobs = query_jobs(qmp, manifest) if manifest else {}
+        run_state = source.result("query-status")["status"]
+        devices = parse_query_block(source.result("query-block"))
+        jobs = jobs_of(source.result("query-block-jobs"), manifest) if manifest else {}
     except DrtoolError as err:
         health = Health.UNKNOWN if manifest_error or manifest else Health.UNPROTECTED
         reason = manifest_error or (f"{manifest.state.value}: source unreachable" if manifest else "")

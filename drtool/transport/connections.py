@@ -6,11 +6,19 @@ them fakes while the CLI and the lab tests hand them real `Connections`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import PurePosixPath
 from typing import Protocol
 
 from drtool.domain import Inventory, Vm
+from drtool.transport.batch import (
+    FileReads,
+    MonitorReplies,
+    PidCheck,
+    query_monitors,
+    read_files,
+)
 from drtool.transport.bridge import StreamBridge, relay_argv
 from drtool.transport.locks import VmLock
 from drtool.transport.qmp import QmpSession
@@ -43,6 +51,15 @@ class Reach(Protocol):
 
     def lock(self, vm: Vm) -> AbstractContextManager[object]:
         """One drtool at a time per VM: held while the returned context is entered."""
+        ...
+
+    def query_monitors(self, host_name: str, sockets: dict[PurePosixPath, str],
+                       commands: Sequence[str]) -> dict[PurePosixPath, MonitorReplies]:
+        """Read-only QMP commands on many monitors of one host (socket -> label), answers by socket."""
+        ...
+
+    def read_files(self, host_name: str, files: Sequence[PurePosixPath], pids: Sequence[PidCheck]) -> FileReads:
+        """Many files read and pid files checked on one host."""
         ...
 
 
@@ -80,6 +97,15 @@ class Connections:
 
     def qmp(self, vm: Vm) -> QmpSession:
         return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+
+    def query_monitors(self, host_name: str, sockets: dict[PurePosixPath, str],
+                       commands: Sequence[str]) -> dict[PurePosixPath, MonitorReplies]:
+        """One SSH channel and one python3 on the host for all the monitors (transport/batch.py)."""
+        conn = self.pool.get(host_name)
+        return query_monitors(conn, host_name, sockets, commands, timeout=conn.host.connect_timeout)
+
+    def read_files(self, host_name: str, files: Sequence[PurePosixPath], pids: Sequence[PidCheck]) -> FileReads:
+        return read_files(self.pool.get(host_name), host_name, files, pids)
 
     def adopt(self, inventory: Inventory) -> None:
         """Reach the hosts of a completed inventory too (see services/dr_inventory.py)."""

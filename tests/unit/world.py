@@ -30,8 +30,10 @@ from drtool.mechanics import dr_vm as dr_vm_module
 from drtool.mechanics import remote
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
+from drtool.mechanics.remote import read_files_one_by_one
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
+from drtool.transport.batch import query_monitors_one_by_one
 from drtool.transport.qmp import EventSubscription, QmpSession
 from drtool.transport.ssh import CommandResult, Endpoint
 
@@ -387,6 +389,12 @@ class WorldReach:
         self.world.alive()
         self.locks_taken += 1
         yield
+
+    def query_monitors(self, host_name, sockets, commands):  # noqa: ANN001, ANN201
+        return query_monitors_one_by_one(self, host_name, sockets, commands)
+
+    def read_files(self, host_name, files, pids):  # noqa: ANN001, ANN201
+        return read_files_one_by_one(self.shell(host_name), files, pids)
 
     def lock(self, vm: Vm) -> AbstractContextManager[object]:
         return self._held()
