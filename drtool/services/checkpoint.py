@@ -10,21 +10,32 @@ points the VM's retention rules no longer keep are deleted (points.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
-from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
-from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
+from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.pausing import (
+    resume_own_pause,
+    take_consistent_point,
+    target_session,
+)
 from drtool.mechanics.points import delete_points, load_settled_manifest
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.state.kept import keep_entry
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.protection import Protection
-from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.state.store import (
+    load_manifest,
+    require_protected,
+    save_manifest,
+    select_vm,
+)
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -61,10 +72,15 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
     if all_vms:
         vms = [inventory.vms[n] for n in sorted(inventory.vms)]
-    return CheckpointReport(tuple(map_concurrently(lambda vm: _checkpoint_one(inventory, reach, vm, all_vms), vms)))
+    # VMs are worked at once, but on each host one guest is paused at a time: pauses
+    # that overlap would share the host's CPUs and each last longer.
+    gates = {host: threading.Lock() for host in {vm.host for vm in vms}}
+    return CheckpointReport(tuple(map_concurrently(
+        lambda vm: _checkpoint_one(inventory, reach, vm, all_vms, gates[vm.host]), vms)))
 
 
-def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool) -> CheckpointResult:
+def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool,
+                    pause_gate: AbstractContextManager[object] | None = None) -> CheckpointResult:
     try:
         dr = reach.shell(vm.dr_host)
         with reach.lock(vm):
@@ -82,7 +98,8 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                 with reach.qmp(vm) as qmp:
                     manifest, seconds = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused",
                                                               "checkpoint", max_behind=MAX_BEHIND,
-                                                              drain_timeout=CHECKPOINT_DRAIN_TIMEOUT)
+                                                              drain_timeout=CHECKPOINT_DRAIN_TIMEOUT,
+                                                              pause_gate=pause_gate)
                 point = manifest.points[-1]
                 deleted, failure = apply_retention(target, dr, vm, manifest)
         if failure:
