@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -28,11 +29,8 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
-from drtool.errors import DrtoolError, Refused
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import link_socket, start_link, stop_link
-from drtool.state.manifest import Manifest, ReplicaDisk
-from drtool.state.protection import Protection
 from drtool.mechanics.remote import free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
@@ -47,8 +45,15 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
-from drtool.state.kept import forget_entry, keep_entry
-from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.state.kept import forget_entry, index_dir, keep_entry
+from drtool.state.manifest import Manifest, ReplicaDisk
+from drtool.state.protection import Protection
+from drtool.state.store import (
+    load_manifest,
+    require_protected,
+    save_manifest,
+    select_vm,
+)
 from drtool.transport.connections import Reach
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
@@ -152,7 +157,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
     in_use = sum(d.allocated for d in devices)
     with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
         space_f = pool.submit(free_space, dr, vm.replica_dir)
-        port_f = pool.submit(free_nbd_port, dr)
+        port_f = pool.submit(free_nbd_port, dr, vm.dr_host, index_dir(dr_host))
         hardware_f = pool.submit(read_hardware, src, vm.qmp_socket)
     space = space_f.result()
     _check_room(vm, space, devices, in_use)

@@ -100,3 +100,16 @@ def test_files_and_pids_in_one_remote_command(tmp_path: Path) -> None:
     assert reads.files[PurePosixPath(tmp_path / "a.json")] == b'{"x": 1}'
     assert reads.files[PurePosixPath(tmp_path / "b")] is None
     assert reads.pids == (proc.pid, None, None)
+
+
+def test_nbd_ports_are_not_handed_out_twice_nor_taken_from_a_stopped_target() -> None:
+    from drtool.mechanics.dr_target import FIRST_NBD_PORT, free_nbd_port
+    from tests.unit.fakes import FakeShell
+
+    listening = f"LISTEN 0 4096 0.0.0.0:{FIRST_NBD_PORT} 0.0.0.0:*\n"
+    kept = f'  "nbd_port": {FIRST_NBD_PORT + 1},\n'  # a VM of the index whose target is stopped
+    shell = FakeShell(answers={"sh": (0, listening + kept, "")})
+    host = "dr-port-test"  # a host name of its own: the reservations last for the process
+    ports = [free_nbd_port(shell, host, PurePosixPath("/var/lib/drtool/index")) for _ in range(3)]
+    assert ports == [FIRST_NBD_PORT + 2, FIRST_NBD_PORT + 3, FIRST_NBD_PORT + 4]
+    assert shell.ran[0][-1] == "/var/lib/drtool/index"  # the index travels as an argument
