@@ -1,10 +1,14 @@
-"""Work over many hosts or VMs at once, results in the order asked."""
+"""Work over many hosts or VMs at once, results in the order asked; one VM's failure stops no other."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from drtool.domain import Vm
+from drtool.errors import DrtoolError, ExitCode
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -17,3 +21,39 @@ def map_concurrently(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         return [fn(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+@dataclass(frozen=True)
+class VmOutcome(Generic[R]):
+    """One VM's part of a command over many: its result, why it failed, or why it was left out."""
+
+    vm: str
+    result: R | None = None
+    error: str = ""
+    exit_code: ExitCode = ExitCode.OK
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
+class FleetReport(Generic[R]):
+    outcomes: tuple[VmOutcome[R], ...]
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return max((o.exit_code for o in self.outcomes), default=ExitCode.OK)
+
+
+def for_each_vm(fn: Callable[[Vm], R], vms: Sequence[Vm], skipped: dict[str, VmOutcome[R]] | None = None
+                ) -> FleetReport[R]:
+    """fn on every VM at once (skipped ones stand as given), each VM's DrtoolError its own outcome."""
+    skipped = skipped or {}
+
+    def one(vm: Vm) -> VmOutcome[R]:
+        if vm.name in skipped:
+            return skipped[vm.name]
+        try:
+            return VmOutcome(vm.name, fn(vm))
+        except DrtoolError as err:
+            return VmOutcome(vm.name, None, str(err), err.exit_code)
+
+    return FleetReport(tuple(map_concurrently(one, vms)))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from drtool.errors import DrtoolError, Refused
+from drtool.domain import Inventory
+from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
     PSK_USER,
@@ -29,6 +30,7 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
+from drtool.mechanics.fleet import read_dr_sides
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.link import link_socket, start_link, stop_link
 from drtool.mechanics.remote import free_space, make_dirs, remove
@@ -45,6 +47,7 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
+from drtool.services.concurrent import FleetReport, VmOutcome, for_each_vm
 from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
@@ -118,6 +121,27 @@ def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
     errors = [e for f in futures if (e := f.exception()) is not None]
     if errors:
         raise errors[0]
+
+
+def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *, all_vms: bool = False,
+                 wait: bool = True) -> FleetReport[ProtectResult]:
+    """protect several VMs (or, with all_vms, every one not protected yet) at once, each on its own.
+
+    Their DR targets get distinct NBD ports (dr_target.free_nbd_port reserves
+    each port it hands out); with all_vms, VMs that have a manifest already
+    are left out and say so.
+    """
+    if bool(names) == all_vms:
+        raise UsageError("name the VMs to protect, or pass --all (not both)")
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    skipped: dict[str, VmOutcome[ProtectResult]] = {}
+    if all_vms:
+        for name, side in read_dr_sides(reach, vms).items():
+            if side.error:
+                skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
+            elif side.manifest is not None:
+                skipped[name] = VmOutcome(name, skipped=f"{side.manifest.state.value}: skipped")
+    return for_each_vm(lambda vm: protect(inventory, reach, vm.name, wait=wait), vms, skipped)
 
 
 def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001

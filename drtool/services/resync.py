@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, QmpError
-from drtool.mechanics.dr_target import PSK_USER, TargetLayout, source_tls_dir, start_target, target_pid
+from drtool.errors import DrtoolError, QmpError, UsageError
+from drtool.mechanics.dr_target import (
+    PSK_USER,
+    TargetLayout,
+    source_tls_dir,
+    start_target,
+    target_pid,
+)
+from drtool.mechanics.fleet import read_dr_sides
 from drtool.mechanics.link import link_socket, start_link
 from drtool.mechanics.pausing import resume_own_pause, resume_source
 from drtool.mechanics.points import load_settled_manifest
-from drtool.state.manifest import Manifest, now
-from drtool.state.protection import Protection
-from drtool.state.records import SourcePause
 from drtool.mechanics.replication import (
     DiskProgress,
     JobState,
@@ -44,18 +48,22 @@ from drtool.mechanics.replication import (
     cancel_mirrors,
     current_nodes,
     detach_target,
+    distrusting_bitmaps,
     job_id,
+    mirror_dirty_bytes,
     nbd_node,
     query_jobs,
-    start_mirrors,
-    mirror_dirty_bytes,
     remove_bitmaps,
     rotate_bitmaps,
+    start_mirrors,
     trusted_bitmap,
     trusting_bitmap,
-    distrusting_bitmaps,
     wait_until_ready,
 )
+from drtool.services.concurrent import FleetReport, VmOutcome, for_each_vm
+from drtool.state.manifest import Manifest, now
+from drtool.state.protection import Protection
+from drtool.state.records import SourcePause
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -73,6 +81,27 @@ class ResyncResult:
     target_restarted: bool = False
     detail: str = ""
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+
+def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *,
+                all_vms: bool = False) -> FleetReport[ResyncResult]:
+    """resync of several VMs (or, with all_vms, of every protected one) at once, each on its own.
+
+    With all_vms the manifests are read first (one command per DR host): VMs not
+    protected, or failed over, are left out and say so, the rest are resynced.
+    """
+    if bool(names) == all_vms:
+        raise UsageError("name the VMs to resync, or pass --all (not both)")
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    skipped: dict[str, VmOutcome[ResyncResult]] = {}
+    if all_vms:
+        for name, side in read_dr_sides(reach, vms).items():
+            if side.error:
+                skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
+            elif side.manifest is None or not side.manifest.state.replicating:
+                state = side.manifest.state.value if side.manifest else "not protected"
+                skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")
+    return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped)
 
 
 def resync(inventory: Inventory, reach: Reach, vm_name: str,

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, ExitCode, RemoteCommandError
+from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
-from drtool.mechanics.dr_target import TargetLayout, target_pid_check
 from drtool.mechanics.dr_vm import dr_vm_session
+from drtool.mechanics.fleet import DrSide, group_by, read_dr_side
 from drtool.mechanics.replication import JobState, job_id, jobs_of
 from drtool.services.concurrent import map_concurrently
-from drtool.state.manifest import Manifest, manifest_path
+from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
-from drtool.state.store import manifest_from, previous_manifest_path, select_vm
+from drtool.state.store import select_vm
 from drtool.transport.batch import MonitorReplies
 from drtool.transport.connections import Reach
 
@@ -74,12 +73,12 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
     there, on its own.
     """
     vms = select_vms(inventory, names)
-    by_dr = _group(vms, lambda vm: vm.dr_host)
-    by_source = _group(vms, lambda vm: vm.host)
+    by_dr = group_by(vms, lambda vm: vm.dr_host)
+    by_source = group_by(vms, lambda vm: vm.host)
     work: list[tuple[str, str, list[Vm]]] = ([("dr", h, group) for h, group in by_dr.items()]
                                              + [("source", h, group) for h, group in by_source.items()])
     gathered = map_concurrently(lambda job: _gather(reach, *job), work)
-    dr_side: dict[str, _DrSide] = {}
+    dr_side: dict[str, DrSide] = {}
     source_side: dict[str, MonitorReplies] = {}
     for dr_found, source_found in gathered:
         dr_side.update(dr_found)
@@ -88,26 +87,11 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
         lambda vm: _status_of(reach, vm, dr_side[vm.name], source_side[vm.name]), vms)))
 
 
-@dataclass(frozen=True)
-class _DrSide:
-    manifest: Manifest | None
-    target_running: bool
-    error: str = ""
-    exit_code: ExitCode = ExitCode.OK
-
-
-def _group(vms: Sequence[Vm], key: Callable[[Vm], str]) -> dict[str, list[Vm]]:
-    groups: dict[str, list[Vm]] = {}
-    for vm in vms:
-        groups.setdefault(key(vm), []).append(vm)
-    return groups
-
-
-def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, _DrSide],
+def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, DrSide],
                                                                          dict[str, MonitorReplies]]:
     """One host's part: (DR side by VM, {}) or ({}, source monitors by VM)."""
     if role == "dr":
-        return _read_dr_side(reach, host, vms), {}
+        return read_dr_side(reach, host, vms), {}
     sockets = {vm.qmp_socket: vm.name for vm in vms}
     try:
         replies = reach.query_monitors(host, sockets, SOURCE_QUERIES)
@@ -119,27 +103,7 @@ def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str
 SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
 
 
-def _read_dr_side(reach: Reach, host: str, vms: list[Vm]) -> dict[str, _DrSide]:
-    files = [p for vm in vms for p in (manifest_path(vm.replica_dir), previous_manifest_path(vm))]
-    try:
-        reads = reach.read_files(host, files, [target_pid_check(TargetLayout(vm.replica_dir)) for vm in vms])
-    except DrtoolError as err:
-        return {vm.name: _DrSide(None, False, f"manifest unreadable: {err}", err.exit_code) for vm in vms}
-    found = {}
-    for vm, pid in zip(vms, reads.pids, strict=True):
-        current, previous = manifest_path(vm.replica_dir), previous_manifest_path(vm)
-        try:
-            if current in reads.errors:
-                raise RemoteCommandError(reads.errors[current])
-            manifest = manifest_from(vm, reads.files[current], partial(reads.files.get, previous))
-        except DrtoolError as err:
-            found[vm.name] = _DrSide(None, False, f"manifest unreadable: {err}", err.exit_code)
-            continue
-        found[vm.name] = _DrSide(manifest, pid is not None)
-    return found
-
-
-def _status_of(reach: Reach, vm: Vm, dr_side: _DrSide, source: MonitorReplies) -> VmStatus:
+def _status_of(reach: Reach, vm: Vm, dr_side: DrSide, source: MonitorReplies) -> VmStatus:
     manifest, manifest_error, manifest_exit = dr_side.manifest, dr_side.error, dr_side.exit_code
     target_running = dr_side.target_running or manifest is None or not manifest.state.replicating
     state = manifest.state if manifest is not None else None
