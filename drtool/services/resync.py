@@ -98,9 +98,9 @@ def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *
         for name, side in read_dr_sides(reach, vms).items():
             if side.error:
                 skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
-            elif side.manifest is None or not side.manifest.state.replicating:
+            elif side.manifest is None or side.manifest.state in (Protection.UNPROTECTED, Protection.FAILED_OVER):
                 state = side.manifest.state.value if side.manifest else "not protected"
-                skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")
+                skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")  # a failover half-done is refused
     return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped)
 
 
