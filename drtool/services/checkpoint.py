@@ -87,7 +87,7 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
             manifest = load_settled_manifest(dr, vm)
             if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
                 return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
-            if skip_unprotected and manifest.state is Protection.FAILED_OVER:  # runs on its DR host now
+            if skip_unprotected and manifest is not None and manifest.state is Protection.FAILED_OVER:  # runs there now
                 return CheckpointResult(vm.name, None, 0.0, f"failed over to {vm.dr_host}: skipped")
             manifest = require_protected(manifest, vm)
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)

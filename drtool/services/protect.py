@@ -47,7 +47,12 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
-from drtool.services.concurrent import FleetReport, VmOutcome, for_each_vm
+from drtool.services.concurrent import (
+    SETUPS_PER_HOST,
+    FleetReport,
+    VmOutcome,
+    for_each_vm,
+)
 from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
@@ -141,7 +146,7 @@ def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), 
                 skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
             elif side.manifest is not None:
                 skipped[name] = VmOutcome(name, skipped=f"{side.manifest.state.value}: skipped")
-    return for_each_vm(lambda vm: protect(inventory, reach, vm.name, wait=wait), vms, skipped)
+    return for_each_vm(lambda vm: protect(inventory, reach, vm.name, wait=wait), vms, skipped, per_host=SETUPS_PER_HOST)
 
 
 def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001

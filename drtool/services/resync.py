@@ -60,7 +60,12 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
-from drtool.services.concurrent import FleetReport, VmOutcome, for_each_vm
+from drtool.services.concurrent import (
+    SETUPS_PER_HOST,
+    FleetReport,
+    VmOutcome,
+    for_each_vm,
+)
 from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import SourcePause
@@ -101,7 +106,7 @@ def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *
             elif side.manifest is None or side.manifest.state in (Protection.UNPROTECTED, Protection.FAILED_OVER):
                 state = side.manifest.state.value if side.manifest else "not protected"
                 skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")  # a failover half-done is refused
-    return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped)
+    return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped, per_host=SETUPS_PER_HOST)
 
 
 def resync(inventory: Inventory, reach: Reach, vm_name: str,
