@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from drtool.domain import Vm
 from drtool.errors import ExitCode, UsageError
 from drtool.services import checkpoint as checkpoint_service
 from drtool.services.concurrent import for_each_vm
@@ -40,11 +41,11 @@ def test_a_checkpoint_holds_its_host_gate_from_stop_to_cont_and_no_longer() -> N
 
 
 def test_one_vms_failure_stops_no_other() -> None:
-    world, _, inv = protected_world()
+    _, _, inv = protected_world()
     vms = [replace(inv.vm("web"), name=f"vm{i}") for i in range(6)]
 
-    def work(vm: object) -> str:
-        if getattr(vm, "name") == "vm2":
+    def work(vm: Vm) -> str:
+        if vm.name == "vm2":
             raise UsageError("vm2 refused a channel")
         return "done"
 
