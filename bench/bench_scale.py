@@ -109,6 +109,9 @@ def measure(lab: Lab, tag: str, placement: dict[str, int], workdir: Path) -> tup
     inventory = load_inventory(config)
     row = {name: run(inventory, fn) for name, fn in commands().items()}
     log(f"{tag}: " + ", ".join(f"{k} {v['seconds']:.2f} s/{v['channels']} ch" for k, v in row.items()))
+    for name, r in row.items():
+        for failure in r["failures"][:3]:
+            log(f"  {name} failed: {failure}")
     return row, vms
 
 
