@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, ExitCode, Refused, UsageError
+from drtool.errors import DrtoolError, ExitCode, Refused, UsageError, VmUnreachable
 from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.mechanics.pausing import (
     resume_own_pause,
@@ -93,10 +93,15 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
             notes = (resumed,) if resumed else ()
             keep_entry(inventory, reach, vm)  # refreshed, so it follows the inventory
-            if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
-                raise Refused(f"the replication target of {vm.name} is not running on {vm.dr_host}",
-                              hint=f"run drtool resync {vm.name}: it restarts the target and catches up")
-            with target_session(reach, vm) as target:
+            try:
+                target = target_session(reach, vm)
+            except VmUnreachable:  # say why when the target is not running (one round trip less when it is)
+                if target_pid(dr, TargetLayout(vm.replica_dir)) is None:
+                    raise Refused(f"the replication target of {vm.name} is not running on {vm.dr_host}",
+                                  hint=f"run drtool resync {vm.name}: it restarts the target and catches up"
+                                  ) from None
+                raise
+            with target:
                 with reach.qmp(vm) as qmp:
                     manifest, seconds = take_consistent_point(reach, qmp, target, manifest, vm, dr, "paused",
                                                               "checkpoint", max_behind=MAX_BEHIND,

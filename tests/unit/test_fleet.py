@@ -61,3 +61,11 @@ def test_resync_all_leaves_out_a_failed_over_vm_and_names_no_vm_twice() -> None:
     assert outcome.skipped == "failed-over: skipped" and outcome.exit_code == ExitCode.OK
     with pytest.raises(UsageError, match="not both"):
         resync_many(inv, reach, ["web"], all_vms=True)
+
+
+def test_a_checkpoint_says_when_the_target_is_not_running() -> None:
+    world, reach, inv = protected_world()
+    world.target_running = False
+    result = checkpoint_service._checkpoint_one(inv, reach, inv.vm("web"), False)
+    assert result.exit_code == ExitCode.REFUSED and "replication target of web is not running" in result.error
+    assert "resync web" in result.error and world.source_status == "running"

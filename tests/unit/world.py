@@ -376,6 +376,8 @@ class WorldReach:
                 raise HostUnreachable(f"{SRC} did not answer within 1 s")
             return WorldQmp(self.world, self.world.source_qmp)
         if socket_path == TargetLayout(REPLICAS).qmp_socket:
+            if not self.world.target_running:  # a dead target's monitor refuses the connection
+                raise VmUnreachable(f"{label} on {host_name}: cannot reach the QMP monitor: Connection refused")
             return WorldQmp(self.world, self.world.target_qmp)
         if socket_path.parent == REPLICAS / "test":
             return WorldQmp(self.world, self.world.drill_qmp)
