@@ -126,6 +126,7 @@ class _Lane:
     channels: list[paramiko.Channel] = field(default_factory=list)
     locks: list[paramiko.Channel] = field(default_factory=list)  # channels holding a VM lock (locks.py)
     capacity: int = CHANNELS_PER_CONNECTION  # lowered when the server refuses a channel
+    opening: int = 0  # channels being opened on it now (their room is reserved)
 
     @property
     def alive(self) -> bool:
@@ -253,26 +254,38 @@ class SshConnection:
         return client
 
     def _session(self) -> paramiko.Channel:
-        """A new channel on a connection that has room for it, opening a connection if none has."""
+        """A new channel on a connection that has room for it, opening a connection if none has.
+
+        The room is reserved under the lock and the channel opened outside it: a channel
+        open is a round trip, and threads working on many VMs of the host would queue on it.
+        """
         for _ in range(CHANNEL_ATTEMPTS):
             with self._lock:
                 lanes = self._live_lanes()
-                lane = next((ln for ln in lanes if ln.alive and ln.open_count() < ln.capacity), None)
+                lane = next((ln for ln in lanes if ln.alive and ln.open_count() + ln.opening < ln.capacity), None)
                 if lane is None:
                     lane = _Lane(self._open())
                     lanes.append(lane)
-                transport = lane.client.get_transport()
-                assert transport is not None
-                try:
-                    chan = transport.open_session(timeout=self.host.connect_timeout)
-                except paramiko.ChannelException:
+                lane.opening += 1
+            transport = lane.client.get_transport()
+            try:
+                if transport is None:
+                    raise paramiko.SSHException("the connection closed")
+                chan = transport.open_session(timeout=self.host.connect_timeout)
+            except paramiko.ChannelException:
+                with self._lock:
+                    lane.opening -= 1
                     # the server allows fewer sessions per connection than we assumed
                     lane.capacity = max(1, lane.open_count())
-                    continue
-                except paramiko.SSHException as err:
-                    raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+                continue
+            except paramiko.SSHException as err:
+                with self._lock:
+                    lane.opening -= 1
+                raise HostUnreachable(f"{self.host.name}: cannot open an SSH channel: {err}") from err
+            with self._lock:
+                lane.opening -= 1
                 lane.channels.append(chan)
-                return chan
+            return chan
         raise HostUnreachable(f"{self.host.name} refused {CHANNEL_ATTEMPTS} SSH channels in a row",
                               hint="check MaxSessions in its sshd_config")
 
