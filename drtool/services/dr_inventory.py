@@ -21,13 +21,7 @@ import tomli_w
 from drtool.config import parse_inventory
 from drtool.domain import Host, Inventory, Vm
 from drtool.errors import ConfigError, DrtoolError, RemoteCommandError, UsageError
-from drtool.state.kept import (
-    KEPT_INVENTORY,
-    KEPT_KNOWN_HOSTS,
-    host_table,
-    index_dir,
-    vm_table,
-)
+from drtool.state.kept import KEPT_INVENTORY, KEPT_KNOWN_HOSTS, host_table, index_dir, vm_table
 from drtool.transport.connections import Reach
 
 # Run on a DR host: every VM its index names, with its kept inventory and known_hosts (JSON on stdout).

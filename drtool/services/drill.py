@@ -13,14 +13,8 @@ import time
 from dataclasses import dataclass, replace
 
 from drtool.domain import Inventory, Vm
+from drtool.mechanics.dr_vm import RunLayout, kill_vm, map_command_line, start_vm, vm_pid
 from drtool.errors import DrtoolError, Refused, UsageError
-from drtool.mechanics.dr_vm import (
-    RunLayout,
-    kill_vm,
-    map_command_line,
-    start_vm,
-    vm_pid,
-)
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay, make_dirs, remove
 from drtool.state.manifest import now

@@ -17,12 +17,8 @@ from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.pausing import resume_own_pause
+from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.points import load_settled_manifest
-from drtool.mechanics.recovery_objectives import (
-    SourceSeen,
-    observe_source,
-    recovery_objectives,
-)
 from drtool.mechanics.replication import query_jobs
 from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection

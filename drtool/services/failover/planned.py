@@ -24,11 +24,7 @@ from dataclasses import replace
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.link import stop_link_and_target
-from drtool.mechanics.pausing import (
-    resume_source,
-    take_consistent_point,
-    target_session,
-)
+from drtool.mechanics.pausing import resume_source, take_consistent_point, target_session
 from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
 from drtool.state.manifest import now
 from drtool.state.records import SourcePause, Step

@@ -16,9 +16,9 @@ from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
 from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay
-from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
+from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
 from drtool.state.records import FailoverKind, FailoverRecord, Step
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach

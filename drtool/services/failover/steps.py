@@ -11,13 +11,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError
 from drtool.mechanics.dr_target import TargetLayout
-from drtool.mechanics.dr_vm import (
-    dr_run_layout,
-    dr_vm_session,
-    map_command_line,
-    start_vm,
-    vm_pid,
-)
+from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_command_line, start_vm, vm_pid
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.records import FailoverRecord, Step
