@@ -231,6 +231,22 @@ def _dr_differs(values: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _one_monitor(values: dict[str, Any]) -> tuple[str, str] | None:
+    if "qmp_socket" in values and "libvirt_domain" in values:
+        return "libvirt_domain", ("a VM names qmp_socket (QEMU run by hand) or libvirt_domain (libvirt runs it), "
+                                  "not both")
+    if "libvirt_uri" in values and "libvirt_domain" not in values:
+        return "libvirt_uri", "libvirt_uri goes with libvirt_domain"
+    return None
+
+
+def _excluded_not_protected(values: dict[str, Any]) -> tuple[str, str] | None:
+    both = set(values.get("disks", ())) & set(values.get("exclude_disks", ()))
+    if both:
+        return "exclude_disks", f"{', '.join(sorted(both))} cannot be both protected (disks) and excluded"
+    return None
+
+
 @dataclass(frozen=True)
 class _Field:
     convert: Convert
@@ -245,6 +261,7 @@ class _Section:
     fields: dict[str, _Field]
     build: Callable[..., Any]
     checks: tuple[Callable[[dict[str, Any]], tuple[str, str] | None], ...] = ()
+    one_of: tuple[str, ...] = ()  # keys of which one is required
 
 
 # Key names are the domain dataclasses' attribute names, so build(name=, **values) works.
@@ -266,19 +283,23 @@ _SECTIONS: dict[str, _Section] = {
     ),
     "vms": _Section(
         kind="VM",
-        build=Vm,
+        build=lambda **values: Vm(**{"qmp_socket": None, **values}),
+        one_of=("qmp_socket", "libvirt_domain"),
         fields={
             "host": _Field(_host_ref, required=True),
-            "qmp_socket": _Field(_remote_path, required=True),
+            "qmp_socket": _Field(_remote_path),
+            "libvirt_domain": _Field(_word),
+            "libvirt_uri": _Field(_word),
             "dr_host": _Field(_host_ref, required=True),
             "replica_dir": _Field(_remote_path, required=True),
             "disks": _Field(_disks),
+            "exclude_disks": _Field(_disks),
             "mode": _Field(_mode),
             "transport": _Field(_transport),
             "source_dir": _Field(_remote_path),
             "retention": _Field(_retention),
         },
-        checks=(_dr_differs,),
+        checks=(_dr_differs, _one_monitor, _excluded_not_protected),
     ),
 }
 
@@ -403,6 +424,10 @@ class _Validator:
             if spec.required and key not in table and key not in suggested:
                 self.problem((top, name), f'{label}: missing required key "{key}"')
                 ok = False
+        if section.one_of and not any(k in table or k in suggested for k in section.one_of):
+            self.problem((top, name), f'{label}: missing required key "{section.one_of[0]}" (or '
+                                      f'"{section.one_of[1]}" for a libvirt domain)')
+            ok = False
         for check in section.checks:
             failed = check(values)
             if failed:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
+from drtool.errors import UsageError
 from drtool.retention import DEFAULT_RETENTION, RetentionRule
 
 DEFAULT_SSH_PORT = 22
@@ -46,7 +47,7 @@ class Host:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     replication_address: str | None = None  # where other hosts reach this one's NBD; default: address
-    drtool_dir: PurePosixPath = PurePosixPath("/var/lib/drtool")  # drtool's own files on this host
+    drtool_dir: PurePosixPath = PurePosixPath("/var/lib/drtool")  # noqa: RUF009 - immutable; drtool's files here
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,26 @@ class Vm:
 
     name: str
     host: str
-    qmp_socket: PurePosixPath
+    qmp_socket: PurePosixPath | None  # drtool's own QMP monitor, or None for a libvirt domain
     dr_host: str
     replica_dir: PurePosixPath
     disks: tuple[str, ...] = ()  # device ids; empty means every disk on a device
+    exclude_disks: tuple[str, ...] = ()  # disks the DR copy runs without (network disks, shares): left out
     mode: ReplicationMode = ReplicationMode.ASYNC
     transport: Transport = Transport.TLS
     source_dir: PurePosixPath | None = None  # drtool's files on the VM's host; default below
     retention: tuple[RetentionRule, ...] = DEFAULT_RETENTION  # which points checkpoint keeps (retention.py)
+
+    libvirt_domain: str | None = None  # a domain libvirt runs: QMP passes through virsh
+    libvirt_uri: str = "qemu:///system"
+
+    @property
+    def monitor(self) -> PurePosixPath:
+        """drtool's QMP socket of a VM that is not a libvirt domain."""
+        if self.qmp_socket is None:
+            raise UsageError(f"{self.name} is the libvirt domain {self.libvirt_domain!r}: drtool cannot do this "
+                             "for libvirt domains yet", hint="see README, libvirt domains")
+        return self.qmp_socket
 
     @property
     def source_state_dir(self) -> PurePosixPath:

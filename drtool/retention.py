@@ -111,14 +111,14 @@ def points_to_delete(points: Sequence[RecoveryPoint], rules: Sequence[RetentionR
     `points` in the order they were taken (the manifest's order), which also
     breaks ties between points stamped in the same second. The newest point
     (the last taken, and the newest by time if a clock stepped back) is always
-    kept, and so is any point whose time cannot be read (never delete what
-    cannot be dated).
+    kept, and so is a point pinned with --keep and any point whose time cannot
+    be read (never delete what cannot be dated).
     """
     if not points or any(r.keeps_all for r in rules):
         return []
     now_s = now.timestamp() if isinstance(now, datetime) else float(now)
     dated = [(t, i, p) for i, p in enumerate(points) if (t := epoch(p.time)) is not None]
-    keep = {i for i, p in enumerate(points) if epoch(p.time) is None}
+    keep = {i for i, p in enumerate(points) if epoch(p.time) is None or p.kept}
     keep.add(len(points) - 1)  # the last taken: the image right under the replica's active top
     if dated:  # and the newest by time, should the clock have stepped back since
         keep.add(max(dated, key=lambda d: (d[0], d[1]))[1])

@@ -13,9 +13,12 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-system-common qemu-utils \
-    openssh-server openssh-client iproute2 socat procps \
+    openssh-server openssh-client iproute2 socat procps python3-libnbd \
     python3 python3-venv python3-pip ca-certificates \
     busybox-static
+# libvirt for the lab's libvirt sites (opt-in per test); the -sysv packages keep systemd out
+apt-get install -y -q --no-install-recommends \
+    libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients
 
 python=${PYTHON:-python3}
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from drtool.errors import UsageError
 from drtool.services.failover import FailoverPlan
@@ -11,7 +12,7 @@ from drtool.services.failover import FailoverPlan
 from .output import Output
 
 
-def confirmer(out: Output, yes: bool):  # noqa: ANN201 - a Confirm callback
+def confirmer(out: Output, yes: bool) -> Callable[[FailoverPlan], bool]:
     def confirm(plan: FailoverPlan) -> bool:
         if yes or os.environ.get("DRTOOL_YES") == "1":
             return True

@@ -85,13 +85,17 @@ class Output:
         else:
             self.show(human(result))
 
-    def errors(self, failures: Iterable[tuple[str, str]]) -> None:
+    def errors(self, failures: Iterable[tuple[str, str | None]]) -> None:
         """One stderr line per failed item of a report (the table says more)."""
         for name, message in failures:
-            self.error(f"{name}: {message}")
+            self.error(f"{name}: {message or 'failed'}")
 
     def error(self, message: str) -> None:
         self.stderr.print(f"drtool: error: {message}", markup=False, highlight=False)
+
+    def warning(self, message: str) -> None:
+        """Something went wrong beside the command's own work (it stands): said even under --quiet."""
+        self.stderr.print(f"drtool: warning: {message}", markup=False, highlight=False)
 
     def json_error(self, exit_code: int, message: str, hint: str | None) -> None:
         """The error of a --json run, as JSON on stderr (stdout stays empty)."""

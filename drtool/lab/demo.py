@@ -78,7 +78,7 @@ def run_demo(root_dir: Path | None = None, say: Callable[[str], None] = _say) ->
         say("the link between the sites is cut; the guest keeps writing (async mode never waits)")
         lab.cut_site_link("site-a", "site-b")
         _wait_broken(vm)
-        _drtool(config, "status", expect=0)
+        _drtool(config, "status", expect=1)  # broken, and status says so with its exit code
         lab.restore_site_link("site-a", "site-b")
         say("link back: resync sends only what was written meanwhile")
         _drtool(config, "resync", VM)

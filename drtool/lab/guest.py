@@ -66,14 +66,16 @@ def kernel_args(mode: str = "write", *, records: int = 0, interval_ms: int = 0, 
     """The guest's own kernel command line options (see guest_init.sh)."""
     if mode not in ("write", "verify", "bench"):
         raise LabError(f"guest mode {mode!r}: write, verify or bench")
-    return f"drguest.mode={mode} drguest.records={records} drguest.interval_ms={interval_ms} drguest.bench_mib={bench_mib}"
+    return (f"drguest.mode={mode} drguest.records={records} drguest.interval_ms={interval_ms} "
+            f"drguest.bench_mib={bench_mib}")
 
 
 # --------------------------------------------------------------------------- building
 
 
 def _run(argv: list[str], cwd: Path | None = None) -> str:
-    proc = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    proc = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=600)
     if proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
     return proc.stdout

@@ -43,6 +43,7 @@ from typing import Any
 
 from drtool.lab import netns
 from drtool.lab.guest import GuestConsole, GuestImage, console_in
+from drtool.lab.libvirt_site import in_site, wait_libvirtd
 from drtool.lab.netns import LabError, netns_exec_argv
 from drtool.lab.sshd import Sshd, generate_key, write_known_hosts, write_sshd_config
 from drtool.lab.vm import LabVm
@@ -169,7 +170,7 @@ def teardown_state(state: Mapping[str, Any], popens: Mapping[int, subprocess.Pop
     def step(what: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - teardown keeps going
+        except Exception as exc:
             problems.append(f"{what}: {exc}")
             return None
 
@@ -260,6 +261,7 @@ class Lab:
         *,
         keep: bool = False,
         port: int = 22,
+        libvirt: bool = False,
     ) -> None:
         if len(set(hosts)) != len(hosts) or not hosts:
             raise LabError(f"host names must be unique and not empty: {list(hosts)}")
@@ -271,6 +273,8 @@ class Lab:
         self.id = secrets.token_hex(3)
         self.port = port
         self.keep = keep
+        self.libvirt = libvirt  # a libvirtd per host (drtool/lab/libvirt_site.py)
+        self.libvirt_versions: dict[str, str] = {}
         self._root_dir = Path(root_dir).absolute() if root_dir is not None else None
         self.dir = self._root_dir or Path("/nonexistent")
         self._host_names = tuple(hosts)
@@ -318,9 +322,15 @@ class Lab:
         return self
 
     def _start(self) -> None:
+        if self.libvirt:  # libvirt's QEMU runs as libvirt-qemu: it must get through to the images
+            for path in (self.dir, self.dir / "hosts"):
+                path.mkdir(exist_ok=True)
+                path.chmod(0o711)
         for index, name in enumerate(self._host_names, start=1):
             host_dir = self.dir / "hosts" / name
             host_dir.mkdir(parents=True, exist_ok=True)
+            if self.libvirt:
+                host_dir.chmod(0o711)
             self._hosts[name] = LabHost(
                 name=name, index=index, namespace=f"{netns.NS_PREFIX}{self.id}-{name}",
                 address="", root_address="",
@@ -363,7 +373,8 @@ class Lab:
                 config, listen=self.host_addresses(host.name), port=self.port, host_key=key,
                 authorized_keys=self.authorized_keys, pid_file=sshd_dir / "sshd.pid",
             )  # fmt: skip
-            host.sshd = Sshd(host.name, host.namespace, config, host.address, self.port, sshd_dir / "sshd.log")
+            host.sshd = Sshd(host.name, host.namespace, config, host.address, self.port, sshd_dir / "sshd.log",
+                             libvirt_dir=host.dir / "libvirt" if self.libvirt else None)
         write_known_hosts(
             self.known_hosts,
             {h.name: (self.host_addresses(h.name), self.port, h.public_key) for h in self._hosts.values()},
@@ -375,6 +386,10 @@ class Lab:
         for host in self._hosts.values():
             assert host.sshd is not None
             host.sshd.wait_ready()
+        if self.libvirt:
+            for host in self._hosts.values():
+                assert host.sshd is not None
+                self.libvirt_versions[host.name] = wait_libvirtd(host.sshd.pid, host.name)
 
     def stop(self) -> list[str]:
         """Tear everything down (idempotent); returns the problems met, also logged."""
@@ -521,6 +536,13 @@ class Lab:
 
     # ------------------------------------------------------------------ processes in hosts
 
+    def virsh(self, host: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """virsh against the host's own libvirtd (a lab started with libvirt=True)."""
+        if not self.libvirt:
+            raise LabError("this lab runs no libvirtd: start it with Lab(libvirt=True)")
+        argv = in_site(self.sshd_pid(host), ["virsh", "-c", "qemu:///system", *args])
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
     def exec(self, host: str, argv: Sequence[str], *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run argv in the host's namespace, wait, return its output (text); no check."""
         return subprocess.run(
@@ -567,7 +589,8 @@ class Lab:
             "except OSError:\n"
             "    sys.exit(1)\n"
         )
-        proc = self.exec(from_host, [sys.executable, "-c", script, address, str(port), str(timeout)], timeout=timeout + 10)
+        proc = self.exec(from_host, [sys.executable, "-c", script, address, str(port), str(timeout)],
+                         timeout=timeout + 10)
         return proc.returncode == 0
 
     # ------------------------------------------------------------------ VMs

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from drtool.lab.libvirt_site import site_argv
 from drtool.lab.netns import LabError, netns_exec_argv
 
 SSHD = "/usr/sbin/sshd"
@@ -98,6 +99,7 @@ class Sshd:
     port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    libvirt_dir: Path | None = None  # run a libvirtd beside it, in a mount namespace of their own (libvirt_site)
 
     @property
     def pid(self) -> int:
@@ -108,7 +110,10 @@ class Sshd:
     def start(self) -> None:
         """Launch sshd -D in the namespace (no wait; see wait_ready)."""
         PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
-        argv = netns_exec_argv(self.namespace, [SSHD, "-D", "-e", "-f", str(self.config)])
+        command = [SSHD, "-D", "-e", "-f", str(self.config)]
+        if self.libvirt_dir is not None:
+            command = site_argv(self.libvirt_dir, command)
+        argv = netns_exec_argv(self.namespace, command)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True

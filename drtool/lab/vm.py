@@ -84,14 +84,14 @@ def qmp_execute(socket_path: Path, cmd: str, args: Mapping[str, Any] | None, tim
         finally:
             try:
                 await client.disconnect()
-            except Exception:  # noqa: BLE001 - after "quit" QEMU hangs up first (EOFError)
+            except Exception:
                 pass
 
     try:
         return run_sync(go())
     except ExecuteError as exc:
         raise LabQmpError(f"QMP {cmd} failed: {exc.error.error.desc}") from exc
-    except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, QMPError, OSError, EOFError) as exc:
         raise LabError(f"QMP {cmd} on {socket_path}: {exc!r}") from exc
 
 

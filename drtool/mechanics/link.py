@@ -27,9 +27,9 @@ from pathlib import Path, PurePosixPath
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError, UsageError
-from drtool.state.manifest import Manifest
 from drtool.mechanics.dr_target import TargetLayout, stop_target
 from drtool.mechanics.remote import make_dirs, running_pid, stop_process
+from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
 
 LINK_TIMEOUT = 10  # s without an acknowledgement before a link counts as dead
@@ -82,6 +82,15 @@ def start_link(shell: RemoteShell, vm: Vm, manifest: Manifest) -> None:
     check = 'i=0; while [ ! -S "$1" ]; do i=$((i+1)); [ $i -gt 50 ] && exit 1; sleep 0.1; done'
     if not shell.run(["sh", "-c", check, "sh", str(link_socket(vm))], check=False, timeout=30).ok:
         raise RemoteCommandError(f"the replication link relay for {vm.name} did not start on {vm.host}")
+    give_to_qemu(shell, manifest, link_dir(vm), link_socket(vm))
+
+
+def give_to_qemu(shell: RemoteShell, manifest: Manifest, *paths: PurePosixPath) -> None:
+    """Files QEMU opens itself, owned by the user it runs as (libvirt's libvirt-qemu) when that is not root."""
+    uid = manifest.hardware.get("uid")
+    if uid:
+        shell.run(["chown", "-R", f"{uid}:{manifest.hardware.get('gid', uid)}", "--", *(str(p) for p in paths)],
+                  timeout=30)
 
 
 def stop_link(shell: RemoteShell, vm: Vm) -> None:

@@ -133,8 +133,12 @@ def main(argv: list[str]) -> None:
     except FileNotFoundError:
         pass
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    # The socket file appears at bind(), but connecting before listen() is refused: bind a
+    # temporary name and rename it once listening, so whoever sees the path can connect.
+    pending = os.path.join(os.path.dirname(path), f".{os.getpid()}")  # no longer than path: sun_path is short
+    listener.bind(pending)
     listener.listen(64)
+    os.rename(pending, path)
     while True:
         client, _ = listener.accept()
         threading.Thread(target=serve, daemon=True, args=(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
@@ -69,6 +69,27 @@ def resume_source(reach: Reach, vm: Vm, session: QmpSession | None = None) -> bo
         delay *= 2
     raise DrtoolError(f"{vm.name} was paused by drtool and could not be resumed on {vm.host}: {failure}",
                       hint=f"resume it (QMP cont); the next drtool command on {vm.name} also tries") from failure
+
+
+@contextlib.contextmanager
+def paused_source(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest, qmp: QmpSession,
+                  by: str) -> Iterator[bool]:
+    """Hold the source paused (if it runs) for the block; yields whether drtool paused it.
+
+    The pause is recorded in the manifest before the stop and cleared after the
+    resume; if the resume fails the record stays, for the next command to act on.
+    `manifest` must be the current one: it is what is saved around the pause.
+    """
+    if qmp.execute("query-status")["status"] != "running":
+        yield False
+        return
+    save_manifest(dr, vm, replace(manifest, source_pause=SourcePause(by, now())))
+    try:
+        qmp.execute("stop")
+        yield True
+    finally:
+        resume_source(reach, vm, qmp)
+        save_manifest(dr, vm, replace(manifest, source_pause=None))
 
 
 def resume_own_pause(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest) -> tuple[Manifest, str]:

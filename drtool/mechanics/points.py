@@ -22,10 +22,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
 
-from drtool.mechanics.dr_target import TargetLayout
-from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.domain import Vm
-from drtool.mechanics.dr_target import target_pid
+from drtool.errors import DrtoolError, Refused, UsageError
+from drtool.mechanics.dr_target import TargetLayout, target_pid
 from drtool.state.manifest import Manifest, RecoveryPoint, now
 from drtool.state.records import PendingPoint
 from drtool.state.store import load_manifest, save_manifest
@@ -116,6 +115,14 @@ def settle_pending(shell: RemoteShell, manifest: Manifest, target_pid: int | Non
         return settled(manifest), True
     shell.run(["rm", "-f", "--", *pending.tops.values()], timeout=30)
     return replace(manifest, pending_point=None), True
+
+
+def pin_point(dr: RemoteShell, vm: Vm, manifest: Manifest, point_id: str, kept: bool) -> Manifest:
+    """Pin a point against retention (or unpin it); saved at once. The caller holds the VM's lock."""
+    points = tuple(replace(p, kept=kept) if p.id == point_id else p for p in manifest.points)
+    manifest = replace(manifest, points=points)
+    save_manifest(dr, vm, manifest)
+    return manifest
 
 
 def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:

@@ -23,6 +23,7 @@ from typing import Any
 from drtool.errors import DrtoolError, QmpError
 from drtool.mechanics.blockinfo import parse_query_block
 from drtool.state.manifest import Manifest
+from drtool.state.protection import Health
 from drtool.transport.qmp import QmpSession
 
 TLS_ID = "drtool-tls"
@@ -86,6 +87,21 @@ class JobState:
     @property
     def broken(self) -> bool:
         return self.ended or self.io_status != "ok" or (self.paused and self.status in ("paused", "standby"))
+
+
+def replication_health(job: JobState | None, target_running: bool = True) -> tuple[Health, str]:
+    """One disk's replication health, and why in words."""
+    if not target_running:
+        return Health.BROKEN, "the DR target is not running; run drtool resync"
+    if job is None or job.ended:
+        return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
+    if job.io_status != "ok" or job.paused:
+        return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "
+                               "run drtool resync")
+    if not job.ready:
+        pct = 100.0 * job.offset / job.length if job.length else 0.0
+        return Health.SEEDING, f"{pct:.0f}% copied"
+    return (Health.IN_SYNC, "") if job.remaining == 0 else (Health.LAGGING, f"{job.remaining} bytes behind")
 
 
 def attach_target(qmp: QmpSession, manifest: Manifest, link_socket: PurePosixPath,
@@ -282,7 +298,7 @@ def add_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> st
     """
     remove_bitmaps(qmp, nodes)
     name = _bitmap_name()
-    for disk, node in zip(manifest.disks, nodes):
+    for disk, node in zip(manifest.disks, nodes, strict=True):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
     return name
 
@@ -317,7 +333,7 @@ def rotate_bitmaps(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], ti
     (remove_bitmaps keep=name): killed in between, the trusted one is still there.
     """
     name = _bitmap_name()
-    for disk, node in zip(manifest.disks, nodes):
+    for disk, node in zip(manifest.disks, nodes, strict=True):
         qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": disk.format == "qcow2"})
     if not wait_quiet(qmp, manifest, timeout, nodes):
         # not provably caught up: drop the new generation (the old ones hold all of it

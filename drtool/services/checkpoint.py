@@ -16,15 +16,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode, Refused, UsageError, VmUnreachable
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.pausing import (
-    resume_own_pause,
-    take_consistent_point,
-    target_session,
-)
-from drtool.mechanics.points import delete_points, load_settled_manifest
+from drtool.mechanics.hardware import recheck_hardware
+from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
+from drtool.mechanics.points import delete_points, load_settled_manifest, pin_point
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.state.kept import keep_entry
@@ -53,11 +51,14 @@ CHECKPOINTS_PER_HOST = 8
 class CheckpointResult:
     vm: str
     point: RecoveryPoint | None
-    quiesced_seconds: float
-    error: str = ""
+    quiesced_seconds: float | None  # None: no point was taken
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
     deleted: tuple[str, ...] = ()  # points the VM's retention rules let go
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ class CheckpointReport:
         return max((r.exit_code for r in self.results), default=ExitCode.OK)
 
 
-def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False) -> CheckpointReport:
+def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms: bool = False,
+               keep: bool = False) -> CheckpointReport:
+    """A point of each VM named (or of every protected one); keep: pin the new points against retention."""
     if not names and not all_vms:
         raise UsageError("name a VM or pass --all")
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
@@ -82,21 +85,22 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
 
     def one(vm: Vm) -> CheckpointResult:
         with slots[vm.host]:
-            return _checkpoint_one(inventory, reach, vm, all_vms, gates[vm.host])
+            return _checkpoint_one(inventory, reach, vm, all_vms, keep, gates[vm.host])
 
     return CheckpointReport(tuple(map_concurrently(one, vms)))
 
 
-def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool,
+def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected: bool, keep: bool = False,
                     pause_gate: AbstractContextManager[object] | None = None) -> CheckpointResult:
     try:
         dr = reach.shell(vm.dr_host)
         with reach.lock(vm):
             manifest = load_settled_manifest(dr, vm)
             if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
-                return CheckpointResult(vm.name, None, 0.0, "not protected: skipped")
-            if skip_unprotected and manifest is not None and manifest.state is Protection.FAILED_OVER:  # runs there now
-                return CheckpointResult(vm.name, None, 0.0, f"failed over to {vm.dr_host}: skipped")
+                return CheckpointResult(vm.name, None, None, "not protected: skipped")
+            if skip_unprotected and manifest is not None and manifest.state.failing_over \
+                    and manifest.state is not Protection.FAILING_OVER:  # runs there now
+                return CheckpointResult(vm.name, None, None, f"{manifest.state.value} to {vm.dr_host}: skipped")
             manifest = require_protected(manifest, vm)
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
             notes = (resumed,) if resumed else ()
@@ -115,8 +119,12 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                                                               "checkpoint", max_behind=MAX_BEHIND,
                                                               drain_timeout=CHECKPOINT_DRAIN_TIMEOUT,
                                                               pause_gate=pause_gate)
+                if keep:
+                    manifest = pin_point(dr, vm, manifest, manifest.points[-1].id, True)
                 point = manifest.points[-1]
+                manifest, unmappable = recheck_hardware(reach.shell(vm.host), dr, vm, manifest)
                 deleted, failure = apply_retention(target, dr, vm, manifest)
+                failure = "; ".join(f for f in (unmappable, failure) if f)
         if failure:
             # The point stands (it is saved); exit 1 all the same: a retention that keeps
             # failing fills the DR host until replication itself stops, and cron only sees this.
@@ -124,7 +132,7 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
                                     ExitCode.FAILED, deleted, notes)
         return CheckpointResult(vm.name, point, seconds, deleted=deleted, notes=notes)
     except DrtoolError as err:
-        return CheckpointResult(vm.name, None, 0.0, str(err), err.exit_code)
+        return CheckpointResult(vm.name, None, None, str(err), err.exit_code)
 
 
 def apply_retention(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest,
@@ -169,6 +177,18 @@ def list_points(inventory: Inventory, reach: Reach, name: str) -> PointsReport:
     sizes = _allocated(dr, images)
     space = {p.id: sum(sizes.get(img, 0) for img in p.images.values()) for p in manifest.points}
     return PointsReport(vm.name, manifest.points, space)
+
+
+def keep_point(inventory: Inventory, reach: Reach, name: str, point_id: str, kept: bool = True) -> PointsReport:
+    """`points VM --keep ID` (--unkeep ID): pin a point against retention, or let it go again."""
+    vm = select_vm(inventory, name)
+    dr = reach.shell(vm.dr_host)
+    with reach.lock(vm):
+        manifest = require_protected(load_settled_manifest(dr, vm), vm, during_failover=True)
+        if manifest.point(point_id) is None:
+            raise UsageError(f"{vm.name} has no point {point_id!r}", hint=f"see drtool points {vm.name}")
+        pin_point(dr, vm, manifest, point_id, kept)
+    return list_points(inventory, reach, name)
 
 
 def _allocated(dr: RemoteShell, images: list[str]) -> dict[str, int]:

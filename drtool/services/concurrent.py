@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from drtool.absent import absent_is_none
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, ExitCode
 
@@ -33,9 +34,12 @@ class VmOutcome(Generic[R]):
 
     vm: str
     result: R | None = None
-    error: str = ""
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
-    skipped: str = ""
+    skipped: str | None = None  # why it was left out
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error", "skipped")
 
 
 @dataclass(frozen=True)

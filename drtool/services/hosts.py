@@ -6,16 +6,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory
 from drtool.errors import DrtoolError, ExitCode, RemoteCommandError, UsageError
+from drtool.mechanics.hasher import SYSTEM_PYTHON
 from drtool.mechanics.remote import free_space
 from drtool.services.concurrent import map_concurrently
 from drtool.transport.connections import Reach, RemoteShell
 
-# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py)
-# and the replication link (mechanics/link_relay.py).
-REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon", "python3")
-_VERSION = re.compile(r"version\s+(\S+)", re.IGNORECASE)
+# Programs drtool runs on hosts: python3 carries the QMP relay (transport/bridge.py) and the
+# replication link (mechanics/link_relay.py); python3's nbd module (libnbd) the check's
+# hasher (mechanics/hasher.py), which starts qemu-nbd to read points.
+REQUIRED_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-nbd", "qemu-storage-daemon", "python3", "python3-libnbd")
+_PACKAGES = {"python3-libnbd": "python3-libnbd (Debian, Ubuntu, Fedora, RHEL)"}
+_VERSION = re.compile(r"(?:version|qemu-nbd)\s+(\S+)", re.IGNORECASE)
 _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 
 
@@ -24,7 +28,7 @@ _PYTHON_VERSION = re.compile(r"Python\s+(\S+)")
 class ToolCheck:
     name: str
     version: str | None  # None: not found or not runnable
-    detail: str = ""
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,10 @@ class SpaceCheck:
     replica_dir: str
     measured_on: str  # replica_dir, or its nearest existing parent
     available_bytes: int | None
-    error: str = ""
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,11 @@ class HostCheck:
     host_key: str | None = None
     tools: tuple[ToolCheck, ...] = ()
     replica_space: tuple[SpaceCheck, ...] = ()
-    error: str = ""
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error")
 
     @property
     def ok(self) -> bool:
@@ -77,7 +87,10 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
     host = inventory.hosts[name]
     try:
         shell = reach.shell(name)
-        tools = tuple(_check_tool(shell, tool) for tool in REQUIRED_TOOLS)
+        tools = tuple(map_concurrently(lambda tool: _check_tool(shell, tool), REQUIRED_TOOLS))  # 6 round trips at once
+        uris = sorted({vm.libvirt_uri for vm in inventory.vms.values()
+                       if vm.libvirt_domain is not None and name in (vm.host, vm.dr_host)})
+        tools += tuple(_check_libvirt(shell, uri) for uri in uris)
         space = tuple(
             _check_space(shell, vm.name, str(vm.replica_dir))
             for vm in sorted(inventory.vms.values(), key=lambda v: v.name)
@@ -101,14 +114,30 @@ def _check_host(inventory: Inventory, reach: Reach, name: str) -> HostCheck:
 
 
 def _check_tool(shell: RemoteShell, tool: str) -> ToolCheck:
-    result = shell.run([tool, "--version"], check=False, timeout=30)
+    if tool == "python3-libnbd":
+        argv = [SYSTEM_PYTHON, "-c", "import nbd; print('version', nbd.NBD().get_version())"]
+    else:
+        argv = [tool, "--version"]
+    result = shell.run(argv, check=False, timeout=30)
     if not result.ok:
         why = "not found" if result.exit_status == 127 else (result.err.strip() or f"exit {result.exit_status}")
+        if tool in _PACKAGES:
+            why = f"missing: install {_PACKAGES[tool]}"
         return ToolCheck(tool, None, why)
     text = result.out + result.err
     pattern = _PYTHON_VERSION if tool == "python3" else _VERSION
     match = pattern.search(text)
     return ToolCheck(tool, match.group(1) if match else text.strip().splitlines()[0] if text.strip() else "?")
+
+
+def _check_libvirt(shell: RemoteShell, uri: str) -> ToolCheck:
+    """The version of the libvirtd that runs the host's libvirt domains (or takes their DR copies)."""
+    result = shell.run(["virsh", "-c", uri, "version", "--daemon"], check=False, timeout=60)
+    found = re.search(r"Running against daemon: (\S+)", result.out)
+    if not result.ok or not found:
+        why = "virsh not found" if result.exit_status == 127 else (result.err.strip() or "no daemon version")
+        return ToolCheck(f"libvirtd ({uri})", None, why)
+    return ToolCheck(f"libvirtd ({uri})", found.group(1))
 
 
 def _check_space(shell: RemoteShell, vm: str, replica_dir: str) -> SpaceCheck:

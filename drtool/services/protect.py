@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from drtool.domain import Inventory
+from drtool.domain import Host, Inventory, Vm
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
@@ -30,10 +30,12 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
 )
+from drtool.mechanics.dr_vm import check_mapping
 from drtool.mechanics.fleet import read_dr_sides
 from drtool.mechanics.hardware import read_hardware
-from drtool.mechanics.link import link_socket, start_link, stop_link
-from drtool.mechanics.remote import free_space, make_dirs, remove
+from drtool.mechanics.libvirt_domain import read_domain_xml
+from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
+from drtool.mechanics.remote import Space, free_space, make_dirs, remove
 from drtool.mechanics.replication import (
     ProgressCallback,
     add_bitmaps,
@@ -56,15 +58,11 @@ from drtool.services.concurrent import (
 from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
-from drtool.state.store import (
-    load_manifest,
-    require_protected,
-    save_manifest,
-    select_vm,
-)
-from drtool.transport.connections import Reach
+from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
+from drtool.transport.virsh_qmp import TAINT_NOTE
 from drtool.units import human_size
 
 RUNNING_STATES = ("running", "paused")
@@ -81,6 +79,8 @@ class ProtectResult:
     in_sync: bool  # False with --no-wait: seeding goes on in QEMU
     seconds: float
     bytes_in_use: int  # allocated on the source: what the initial sync sends at most
+    command_line_changes: tuple[str, ...] = ()  # what the DR copy's command line changes besides disk paths
+    notes: tuple[str, ...] = ()  # what else the operator should know (libvirt's taint)
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), 
     return for_each_vm(lambda vm: protect(inventory, reach, vm.name, wait=wait), vms, skipped, per_host=SETUPS_PER_HOST)
 
 
-def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa: ANN001
+def protect(inventory: Inventory, reach: Reach, vm_name: str, *, wait: bool = True,
             on_progress: ProgressCallback | None = None) -> ProtectResult:
     started = time.monotonic()
     vm = select_vm(inventory, vm_name)
@@ -164,7 +164,7 @@ def protect(inventory, reach: Reach, vm_name: str, *, wait: bool = True,  # noqa
     return result
 
 
-def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
+def _check_not_protected(existing: Manifest | None, vm: Vm) -> None:
     if existing is None:
         return
     if existing.state is Protection.UNPROTECTED:
@@ -180,14 +180,16 @@ def _check_not_protected(existing: Manifest | None, vm) -> None:  # noqa: ANN001
                   f"{vm.dr_host})", hint=f"see: drtool status {vm.name}")
 
 
-def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, started) -> ProtectResult:  # noqa: ANN001
+def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, layout: TargetLayout,
+                    qmp: QmpSession, wait: bool, on_progress: ProgressCallback | None,
+                    started: float) -> ProtectResult:
     """protect's work once the lock is held and the VM is not protected yet."""
     devices = _check_source(qmp, vm)
     in_use = sum(d.allocated for d in devices)
     with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
         space_f = pool.submit(free_space, dr, vm.replica_dir)
         port_f = pool.submit(free_nbd_port, dr, vm.dr_host, index_dir(dr_host))
-        hardware_f = pool.submit(read_hardware, src, vm.qmp_socket)
+        hardware_f = pool.submit(read_hardware, src, vm)
     space = space_f.result()
     _check_room(vm, space, devices, in_use)
     manifest = Manifest(
@@ -204,8 +206,11 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
                         str(layout.replica_image(d.device)), d.device)
             for d in devices
         ),
-        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket)},
+        hardware=hardware_f.result() | {"qmp_socket": str(vm.qmp_socket or ""), "exclude": list(vm.exclude_disks)}
+        | ({"libvirt_xml": read_domain_xml(src, vm)} if vm.libvirt_domain is not None else {}),
     )
+    # what failover and a drill will start, mapped now as a test: a disk it cannot map stops protect, not failover
+    changes = check_mapping(manifest.hardware, manifest.disks, vm.replica_dir, str(vm.qmp_socket or ""))
     tls_dir = source_tls_dir(vm)
     psk = new_psk() if manifest.transport == "tls-psk" else None
 
@@ -227,6 +232,7 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         if psk:
             push_psk(src, tls_dir, psk)
             undo.push(lambda: remove(src, tls_dir))
+            give_to_qemu(src, manifest, vm.source_state_dir, tls_dir)  # QEMU reads the key itself
         start_link(src, vm, manifest)
         undo.push(lambda: stop_link(src, vm))
 
@@ -248,10 +254,11 @@ def _protect_locked(vm, dr_host, src, dr, layout, qmp, wait, on_progress, starte
         save_manifest(dr, vm, trusting_bitmap(manifest, bitmap).transition(Protection.PROTECTED,
                                                                             "initial sync complete"))
     return ProtectResult(vm.name, vm.dr_host, manifest.mode, manifest.transport, manifest.disks, wait,
-                         time.monotonic() - started, in_use)
+                         time.monotonic() - started, in_use, changes,
+                         (TAINT_NOTE,) if vm.libvirt_domain is not None else ())
 
 
-def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
+def _check_source(qmp: QmpSession, vm: Vm) -> list[BlockDevice]:
     state = qmp.execute("query-status")["status"]
     if state not in RUNNING_STATES:
         raise Refused(f"{vm.name} is not running on {vm.host} (QEMU reports {state!r})",
@@ -264,6 +271,7 @@ def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
             raise Refused(f"{vm.name} has no disk {missing[0]!r} attached",
                           hint=f"attached: {', '.join(by_id) or 'none'}; fix disks in the inventory")
         devices = [by_id[d] for d in vm.disks]
+    devices = [d for d in devices if d.device not in vm.exclude_disks and d.node_name not in vm.exclude_disks]
     if not devices:
         raise Refused(f"{vm.name} has no disk attached to a device")
     for d in devices:
@@ -276,7 +284,7 @@ def _check_source(qmp: QmpSession, vm) -> list[BlockDevice]:  # noqa: ANN001
     return devices
 
 
-def _check_room(vm, space, devices: list[BlockDevice], in_use: int) -> None:  # noqa: ANN001
+def _check_room(vm: Vm, space: Space, devices: list[BlockDevice], in_use: int) -> None:
     if not space.creatable:
         raise Refused(f"replica_dir {vm.replica_dir} cannot be created on {vm.dr_host}: "
                       f"{space.measured_on} is not a writable directory",
@@ -292,7 +300,8 @@ def _check_room(vm, space, devices: list[BlockDevice], in_use: int) -> None:  # 
         )
 
 
-def unprotect(inventory, reach: Reach, vm_name: str, *, delete_replicas: bool = False) -> UnprotectResult:  # noqa: ANN001
+def unprotect(inventory: Inventory, reach: Reach, vm_name: str, *,
+              delete_replicas: bool = False) -> UnprotectResult:
     vm = select_vm(inventory, vm_name)
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)

@@ -14,9 +14,15 @@ preference:
    previous resync). Copy those blocks with bitmap backups while the VM runs,
    pause the VM for one last small round, start fresh mirrors with sync=none
    (in sync at once), resume the VM.
-3. "full": neither survived (QEMU was killed: its bitmap comes back
-   inconsistent). drtool says so and copies every allocated block again;
-   never a silent partial sync.
+3. "hash": neither survived (QEMU was killed: its bitmap comes back
+   inconsistent) but the replica was complete once (not seeding): both sides
+   are hashed and only the chunks that differ are sent, then mirrors start
+   with sync=none (mechanics/hash_resync.py, drtool check's machinery).
+4. "full": the initial sync never finished: every allocated block is copied.
+
+In tiers 3 and 4 the manifest trusts no bitmap while the copy runs; the new
+persistent bitmap is added before the copy (every write from then on is in
+it) and trusted only once the replicas are in sync.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError, UsageError
 from drtool.mechanics.dr_target import (
@@ -36,8 +43,10 @@ from drtool.mechanics.dr_target import (
     target_pid,
 )
 from drtool.mechanics.fleet import read_dr_sides
+from drtool.mechanics.hash_resync import hash_resync
 from drtool.mechanics.link import link_socket, start_link
-from drtool.mechanics.pausing import resume_own_pause, resume_source
+from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
+from drtool.mechanics.pausing import paused_source, resume_own_pause
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import (
     DiskProgress,
@@ -66,9 +75,8 @@ from drtool.services.concurrent import (
     VmOutcome,
     for_each_vm,
 )
-from drtool.state.manifest import Manifest, now
+from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
-from drtool.state.records import SourcePause
 from drtool.state.store import require_protected, save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -79,13 +87,16 @@ RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted targe
 @dataclass(frozen=True)
 class ResyncResult:
     vm: str
-    action: str  # none | resumed | bitmap | full
+    action: str  # none | resumed | bitmap | hash | full
     bytes_sent: int
     seconds: float
-    paused_seconds: float = 0.0  # how long the VM was paused (bitmap resync only)
+    paused_seconds: float = 0.0  # how long the VM was paused (bitmap and hash resyncs)
     target_restarted: bool = False
-    detail: str = ""
+    detail: str | None = None
     notes: tuple[str, ...] = ()  # what else drtool did on the way (resumed a VM it had left paused)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "detail")
 
 
 def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *,
@@ -103,10 +114,15 @@ def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *
         for name, side in read_dr_sides(reach, vms).items():
             if side.error:
                 skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
-            elif side.manifest is None or side.manifest.state in (Protection.UNPROTECTED, Protection.FAILED_OVER):
+            elif side.manifest is None or _left_out(side.manifest.state):
                 state = side.manifest.state.value if side.manifest else "not protected"
                 skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")  # a failover half-done is refused
     return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped, per_host=SETUPS_PER_HOST)
+
+
+def _left_out(state: Protection) -> bool:
+    """Not for resync --all: unprotected, failed over, or in drtool recover's hands."""
+    return state is Protection.UNPROTECTED or (state.failing_over and state is not Protection.FAILING_OVER)
 
 
 def resync(inventory: Inventory, reach: Reach, vm_name: str,
@@ -116,7 +132,10 @@ def resync(inventory: Inventory, reach: Reach, vm_name: str,
     dr = reach.shell(vm.dr_host)
     layout = TargetLayout(vm.replica_dir)
     with reach.lock(vm):
-        manifest = require_protected(load_settled_manifest(dr, vm), vm)
+        manifest = load_settled_manifest(dr, vm)
+        if manifest is not None:  # after a failover: a QEMU back on the old images is said first (split brain)
+            refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "resync")
+        manifest = require_protected(manifest, vm)
         manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
         notes = (resumed,) if resumed else ()
         restarted = False
@@ -236,10 +255,18 @@ def _restart_replication(run: _Catchup, manifest: Manifest, seeding: bool, jobs:
         why = "the source QEMU stopped uncleanly: its change tracking (persistent bitmap) is lost"
     else:
         why = "no change tracking was trusted (a full copy had not finished)"
-    # Nothing trusted while the copy runs: killed half-way, the next resync copies in full again.
+    # Nothing trusted while the copy runs: killed half-way, the next resync copies (or compares) again.
     manifest = distrusting_bitmaps(manifest)
     save(manifest)
     name = add_bitmaps(qmp, manifest, nodes)  # before the copy: every write from here on is in it
+    if not seeding:  # the replicas were whole once: compare digests, send only what differs
+        done = hash_resync(run.reach, qmp, manifest, vm, nodes)
+        wait_until_ready(qmp, manifest, on_progress)
+        manifest = trusting_bitmap(manifest, name)
+        return ResyncResult(manifest.vm, "hash", done.sent_bytes, time.monotonic() - started, done.paused_seconds,
+                            restarted,
+                            f"{why}: compared digests in {done.rounds} round(s) ({done.digest_bytes} bytes), "
+                            "sent the chunks that differ"), manifest
     start_mirrors(qmp, manifest, nodes, sync="full")
     wait_until_ready(qmp, manifest, on_progress)
     manifest = trusting_bitmap(manifest, name)
@@ -261,19 +288,11 @@ def _bitmap_catch_up(run: _Catchup, manifest: Manifest, nodes: list[str], bitmap
     """Copy the bitmap's blocks while the VM runs, then once more paused, then mirror from now on."""
     qmp = run.qmp
     sent = _bitmap_backup_round(qmp, manifest, nodes, bitmap)
-    was_running = qmp.execute("query-status")["status"] == "running"
-    if was_running:  # recorded first: if drtool dies paused, the next command resumes the VM
-        save_manifest(run.dr, run.vm, replace(manifest, source_pause=SourcePause("resync", now())))
     paused_at = time.monotonic()
-    if was_running:
-        qmp.execute("stop")
-    try:
+    with paused_source(run.reach, run.dr, run.vm, manifest, qmp, "resync"):  # recorded first
+        paused_at = time.monotonic()
         sent += _bitmap_backup_round(qmp, manifest, nodes, bitmap)
         start_mirrors(qmp, manifest, nodes, sync="none")
-    finally:
-        if was_running:
-            resume_source(run.reach, run.vm, qmp)
-            save_manifest(run.dr, run.vm, manifest)
     return sent, time.monotonic() - paused_at
 
 

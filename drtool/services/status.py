@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_vm import dr_vm_session
 from drtool.mechanics.fleet import DrSide, group_by, read_dr_side
-from drtool.mechanics.replication import JobState, job_id, jobs_of
+from drtool.mechanics.old_site import look_at_old_site
+from drtool.mechanics.replication import (
+    JobState,
+    job_id,
+    jobs_of,
+    replication_health,
+)
 from drtool.services.concurrent import map_concurrently
+from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
 from drtool.state.store import select_vm
@@ -26,10 +34,23 @@ class DiskStatus:
     format: str
     virtual_size: int
     image: str
-    protected: bool  # selected for protection by the inventory (all disks when none are named)
+    selected: bool  # selected for protection by the inventory (all disks when none are named)
     replication: Health = Health.UNPROTECTED
     lag_bytes: int | None = None  # bytes the replica is behind (the job's len - offset)
-    reason: str = ""  # why, in words: how far seeding is, what broke and what to do
+    reason: str | None = None  # why, in words: how far seeding is, what broke and what to do
+    protected: bool = False  # replicated to the DR host now (false when unprotected or failed over)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "reason")
+
+
+@dataclass(frozen=True)
+class DrillStatus:
+    """A drill (failover --test) recorded on the DR host: its point, and whether its VM runs."""
+
+    point: str
+    started_at: str
+    running: bool
 
 
 @dataclass(frozen=True)
@@ -42,10 +63,15 @@ class VmStatus:
     disks: tuple[DiskStatus, ...] = ()
     mode: str | None = None
     transport: str | None = None  # tls-psk, or plain when the inventory opted out of TLS
-    error: str = ""
+    error: str | None = None
     exit_code: ExitCode = ExitCode.OK
-    reason: str = ""  # the protection in words
+    reason: str | None = None  # the protection in words
     state: Protection | None = None  # the manifest's protection state (None: no manifest)
+    newest_point_age: float | None = None  # s since the newest point in time was taken
+    drill: DrillStatus | None = None  # a test failover on the DR host (None: none)
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "error", "reason")
 
 
 @dataclass(frozen=True)
@@ -66,11 +92,11 @@ def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
     """Every VM's status from one round trip per host and role, all hosts at once.
 
-    Each DR host reads the manifests and checks the targets of all its VMs in
-    one remote command; each source host answers the QMP queries of all its
-    VMs through one relay (transport/batch.py): SSH channels and time grow
-    with hosts, not VMs. A VM running on its DR host after a failover is asked
-    there, on its own.
+    Each DR host reads the manifests and checks the targets (and drill VMs) of
+    all its VMs in one remote command; each source host answers the QMP
+    queries of all its VMs through one relay (transport/batch.py): SSH
+    channels and time grow with hosts, not VMs. A VM running on its DR host
+    after a failover is asked there, on its own; a libvirt domain through virsh.
     """
     vms = select_vms(inventory, names)
     by_dr = group_by(vms, lambda vm: vm.dr_host)
@@ -87,25 +113,42 @@ def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> 
         lambda vm: _status_of(reach, vm, dr_side[vm.name], source_side[vm.name]), vms)))
 
 
+SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
+
+
 def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, DrSide],
                                                                          dict[str, MonitorReplies]]:
     """One host's part: (DR side by VM, {}) or ({}, source monitors by VM)."""
     if role == "dr":
         return read_dr_side(reach, host, vms), {}
-    sockets = {vm.qmp_socket: vm.name for vm in vms}
+    found: dict[str, MonitorReplies] = {}
+    for vm in vms:  # libvirt owns their monitors: one virsh conversation each
+        if vm.libvirt_domain is not None:
+            found[vm.name] = _one_monitor(reach, vm)
+    sockets = {vm.monitor: vm.name for vm in vms if vm.libvirt_domain is None}
+    if not sockets:
+        return {}, found
     try:
         replies = reach.query_monitors(host, sockets, SOURCE_QUERIES)
     except DrtoolError as err:
-        return {}, {vm.name: MonitorReplies(unreachable=err) for vm in vms}
-    return {}, {vm.name: replies[vm.qmp_socket] for vm in vms}
+        return {}, found | {vm.name: MonitorReplies(unreachable=err) for vm in vms if vm.name not in found}
+    return {}, found | {vm.name: replies[vm.monitor] for vm in vms if vm.name not in found}
 
 
-SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
+def _one_monitor(reach: Reach, vm: Vm) -> MonitorReplies:
+    try:
+        with reach.qmp(vm) as qmp:
+            return MonitorReplies({c: qmp.execute(c) for c in SOURCE_QUERIES})
+    except DrtoolError as err:
+        return MonitorReplies(unreachable=err)
 
 
 def _status_of(reach: Reach, vm: Vm, dr_side: DrSide, source: MonitorReplies) -> VmStatus:
     manifest, manifest_error, manifest_exit = dr_side.manifest, dr_side.error, dr_side.exit_code
     target_running = dr_side.target_running or manifest is None or not manifest.state.replicating
+    drill = None
+    if manifest is not None and manifest.drill is not None:
+        drill = DrillStatus(manifest.drill.point, manifest.drill.started_at, dr_side.drill_running)
     state = manifest.state if manifest is not None else None
     if manifest is not None and manifest.state is Protection.UNPROTECTED:
         manifest = None
@@ -120,7 +163,7 @@ def _status_of(reach: Reach, vm: Vm, dr_side: DrSide, source: MonitorReplies) ->
         reason = manifest_error or (f"{manifest.state.value}: source unreachable" if manifest else "")
         return VmStatus(vm.name, vm.host, vm.dr_host, None, health, error=str(err), exit_code=err.exit_code,
                         mode=manifest.mode if manifest else None, transport=manifest.transport if manifest else None,
-                        reason=reason, state=state)
+                        reason=reason, state=state, drill=drill)
     replicated = {d.device: i for i, d in enumerate(manifest.disks)} if manifest else {}
     disks = tuple(_disk_status(vm, d, jobs.get(job_id(replicated[d.device])) if d.device in replicated else None,
                                d.device in replicated, target_running) for d in devices)
@@ -133,20 +176,21 @@ def _status_of(reach: Reach, vm: Vm, dr_side: DrSide, source: MonitorReplies) ->
         protection, reason = Health.UNPROTECTED, ""
     else:
         protection = worst([d.replication for d in replicating])
-        reason = next((d.reason for d in replicating if d.replication is protection), "")
+        reason = next((d.reason or "" for d in replicating if d.replication is protection), "")
         if manifest.state is Protection.RESYNCING and protection.ok:
             reason = f"in sync, but a resync was interrupted: run drtool resync {vm.name}"
         pause = manifest.source_pause
         if pause is not None and run_state != "running":
-            reason = "; ".join(filter(None, (reason, f"paused by an interrupted drtool {pause.by} since {pause.at}: "
-                                                     f"drtool resync {vm.name} resumes it")))
+            paused = f"paused by an interrupted drtool {pause.by} since {pause.at}: drtool resync {vm.name} resumes it"
+            reason = "; ".join(filter(None, (reason, paused)))
     return VmStatus(
         vm.name, vm.host, vm.dr_host, run_state, protection, disks,
+        newest_point_age=point_age(manifest),
         mode=manifest.mode if manifest else None,
         transport=manifest.transport if manifest else None,
         error=error or manifest_error,
         exit_code=manifest_exit if manifest_error else ExitCode.FAILED if missing else ExitCode.OK,
-        reason=reason, state=state,
+        reason=reason, state=state, drill=drill,
     )
 
 
@@ -162,6 +206,14 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
     else:
         protection = Health.FAILED_OVER
         reason = f"failed over to {vm.dr_host} at {record.finished_at if record else '?'}"
+        if manifest.state.reverse:  # drtool recover's stages
+            reason = f"{manifest.state.value} (to {vm.host}); {reason}"
+    old_site = look_at_old_site(reach, vm, manifest)
+    if old_site is not None and old_site.split_brain:
+        split = f"split brain: VM runs on both sites: {old_site.describe()}"
+        return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, Health.SPLIT_BRAIN, error=split,
+                        exit_code=ExitCode.FAILED, mode=manifest.mode, transport=manifest.transport,
+                        reason=f"{split}; stop it there", state=manifest.state)
     try:
         with dr_vm_session(reach, vm) as qmp:
             run_state = qmp.execute("query-status")["status"]
@@ -175,21 +227,6 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
                     transport=manifest.transport, reason=reason, state=manifest.state)
 
 
-def replication_health(job: JobState | None, target_running: bool = True) -> tuple[Health, str]:
-    """One disk's replication health, and why in words."""
-    if not target_running:
-        return Health.BROKEN, "the DR target is not running; run drtool resync"
-    if job is None or job.ended:
-        return Health.BROKEN, "no replication job on the source (QEMU restarted or the job ended); run drtool resync"
-    if job.io_status != "ok" or job.paused:
-        return Health.BROKEN, (f"the DR side did not answer (job paused, io-status {job.io_status}); "
-                               "run drtool resync")
-    if not job.ready:
-        pct = 100.0 * job.offset / job.length if job.length else 0.0
-        return Health.SEEDING, f"{pct:.0f}% copied"
-    return (Health.IN_SYNC, "") if job.remaining == 0 else (Health.LAGGING, f"{job.remaining} bytes behind")
-
-
 def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool,
                  target_running: bool) -> DiskStatus:
     health, reason = replication_health(job, target_running) if replicated else (Health.UNPROTECTED, "")
@@ -199,8 +236,41 @@ def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: 
         device.format,
         device.virtual_size,
         device.image,
-        protected=not vm.disks or device.device in vm.disks,
+        selected=not vm.disks or device.device in vm.disks,
         replication=health,
         lag_bytes=(job.remaining if job else None) if replicated else None,
         reason=reason,
+        protected=health is not Health.UNPROTECTED,
     )
+
+
+LAG_BOUND_BYTES = 64 << 20  # status exits 1 when a disk is further behind than this (--max-lag)
+
+
+def problems(report: StatusReport, max_lag_bytes: int = LAG_BOUND_BYTES) -> list[tuple[str, str]]:
+    """(VM, what is wrong) for each shown VM a monitor should hear about: `status` exits 1 if any.
+
+    Broken or unknown replication, an interrupted failover, a disk further
+    behind than max_lag_bytes, a VM or a selected disk that is not
+    replicated. Seeding (it progresses) and failed over (done on purpose) are
+    not problems; an unreachable VM is already an error of its own.
+    """
+    found: list[tuple[str, str]] = []
+    for vm in report.vms:
+        if vm.exit_code != ExitCode.OK:
+            continue
+        if vm.protection in (Health.BROKEN, Health.UNKNOWN, Health.FAILING_OVER):
+            found.append((vm.name, f"{vm.protection.label}: {vm.reason}" if vm.reason else vm.protection.label))
+        elif vm.protection is Health.UNPROTECTED:
+            found.append((vm.name, f"not protected: run drtool protect {vm.name}"))
+        if vm.protection in (Health.FAILED_OVER, Health.UNPROTECTED):
+            continue
+        unprotected = [d.device for d in vm.disks if d.selected and d.replication is Health.UNPROTECTED]
+        if unprotected:
+            found.append((vm.name, f"disk(s) not replicated: {', '.join(unprotected)}"))
+        behind = [d for d in vm.disks
+                  if d.replication is Health.LAGGING and d.lag_bytes is not None and d.lag_bytes > max_lag_bytes]
+        if behind:
+            lags = ", ".join(f"{d.device} {d.lag_bytes}" for d in behind)
+            found.append((vm.name, f"lagging past the bound of {max_lag_bytes} bytes: {lags}"))
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from drtool.state.manifest import Manifest
 from drtool.state.records import FailoverRecord, Step
 
 # A rollback discards what the VM wrote on the DR host since the failover. Right after a
@@ -25,6 +26,14 @@ def dr_copy_age(failover: FailoverRecord, now: datetime | None = None) -> float 
         return None
     started = datetime.fromisoformat(since)
     return max(0.0, ((now or datetime.now(UTC)) - started).total_seconds())
+
+
+def point_age(manifest: Manifest | None, now: datetime | None = None) -> float | None:
+    """Seconds since the manifest's newest point in time was taken (None: no manifest or no point)."""
+    if manifest is None or not manifest.points:
+        return None
+    taken = datetime.fromisoformat(manifest.points[-1].time)
+    return max(0.0, ((now or datetime.now(UTC)) - taken).total_seconds())
 
 
 def human_age(seconds: float) -> str:

@@ -56,6 +56,13 @@ def vm_table(vm: Vm) -> dict[str, Any]:
         "host": vm.host, "qmp_socket": str(vm.qmp_socket), "dr_host": vm.dr_host,
         "replica_dir": str(vm.replica_dir), "mode": vm.mode.value, "transport": vm.transport.value,
     }  # fmt: skip
+    if vm.libvirt_domain is not None:  # instead of a QMP socket
+        del table["qmp_socket"]
+        table["libvirt_domain"] = vm.libvirt_domain
+        if vm.libvirt_uri != Vm.libvirt_uri:
+            table["libvirt_uri"] = vm.libvirt_uri
+    if vm.exclude_disks:
+        table["exclude_disks"] = list(vm.exclude_disks)
     if vm.disks:
         table["disks"] = list(vm.disks)
     if vm.source_dir is not None:

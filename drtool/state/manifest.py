@@ -25,6 +25,7 @@ from drtool.state.records import (
     FailoverRecord,
     PendingPoint,
     RecoveryPoint,
+    ReprotectRecord,
     SourcePause,
 )
 
@@ -74,6 +75,7 @@ class Manifest:
     failover: FailoverRecord | None = None  # the failover under way or done, step by step
     drill: DrillRecord | None = None  # a test failover that is running
     source_pause: SourcePause | None = None  # drtool paused the source and has not resumed it yet
+    reprotect: ReprotectRecord | None = None  # drtool recover: replication back to the original host
     # The persistent dirty bitmap resync may trust (replication.py): the replicas held every
     # write made before it began. Empty while none is trusted (seeding, a full copy running).
     bitmap_name: str = ""
@@ -96,6 +98,9 @@ class Manifest:
 
     def to_json(self) -> bytes:
         data = asdict(self)
+        for point in data["points"]:  # written only when set: a drtool from before --keep still reads the file
+            if not point.get("kept"):
+                point.pop("kept", None)
         data["version"] = FORMAT_VERSION
         return (json.dumps(data, indent=2) + "\n").encode()
 
@@ -117,6 +122,7 @@ class Manifest:
             raw["failover"] = FailoverRecord.load(raw["failover"]) if raw.get("failover") else None
             raw["drill"] = DrillRecord.load(raw["drill"]) if raw.get("drill") else None
             raw["source_pause"] = SourcePause.load(raw["source_pause"]) if raw.get("source_pause") else None
+            raw["reprotect"] = ReprotectRecord.load(raw["reprotect"]) if raw.get("reprotect") else None
             return cls(**raw)
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise ManifestError(f"{where} is not a drtool manifest: {err}") from err

@@ -11,6 +11,13 @@ to one, and an edge not listed here raises. Whether a drill runs is a record
        +---------------+------------------+--> UNPROTECTED           |
                        ^  (rollback)                  |               |
                        +------------------------------+---------------+
+
+After a failover, `drtool recover` protects the VM in the reverse direction
+(DR host -> original host) and fails it back:
+
+    FAILED_OVER --> REPROTECTING --> REPROTECTED --> FAILING_BACK --> PROTECTED
+                        ^  |                            (original direction)
+                        +--+ (a re-run resumes; a cut link leaves it reprotecting)
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ class Protection(str, Enum):
     FAILING_OVER = "failing-over"  # a failover is under way (see Manifest.failover)
     FAILED_OVER = "failed-over"  # the VM runs on its DR host, on the replicas or a point's overlays
     UNPROTECTED = "unprotected"  # replication stopped; the replicas and points are kept
+    REPROTECTING = "reprotecting"  # the DR copy is being replicated back onto the original host's old images
+    REPROTECTED = "reprotected"  # the DR copy runs, replicated to the original host (the reverse direction)
+    FAILING_BACK = "failing-back"  # a planned failover back to the original host is under way
 
     @property
     def replicating(self) -> bool:
@@ -36,7 +46,13 @@ class Protection(str, Enum):
     @property
     def failing_over(self) -> bool:
         """The replicas are (becoming) the DR copy's disks: nothing else may touch them."""
-        return self in (Protection.FAILING_OVER, Protection.FAILED_OVER)
+        return self in (Protection.FAILING_OVER, Protection.FAILED_OVER, Protection.REPROTECTING,
+                        Protection.REPROTECTED, Protection.FAILING_BACK)
+
+    @property
+    def reverse(self) -> bool:
+        """The DR copy runs and `drtool recover` owns replication (DR host -> original host)."""
+        return self in (Protection.REPROTECTING, Protection.REPROTECTED, Protection.FAILING_BACK)
 
     @property
     def replicas_consistent(self) -> bool:
@@ -49,7 +65,11 @@ ALLOWED: dict[Protection, frozenset[Protection]] = {
     Protection.PROTECTED: frozenset({Protection.RESYNCING, Protection.FAILING_OVER, Protection.UNPROTECTED}),
     Protection.RESYNCING: frozenset({Protection.PROTECTED, Protection.FAILING_OVER, Protection.UNPROTECTED}),
     Protection.FAILING_OVER: frozenset({Protection.FAILED_OVER, Protection.PROTECTED}),  # PROTECTED: rollback
-    Protection.FAILED_OVER: frozenset({Protection.PROTECTED}),  # rollback of a planned failover
+    Protection.FAILED_OVER: frozenset({Protection.PROTECTED,  # rollback of a planned failover
+                                       Protection.REPROTECTING}),
+    Protection.REPROTECTING: frozenset({Protection.REPROTECTED}),
+    Protection.REPROTECTED: frozenset({Protection.REPROTECTING, Protection.FAILING_BACK}),  # REPROTECTING: broken
+    Protection.FAILING_BACK: frozenset({Protection.PROTECTED, Protection.REPROTECTED}),  # REPROTECTED: undone
     Protection.UNPROTECTED: frozenset(),  # protect again only after the replicas are deleted
 }
 
@@ -72,13 +92,14 @@ def check_transition(source: Protection, target: Protection, vm: str) -> None:
 class Health(str, Enum):
     """How one disk's replication is, ranked from good to bad (status shows the worst)."""
 
-    IN_SYNC = "in sync"
+    IN_SYNC = "in-sync"
     LAGGING = "lagging"
     SEEDING = "seeding"
     BROKEN = "broken"
     UNKNOWN = "unknown"
-    FAILED_OVER = "failed over"
-    FAILING_OVER = "failing over"
+    FAILED_OVER = "failed-over"
+    FAILING_OVER = "failing-over"
+    SPLIT_BRAIN = "split-brain"
     UNPROTECTED = "unprotected"
 
     @property
@@ -89,9 +110,14 @@ class Health(str, Enum):
     def ok(self) -> bool:
         return self is Health.IN_SYNC
 
+    @property
+    def label(self) -> str:
+        """For people: "in sync" (the value, "in-sync", is for scripts)."""
+        return self.value.replace("-", " ")
+
 
 _RANK = {Health.UNPROTECTED: 0, Health.FAILED_OVER: 0, Health.IN_SYNC: 1, Health.LAGGING: 2, Health.SEEDING: 3,
-         Health.FAILING_OVER: 4, Health.UNKNOWN: 5, Health.BROKEN: 5}
+         Health.FAILING_OVER: 4, Health.UNKNOWN: 5, Health.BROKEN: 5, Health.SPLIT_BRAIN: 6}
 
 
 def worst(healths: list[Health]) -> Health:

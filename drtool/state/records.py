@@ -111,6 +111,7 @@ class RecoveryPoint:
     quiesce_seconds: float
     images: dict[str, str]  # device id -> the point's image on the DR host
     tested_at: str | None = None
+    kept: bool = False  # pinned (checkpoint --keep, points --keep): retention never deletes it
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,41 @@ class SourcePause:
     @classmethod
     def load(cls, raw: dict[str, Any]) -> SourcePause:
         return cls(str(raw["by"]), str(raw["at"]))
+
+
+@dataclass(frozen=True)
+class ReprotectRecord:
+    """`drtool recover --reprotect`: the DR copy replicated back onto the original host's old images.
+
+    Written before each step acts (see services/recover.py); a re-run reads it
+    and re-checks on the hosts what each step left.
+    """
+
+    started_at: str
+    method: str  # how the blocks that differ are known: "final point" (planned) or "hashes" (unplanned)
+    point: str | None  # the point the DR copy started above
+    nbd_port: int  # the reverse target's port on the original host
+    steps: tuple[str, ...] = ()  # rewound, target-started, mirrors-started, in-sync
+    rewound_bytes: int = 0  # old-host blocks set back to the point (unplanned: newer writes that never reached DR)
+    hashed_bytes: int = 0  # digests that crossed the network for that
+    sent_bytes: int = 0  # what the mirrors copied
+    disk_bytes: int = 0  # the disks' virtual size, beside it
+    step_seconds: dict[str, float] = field(default_factory=dict)  # how long each step took (its last run)
+    seconds: float | None = None
+    finished_at: str | None = None
+
+    def done(self, step: str) -> bool:
+        return step in self.steps
+
+    def with_step(self, step: str, **changes: Any) -> ReprotectRecord:
+        return replace(self, steps=(*self.steps, step) if step not in self.steps else self.steps, **changes)
+
+    def without(self, *steps: str) -> ReprotectRecord:
+        return replace(self, steps=tuple(s for s in self.steps if s not in steps))
+
+    @classmethod
+    def load(cls, raw: dict[str, Any]) -> ReprotectRecord:
+        return cls(**(raw | {"steps": tuple(raw.get("steps", ()))}))
 
 
 def dump(record: object) -> dict[str, Any] | None:

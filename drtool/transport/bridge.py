@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Protocol
 
@@ -107,7 +108,7 @@ class StreamBridge:
         _quietly(self._inner.close)
 
 
-def _quietly(fn, *args) -> None:  # noqa: ANN001
+def _quietly(fn: Callable[..., object], *args: object) -> None:
     try:
         fn(*args)
     except OSError:

@@ -6,8 +6,8 @@ them fakes while the CLI and the lab tests hand them real `Connections`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import PurePosixPath
 from typing import Protocol
 
@@ -21,8 +21,9 @@ from drtool.transport.batch import (
 )
 from drtool.transport.bridge import StreamBridge, relay_argv
 from drtool.transport.locks import VmLock
-from drtool.transport.qmp import QmpSession
+from drtool.transport.qmp import DEFAULT_QMP_TIMEOUT, QmpSession
 from drtool.transport.ssh import CommandResult, Endpoint, SshConnection, SshPool
+from drtool.transport.virsh_qmp import VirshQmp
 
 
 class RemoteShell(Protocol):
@@ -66,9 +67,12 @@ class Reach(Protocol):
 class Connections:
     """The real Reach: paramiko to hosts, QMP bridged through each host's SSH session."""
 
-    def __init__(self, inventory: Inventory) -> None:
+    def __init__(self, inventory: Inventory, *, lock_wait: float = 0) -> None:
+        """lock_wait: seconds to wait for a VM lock another drtool holds (0: refuse at once)."""
         self.inventory = inventory
         self.pool = SshPool(inventory.hosts)
+        self.lock_wait = lock_wait
+        self.lock_waits: list[tuple[str, float]] = []  # (VM, seconds) for each lock this run waited for
 
     def shell(self, host_name: str) -> SshConnection:
         return self.pool.get(host_name)
@@ -96,7 +100,11 @@ class Connections:
         return session.connect()
 
     def qmp(self, vm: Vm) -> QmpSession:
-        return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+        if vm.libvirt_domain is not None:  # libvirt owns the monitor: through virsh (virsh_qmp.py)
+            conn = self.pool.get(vm.host)
+            return VirshQmp(vm.name, conn, vm.libvirt_domain, vm.libvirt_uri, open_stream=conn.open_stream,
+                            timeout=conn.host.command_timeout or DEFAULT_QMP_TIMEOUT).connect()
+        return self.qmp_at(vm.host, vm.monitor, vm.name)
 
     def query_monitors(self, host_name: str, sockets: dict[PurePosixPath, str],
                        commands: Sequence[str]) -> dict[PurePosixPath, MonitorReplies]:
@@ -112,8 +120,12 @@ class Connections:
         self.inventory = inventory
         self.pool.add_hosts(inventory.hosts)
 
-    def lock(self, vm: Vm) -> VmLock:
-        return VmLock(self.pool.get(vm.dr_host), vm.name)
+    @contextmanager
+    def lock(self, vm: Vm) -> Iterator[VmLock]:
+        with VmLock(self.pool.get(vm.dr_host), vm.name, wait=self.lock_wait) as held:
+            if held.waited_seconds > 0:
+                self.lock_waits.append((vm.name, held.waited_seconds))
+            yield held
 
     def close(self) -> None:
         self.pool.close()

@@ -13,14 +13,16 @@ import contextlib
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError, StateError
 
 from drtool.errors import QmpError, VmUnreachable
+
+T = TypeVar("T")
 
 Event = dict[str, Any]
 DEFAULT_QMP_TIMEOUT = 30.0
@@ -44,7 +46,7 @@ class _LoopThread:
                 cls._instance = cls()
             return cls._instance
 
-    def run(self, coro, timeout: float | None):  # noqa: ANN001, ANN201
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import getpass
 import select
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import paramiko
 
 from drtool.domain import DEFAULT_SSH_PORT, Host
-from drtool.errors import HostKeyError, HostUnreachable, RemoteCommandError
+from drtool.errors import ConfigError, HostKeyError, HostUnreachable, RemoteCommandError
+from drtool.transport.ssh_options import MAX_JUMPS, check_supported, parse_jumps
 
 _READ_CHUNK = 1 << 16
 
@@ -55,6 +55,8 @@ class Endpoint:
     key_filenames: tuple[str, ...]
     known_hosts: tuple[Path, ...]
     proxy_command: str | None = None
+    jumps: tuple[Endpoint, ...] = ()  # ProxyJump: hosts to go through, first to last
+    identities_only: bool = False  # IdentitiesOnly: the keys named, not the agent's
 
     @property
     def known_hosts_name(self) -> str:
@@ -64,17 +66,19 @@ class Endpoint:
         return f"[{self.hostname}]:{self.port}"
 
 
-def resolve_endpoint(host: Host, ssh_config_path: Path | None = None) -> Endpoint:
-    """Apply OpenSSH's client config to a Host: aliases, port, user, keys.
+def resolve_endpoint(host: Host, ssh_config_path: Path | None = None, _depth: int = 0) -> Endpoint:
+    """Apply OpenSSH's client config to a Host: aliases, port, user, keys, ProxyCommand, ProxyJump.
 
     Values in drtool's inventory win over ~/.ssh/config, which wins over
-    OpenSSH's defaults, as `ssh -p`/`-l`/`-i` would.
+    OpenSSH's defaults, as `ssh -p`/`-l`/`-i` would. An option drtool cannot
+    honour is a ConfigError (see ssh_options.py).
     """
     cfg_path = ssh_config_path or Path("~/.ssh/config").expanduser()
     options: dict = {}
     if cfg_path.is_file():
         ssh_config = paramiko.SSHConfig.from_path(str(cfg_path))
         options = ssh_config.lookup(host.address)
+        check_supported(host.name, options, str(cfg_path))
     hostname = options.get("hostname", host.address)
     port = host.port or int(options.get("port", DEFAULT_SSH_PORT))
     user = host.user or options.get("user") or getpass.getuser()
@@ -86,8 +90,23 @@ def resolve_endpoint(host: Host, ssh_config_path: Path | None = None) -> Endpoin
         known: tuple[Path, ...] = (host.known_hosts,)
     else:
         files = shlex.split(options.get("userknownhostsfile", "~/.ssh/known_hosts"))
-        known = tuple(Path(f).expanduser() for f in files) + (Path("/etc/ssh/ssh_known_hosts"),)
-    return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"))
+        files += shlex.split(options.get("globalknownhostsfile", "/etc/ssh/ssh_known_hosts"))
+        known = tuple(Path(f).expanduser() for f in files)
+    jumps: tuple[Endpoint, ...] = ()
+    spec = options.get("proxyjump", "none")
+    if spec.lower() != "none":
+        if _depth >= MAX_JUMPS:
+            raise ConfigError(f"ProxyJump for host {host.name} goes through more than {MAX_JUMPS} hosts "
+                              "(a loop?)", hint=f"check ProxyJump in {cfg_path}")
+        for jump_user, jump_host, jump_port in parse_jumps(spec):
+            via = resolve_endpoint(Host(f"{host.name} (jump host {jump_host})", jump_host, port=jump_port,
+                                        user=jump_user, known_hosts=host.known_hosts,
+                                        connect_timeout=host.connect_timeout), cfg_path, _depth + 1)
+            if not via.key_filenames and host.identity_file is not None:
+                via = replace(via, key_filenames=(str(host.identity_file),))
+            jumps += (*via.jumps, replace(via, jumps=()))
+    return Endpoint(hostname, port, user, keys, known, options.get("proxycommand"), jumps,
+                    str(options.get("identitiesonly", "no")).lower() == "yes")
 
 
 def key_fingerprint(key: paramiko.PKey) -> str:
@@ -101,7 +120,7 @@ class _RefuseUnknownHostKey(paramiko.MissingHostKeyPolicy):
         self._host = host
         self._endpoint = endpoint
 
-    def missing_host_key(self, client, hostname, key) -> None:  # noqa: ANN001
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         ep = self._endpoint
         target = shlex.quote(str(ep.known_hosts[0] if ep.known_hosts else Path("~/.ssh/known_hosts")))
         raise HostKeyError(
@@ -126,7 +145,7 @@ class _Lane:
     channels: list[paramiko.Channel] = field(default_factory=list)
     locks: list[paramiko.Channel] = field(default_factory=list)  # channels holding a VM lock (locks.py)
     capacity: int = CHANNELS_PER_CONNECTION  # lowered when the server refuses a channel
-    opening: int = 0  # channels being opened on it now (their room is reserved)
+    opening: int = 0  # channels being opened right now (outside the connection's lock)
 
     @property
     def alive(self) -> bool:
@@ -154,6 +173,7 @@ class SshConnection:
         self._lock = threading.Lock()
         self.host_key: str | None = None
         self.host_key_line: str | None = None  # the verified key as a known_hosts line
+        self._jump_clients: list[paramiko.SSHClient] = []  # connections to ProxyJump hosts, closed with ours
 
     @property
     def connections(self) -> int:
@@ -183,27 +203,52 @@ class SshConnection:
         return self.endpoint.known_hosts[0] if self.endpoint.known_hosts else Path("~/.ssh/known_hosts")
 
     def _open(self) -> paramiko.SSHClient:
+        """A new SSH connection to the host (through its jump hosts, if any), its key verified."""
         ep, host = self.endpoint, self.host
+        sock: paramiko.ProxyCommand | paramiko.Channel | None = (
+            paramiko.ProxyCommand(ep.proxy_command) if ep.proxy_command else None)
+        for i, jump in enumerate(ep.jumps):
+            nxt = ep.jumps[i + 1] if i + 1 < len(ep.jumps) else ep
+            via = self._connect(jump, f"jump host {jump.hostname} ({jump.hostname}:{jump.port}) of {host.name}", sock)
+            self._jump_clients.append(via)
+            transport = via.get_transport()
+            assert transport is not None
+            try:
+                sock = transport.open_channel("direct-tcpip", (nxt.hostname, nxt.port), ("127.0.0.1", 0),
+                                              timeout=host.connect_timeout)
+            except (paramiko.SSHException, OSError) as err:
+                raise HostUnreachable(f"jump host {jump.hostname} could not reach {nxt.hostname}:{nxt.port} "
+                                      f"for {host.name}: {err}",
+                                      hint="check that the jump host reaches it and allows TCP forwarding "
+                                           "(AllowTcpForwarding in its sshd_config)") from err
+        client = self._connect(ep, f"{host.name} ({ep.hostname}:{ep.port})", sock)
+        key = client.get_transport().get_remote_server_key()  # type: ignore[union-attr]  # connected above
+        self.host_key = key_fingerprint(key)
+        name = ep.hostname if ep.port == DEFAULT_SSH_PORT else f"[{ep.hostname}]:{ep.port}"
+        self.host_key_line = f"{name} {key.get_name()} {key.get_base64()}"
+        return client
+
+    def _connect(self, ep: Endpoint, where: str, sock: object) -> paramiko.SSHClient:
+        host = self.host
         client = paramiko.SSHClient()
         for path in ep.known_hosts:
             if path.is_file():
                 client.load_system_host_keys(str(path))
         client.set_missing_host_key_policy(_RefuseUnknownHostKey(host, ep))
-        where = f"{host.name} ({ep.hostname}:{ep.port})"
         timeout = host.connect_timeout
         try:
             client.connect(
                 ep.hostname,
                 port=ep.port,
                 username=ep.user,
-                key_filename=list(ep.key_filenames) or None,
+                key_filename=list(ep.key_filenames) or None,  # type: ignore[arg-type]  # a list works too
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
                 channel_timeout=timeout,
-                allow_agent=True,
+                allow_agent=not (ep.identities_only and ep.key_filenames),
                 look_for_keys=not ep.key_filenames,
-                sock=paramiko.ProxyCommand(ep.proxy_command) if ep.proxy_command else None,
+                sock=sock,  # type: ignore[arg-type]  # a ProxyCommand or a direct-tcpip Channel: both are sockets to paramiko
             )
         except HostKeyError:
             client.close()
@@ -226,20 +271,15 @@ class SshConnection:
                 f"cannot log in to {where} as {ep.user}: {err}",
                 hint="check identity_file and user in the inventory, or your ssh-agent",
             ) from err
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             client.close()
             raise HostUnreachable(f"{where} did not answer within {timeout:g} s") from err
         except paramiko.SSHException as err:
             client.close()
-            # paramiko's negotiation wait and banner wait share the timeout: either may fire first
-            if any(s in str(err).lower() for s in ("banner", "no existing session", "timed out")):
-                raise HostUnreachable(
-                    f"{where} accepted the connection but sent no SSH banner within {timeout:g} s"
-                ) from err
-            raise HostUnreachable(f"SSH to {where} failed: {err}") from err
+            raise _ssh_failure(err, where, timeout) from err
         except paramiko.ssh_exception.NoValidConnectionsError as err:
             client.close()
-            reasons = sorted({e.strerror or str(e) for e in err.errors.values()})
+            reasons = sorted({getattr(e, "strerror", None) or str(e) for e in err.errors.values()})
             raise HostUnreachable(f"cannot reach {where}: {'; '.join(reasons)}") from err
         except OSError as err:
             client.close()
@@ -247,18 +287,10 @@ class SshConnection:
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(15)
-        key = transport.get_remote_server_key()
-        self.host_key = key_fingerprint(key)
-        name = ep.hostname if ep.port == DEFAULT_SSH_PORT else f"[{ep.hostname}]:{ep.port}"
-        self.host_key_line = f"{name} {key.get_name()} {key.get_base64()}"
         return client
 
     def _session(self) -> paramiko.Channel:
-        """A new channel on a connection that has room for it, opening a connection if none has.
-
-        The room is reserved under the lock and the channel opened outside it: a channel
-        open is a round trip, and threads working on many VMs of the host would queue on it.
-        """
+        """A new channel on a connection that has room for it, opening a connection if none has."""
         for _ in range(CHANNEL_ATTEMPTS):
             with self._lock:
                 lanes = self._live_lanes()
@@ -266,17 +298,16 @@ class SshConnection:
                 if lane is None:
                     lane = _Lane(self._open())
                     lanes.append(lane)
-                lane.opening += 1
+                lane.opening += 1  # a place taken; the round trip itself runs unlocked, beside others
             transport = lane.client.get_transport()
             try:
                 if transport is None:
                     raise paramiko.SSHException("the connection closed")
                 chan = transport.open_session(timeout=self.host.connect_timeout)
             except paramiko.ChannelException:
-                with self._lock:
+                with self._lock:  # the server allows fewer sessions per connection than we assumed
                     lane.opening -= 1
-                    # the server allows fewer sessions per connection than we assumed
-                    lane.capacity = max(1, lane.open_count())
+                    lane.capacity = max(1, lane.open_count() + lane.opening)
                 continue
             except paramiko.SSHException as err:
                 with self._lock:
@@ -342,6 +373,27 @@ class SshConnection:
             lanes, self._lanes = self._lanes, []
         for lane in lanes:
             lane.client.close()
+        for client in reversed(self._jump_clients):
+            client.close()
+        self._jump_clients = []
+
+
+def _ssh_failure(err: paramiko.SSHException, where: str, timeout: float) -> HostUnreachable:
+    """paramiko's SSHException in words: closed by the peer, no banner in time, no key to log in with."""
+    message = str(err).lower()
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, (EOFError, ConnectionResetError, BrokenPipeError)):
+        return HostUnreachable(f"{where} closed the connection before SSH began (sshd refused us: "
+                               "MaxStartups, a firewall, TCP wrappers, or not an SSH server)")
+    if "no authentication methods available" in message:
+        return HostUnreachable(
+            f"cannot log in to {where}: no SSH key to offer (no identity file, and no ssh-agent with keys)",
+            hint="set identity_file in the host's entry of the inventory, or load a key into ssh-agent "
+                 "(ssh-add) and run drtool where SSH_AUTH_SOCK is set")
+    # paramiko's negotiation wait and banner wait share the timeout: either may fire first
+    if any(s in message for s in ("banner", "no existing session", "timed out")):
+        return HostUnreachable(f"{where} accepted the connection but sent no SSH banner within {timeout:g} s")
+    return HostUnreachable(f"SSH to {where} failed: {err}")
 
 
 def _collect(chan: paramiko.Channel, deadline: float) -> tuple[bytes | None, bytes | None]:

@@ -87,13 +87,24 @@ def run_drtool(config: Path, *args: str, lie: str | None = None) -> subprocess.C
     return result
 
 
+def wait_dr_saw_source_go(lab: Lab, timeout: float = 30.0) -> None:
+    """Until site-b has no TCP connection from site-a left (under load the close takes a moment)."""
+    peer = lab.peer_address("site-b", "site-a")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not lab.exec("site-b", ["ss", "-Htn", "state", "established", "dst", peer]).stdout.strip():
+            return
+        time.sleep(0.1)
+
+
 def fail_over_and_verify(lab: Lab, vm: LabVm, config: Path, name: str, *args: str, lie: str | None = None,
                          disaster: bool = True) -> DrillOutcome:
     """Lose the source (SIGKILL, site link cut) unless planned, fail over, wait for the DR guest's report."""
     lost_at = time.time()
     if disaster:
         vm.kill()
-        time.sleep(0.3)  # the source is lost first, then the link: the DR host may see the source go
+        # the source is lost first, then the link: the DR host sees the source go
+        wait_dr_saw_source_go(lab)
         lab.cut_site_link("site-a", "site-b")
     started = time.monotonic()
     report = json.loads(run_drtool(config, "failover", *args, "--yes", "--json", lie=lie).stdout)

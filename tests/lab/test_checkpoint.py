@@ -56,7 +56,7 @@ def write_manifest(lab, vm, manifest: Manifest) -> None:  # noqa: ANN001
 def checkpoint(config: Path, vm) -> dict:  # noqa: ANN001
     """One `drtool checkpoint VM --json` that must work; its result entry."""
     [entry] = json.loads(drtool_ok(config, "checkpoint", vm.name, "--json").stdout)["results"]
-    assert entry["point"] is not None and entry["error"] == "", entry
+    assert entry["point"] is not None and entry["error"] is None, entry
     return entry
 
 

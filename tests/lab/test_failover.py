@@ -72,7 +72,7 @@ def test_planned_failover_runs_the_vm_on_the_dr_host_with_every_write(lab, prote
     assert not vm.alive, "the source QEMU still runs after a planned failover"
     entry = status_json(lab_config, vm.name)
     assert (entry["host"], entry["run_state"]) == ("site-b", "running")
-    assert entry["protection"].startswith("failed over")
+    assert entry["protection"] == "failed-over"
     # exactly what the source held when it stopped
     same, detail = images_identical(vm.disks["vd0"], Path(dr_tops(lab, vm)["vd0"]))
     assert same, detail
@@ -132,7 +132,7 @@ def test_rollback_after_each_step_leaves_the_source_running_and_protected(lab, p
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     drtool_ok(lab_config, "failover", vm.name, "--rollback", "--yes")
     entry = status_json(lab_config, vm.name)
-    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-a", "running", "in sync"), entry
+    assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-a", "running", "in-sync"), entry
     assert not (replica_dir(lab, vm) / "vm" / "qemu.pid").exists() or not _pid_alive(replica_dir(lab, vm))
     # replication works again after the rollback. If drtool relaunched the source QEMU (daemonized,
     # stdout gone), the lab cannot read qemu-io's report: write through the device all the same and
@@ -168,6 +168,9 @@ def test_test_failover_changes_nothing_and_cleans_up(lab, protected, lab_config)
     before = _digest(point_image)
     report = json.loads(drtool_ok(lab_config, "failover", vm.name, "--test", "--json").stdout)
     assert report["came_up"] and report["run_state"] == "running" and report["point"] == point["id"]
+    assert report["point_chosen"] == "newest"
+    shown = status_json(lab_config, vm.name)["drill"]  # status shows the running drill
+    assert (shown["point"], shown["running"]) == (point["id"], True), shown
     test_dir = replica_dir(lab, vm) / "test"
     # no network: the test VM's command line has no NIC and -nic none
     cmdline = Path(f"/proc/{(test_dir / 'qemu.pid').read_text().strip()}/cmdline").read_bytes().split(b"\0")
@@ -183,13 +186,15 @@ def test_test_failover_changes_nothing_and_cleans_up(lab, protected, lab_config)
     busy = drtool(lab_config, "failover", vm.name, "--test")
     assert busy.returncode == ExitCode.REFUSED and "--cleanup" in busy.stderr
     drtool_ok(lab_config, "failover", vm.name, "--test", "--cleanup")
-    assert not test_dir.exists()
+    assert not test_dir.exists() and status_json(lab_config, vm.name)["drill"] is None
     assert _digest(point_image) == before
 
 
 def test_dry_run_changes_nothing(lab, protected, lab_config):
     vm = protected
     before = manifest_of(lab, vm)
+    dry = json.loads(drtool_ok(lab_config, "failover", vm.name, "--dry-run", "--json").stdout)
+    assert dry["dry_run"] and dry["rto_seconds"] is None and dry["run_state"] == "not started"
     result = drtool_ok(lab_config, "failover", vm.name, "--dry-run")
     for step in PLANNED_STEPS:
         assert step in result.stdout

@@ -140,7 +140,7 @@ def test_defect3_a_checkpoint_killed_while_the_source_is_paused_is_resumed_by_th
     assert lab_vm.status() == "running", "the next checkpoint left the source paused"
     assert any(f"resumed {lab_vm.name}" in note for note in result["notes"]), result
     assert manifest_of(lab, lab_vm)["source_pause"] is None
-    assert status_json(lab_config, lab_vm.name)["protection"] == "in sync"
+    assert status_json(lab_config, lab_vm.name)["protection"] == "in-sync"
 
 
 def test_defect1_with_a_real_guest_writing_records_no_acknowledged_record_is_lost(

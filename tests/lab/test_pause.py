@@ -33,7 +33,7 @@ def test_a_point_taken_right_after_writes_holds_every_one_of_them(lab, lab_vm, t
         offset = (8 + 10 * i) * MiB
         lab_vm.guest_write("vd0", offset, 8 * MiB, 0x61 + i)  # no wait: checkpoint at once
         [entry] = json.loads(drtool_ok(config, "checkpoint", lab_vm.name, "--json").stdout)["results"]
-        assert entry["error"] == "", entry
+        assert entry["error"] is None, entry
         image = entry["point"]["images"]["vd0"]
         assert point_holds(image, offset, 8 * MiB, 0x61 + i), f"point {entry['point']['id']} lacks write {i}"
         assert entry["quiesced_seconds"] < 1, entry

@@ -46,7 +46,7 @@ def test_protect_replicates_guest_writes(lab, lab_vm, lab_config):
     write_patterns(lab_vm)
     assert_replicas_identical(lab, lab_vm)
     entry = status_json(lab_config, lab_vm.name)
-    assert entry["protection"] == "in sync" and entry["transport"] == "tls-psk" and entry["mode"] == "async"
+    assert entry["protection"] == "in-sync" and entry["transport"] == "tls-psk" and entry["mode"] == "async"
     assert entry["disks"][0]["lag_bytes"] == 0
     # the manifest on the DR host describes the VM without the primary site
     manifest = json.loads((replica_path(lab, lab_vm, "vd0").parent / "manifest.json").read_text())
@@ -148,14 +148,14 @@ def test_resync_after_a_clean_source_restart_uses_the_persistent_bitmap(lab, lab
     assert_replicas_identical(lab, lab_vm)
 
 
-def test_resync_after_the_source_qemu_is_killed_says_full_sync(lab, lab_vm, lab_config):
+def test_resync_after_the_source_qemu_is_killed_compares_digests(lab, lab_vm, lab_config):
     drtool_ok(lab_config, "protect", lab_vm.name)
     wait_in_sync(lab_vm)
     lab_vm.kill()
     lab_vm.relaunch()
     lab_vm.guest_write("vd0", 3 * MiB, MiB, 0x31)
     report = json.loads(drtool_ok(lab_config, "resync", lab_vm.name, "--json").stdout)
-    assert report["action"] == "full" and "uncleanly" in report["detail"], report
+    assert report["action"] == "hash" and "uncleanly" in report["detail"], report
     assert_replicas_identical(lab, lab_vm)
 
 
@@ -236,7 +236,7 @@ def test_a_short_link_cut_heals_by_itself(lab, lab_vm, lab_config):
         lab.restore_site_link("site-a", "site-b")
     assert_replicas_identical(lab, lab_vm)
     assert all(j["io-status"] == "ok" for j in drtool_jobs(lab_vm))
-    assert status_json(lab_config, lab_vm.name)["protection"] == "in sync"
+    assert status_json(lab_config, lab_vm.name)["protection"] == "in-sync"
 
 
 def test_no_wait_returns_while_seeding_and_unprotect_keeps_the_replicas(lab, lab_vm, lab_config):

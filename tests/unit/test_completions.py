@@ -29,3 +29,40 @@ def test_bash_completion_offers_the_commands():
                             env=os.environ | {"_DRTOOL_COMPLETE": "complete_bash", "COMP_WORDS": "drtool fail",
                                               "COMP_CWORD": "1"})
     assert "failover" in result.stdout.split()
+
+
+INVENTORY = """\
+[hosts.kvm1]
+address = "kvm1.example.net"
+[hosts.kvm2]
+address = "kvm2.example.net"
+[vms.web]
+host = "kvm1"
+qmp_socket = "/run/web.qmp"
+dr_host = "kvm2"
+replica_dir = "/var/lib/drtool/web"
+[vms.db]
+host = "kvm1"
+qmp_socket = "/run/db.qmp"
+dr_host = "kvm2"
+replica_dir = "/var/lib/drtool/db"
+"""
+
+
+def _complete(words: str, cwd: Path) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", "drtool"], capture_output=True, text=True, timeout=60, cwd=cwd,
+                            env=os.environ | {"_DRTOOL_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                              "COMP_CWORD": str(len(words.split(" ")) - 1)})
+    return result.stdout.split()
+
+
+def test_completion_offers_vm_and_host_names_from_the_inventory(tmp_path):
+    (tmp_path / "drtool.toml").write_text(INVENTORY)
+    assert _complete("drtool failover w", tmp_path) == ["web"]
+    assert _complete("drtool status ", tmp_path) == ["db", "web"]
+    assert _complete("drtool hosts check kvm", tmp_path) == ["kvm1", "kvm2"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (tmp_path / "named.toml").write_text(INVENTORY.replace("web", "mail"))
+    assert _complete(f"drtool --config {tmp_path / 'named.toml'} resync ", other) == ["db", "mail"]
+    assert _complete("drtool resync ", other) == []  # no inventory: nothing, and no error

@@ -279,10 +279,19 @@ def test_address_wrong_type():
         ('disks = ["vd0", ""]', '[vms.web] disks = ["vd0", ""]: item "" is not a non-empty string (line 12)'),
         ("disks = [1]", "[vms.web] disks = [1]: item 1 is not a non-empty string (line 12)"),
         ('disks = "vd0"', '[vms.web] disks = "vd0": must be a list of device ids (line 12)'),
+        ('exclude_disks = ["rbd0", "rbd0"]', '[vms.web] exclude_disks = ["rbd0", "rbd0"]: duplicate device id "rbd0" '
+                                             '(line 12)'),
+        ('disks = ["vd0"]\nexclude_disks = ["vd0"]', '[vms.web] exclude_disks = ["vd0"]: vd0 cannot be both protected '
+                                                     '(disks) and excluded (line 13)'),
     ],
 )
 def test_vm_optional_field_errors(edit, expected):
     assert config_error(BASE + edit + "\n") == f"{CONF}: {expected}"
+
+
+def test_excluded_disks_reach_the_vm():
+    vm = parse_inventory(BASE + 'exclude_disks = ["virtio-disk2", "fs0"]\n', CONF).vms["web"]
+    assert vm.exclude_disks == ("virtio-disk2", "fs0")
 
 
 def test_vm_required_field_wrong_type():
@@ -519,3 +528,27 @@ def test_nothing_found_lists_places_looked_at(places):
     assert info.value.exit_code == 2
     assert str(files["local"]) in msg and str(files["user"]) in msg
     assert "$DRTOOL_CONFIG" in msg and "--config" in msg and "README" in msg
+
+
+LIBVIRT_VM = BASE.replace('qmp_socket = "/run/web.qmp"', 'libvirt_domain = "web-prod"')
+
+
+def test_a_libvirt_domain_instead_of_a_qmp_socket():
+    vm = parse_inventory(LIBVIRT_VM + 'libvirt_uri = "qemu:///system"\n', CONF).vms["web"]
+    assert (vm.libvirt_domain, vm.libvirt_uri, vm.qmp_socket) == ("web-prod", "qemu:///system", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (LIBVIRT_VM + 'qmp_socket = "/run/web.qmp"\n',
+         '[vms.web] libvirt_domain = "web-prod": a VM names qmp_socket (QEMU run by hand) or libvirt_domain '
+         "(libvirt runs it), not both (line 9)"),
+        (BASE + 'libvirt_uri = "qemu:///system"\n',
+         '[vms.web] libvirt_uri = "qemu:///system": libvirt_uri goes with libvirt_domain (line 12)'),
+        (BASE.replace('qmp_socket = "/run/web.qmp"\n', ""),
+         '[vms.web]: missing required key "qmp_socket" (or "libvirt_domain" for a libvirt domain) (line 7)'),
+    ],
+)
+def test_one_monitor_per_vm(text, expected):
+    assert config_error(text) == f"{CONF}: {expected}"

@@ -30,7 +30,7 @@ def mapped(**kw):
 def test_disks_sockets_and_pidfile_move_to_the_dr_side():
     argv = mapped()
     assert "driver=qcow2,node-name=vd0-fmt,file.driver=file,file.filename=/dr/web/vd0.qcow2" in argv
-    assert any('"filename": "/dr/web/vd1.qcow2"' in a for a in argv)
+    assert any('"filename":"/dr/web/vd1.qcow2"' in a for a in argv)
     assert "socket,id=drtool,path=/dr/web/vm/drtool.qmp,server=on,wait=off" in argv
     assert "socket,id=qga,path=/dr/web/vm/web.sock,server=on,wait=off" in argv
     assert argv[argv.index("-pidfile") + 1] == "/dr/web/vm/qemu.pid"

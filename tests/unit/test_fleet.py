@@ -33,7 +33,7 @@ class Gate:
 def test_a_checkpoint_holds_its_host_gate_from_stop_to_cont_and_no_longer() -> None:
     world, reach, inv = protected_world()
     gate = Gate(world.log)
-    result = checkpoint_service._checkpoint_one(inv, reach, inv.vm("web"), False, gate)
+    result = checkpoint_service._checkpoint_one(inv, reach, inv.vm("web"), False, pause_gate=gate)
     assert result.point is not None, result.error
     assert gate.held[0] == "stop" and gate.held[-1] == "cont" and "transaction" in gate.held
     before = world.log[:world.log.index("stop")]

@@ -57,6 +57,15 @@ def test_the_kept_entry_loads_as_the_same_vm_without_local_files():
     assert "identity_file" not in text and "known_hosts" not in text and "drtool_ed25519" not in text
 
 
+def test_a_libvirt_domain_is_kept_as_a_libvirt_domain():
+    text = FULL.replace('qmp_socket = "/run/drtool/web.qmp"', 'libvirt_domain = "web-prod"\nlibvirt_uri = "qemu+ssh://x/system"'
+                        '\nexclude_disks = ["vdz"]')
+    inventory = parse_inventory(text, Path("/etc/drtool/drtool.toml"))
+    vm = inventory.vms["web"]
+    kept = parse_inventory(kept_inventory_text(vm, inventory.hosts), Path("kvm2:/var/lib/drtool/web/inventory.toml"))
+    assert kept.vms["web"] == vm and kept.vms["web"].qmp_socket is None
+
+
 def dr_only(identity: str = "/root/.ssh/id_ed25519") -> str:
     return f'[hosts.dr]\naddress = "kvm2.example.net"\nidentity_file = "{identity}"\ndrtool_dir = "/srv/drtool"\n'
 

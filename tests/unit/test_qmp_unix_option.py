@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from drtool.mechanics.dr_vm import RunLayout, map_command_line
+from drtool.domain import Vm
 from drtool.mechanics.hardware import read_hardware
 
 from .local_shell import LocalShell, fake_process
@@ -28,7 +29,7 @@ def qemu_with_qmp_option(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[byte
 
 def test_the_source_qemu_is_found_by_its_qmp_option(qemu_with_qmp_option):  # noqa: ANN001
     proc, sock = qemu_with_qmp_option
-    found = read_hardware(LocalShell(), sock)
+    found = read_hardware(LocalShell(), Vm("web", "kvm1", sock, "kvm2", PurePosixPath("/dr/web")))
     assert found["pid"] == proc.pid and "-qmp" in found["argv"]
 
 

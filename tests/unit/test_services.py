@@ -17,7 +17,9 @@ TOOLS = {
     "qemu-system-x86_64": (0, "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),
     "qemu-img": (0, "qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),
     "qemu-storage-daemon": (0, "qemu-storage-daemon version 7.2.22\n", ""),
+    "qemu-nbd": (0, "qemu-nbd 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\n", ""),
     "python3": (0, "Python 3.11.2\n", ""),
+    "/usr/bin/python3": (0, "version 1.14.2\n", ""),
     "socat": (0, "socat by Gerhard Rieger and contributors - see www.dest-unreach.org\nsocat version 1.7.4.4 on 06 Nov 2022\n", ""),
     "sh": (0, DF, ""),
 }
@@ -36,7 +38,7 @@ def test_hosts_check_reports_versions_and_replica_space():
     report = check_hosts(inventory(), reach)
     kvm1, kvm2 = report.hosts
     assert report.exit_code == ExitCode.OK
-    assert [t.version for t in kvm1.tools] == ["7.2.22", "7.2.22", "7.2.22", "3.11.2"]
+    assert [t.version for t in kvm1.tools] == ["7.2.22", "7.2.22", "7.2.22", "7.2.22", "3.11.2", "1.14.2"]
     assert kvm1.replica_space == ()  # kvm1 is no VM's DR host
     [space] = kvm2.replica_space
     assert (space.vm, space.measured_on, space.available_bytes) == ("web", "/var/lib", 600)

@@ -27,7 +27,7 @@ from typing import Any
 from drtool.domain import Host, Inventory, ReplicationMode, Vm
 from drtool.errors import HostUnreachable, QmpError, RemoteCommandError, VmUnreachable
 from drtool.mechanics import dr_vm as dr_vm_module
-from drtool.mechanics import remote
+from drtool.mechanics import old_site, remote
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
 from drtool.mechanics.remote import read_files_one_by_one
@@ -69,6 +69,7 @@ class World:
     source_alive: bool = True
     source_host_up: bool = True
     source_status: str = "running"
+    source_argv: list[str] = field(default_factory=lambda: list(HARDWARE_ARGV))  # its QEMU command line now
     written: int = 0  # guest records written on the source disk
     jobs: bool = True  # drtool's mirror jobs exist on the source
     jobs_broken: bool = False
@@ -89,6 +90,7 @@ class World:
     qmp_faults: dict[str, str] = field(default_factory=dict)  # source QMP command -> "kill" | "drop" (one shot)
     _triggers: list[tuple[Callable[[dict[str, Any]], bool], str]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    old_images_marked: bool = False  # drtool's failed-over marker beside the source image (mechanics/old_site)
 
     # --- the model ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -201,10 +203,18 @@ class World:
                 ("qemu-system", str(REPLICAS / "test" / "qemu.pid"), self.drill_vm is not None)]
 
     def src_run(self, argv: list[str]) -> tuple[int, str, str]:
+        if argv[:2] == ["python3", "-c"] and argv[2] == old_site._FIND_SCRIPT:  # QEMU on the old images?
+            found = [{"pid": 7, "program": "qemu-system-x86_64", "images": [SOURCE_IMAGE]}] if self.source_alive else []
+            return 0, json.dumps(found), ""
+        if argv[:2] == ["sh", "-c"] and argv[2] == old_site._MARK_SCRIPT:
+            self.old_images_marked = True
+            return 0, "no-libvirt\n", ""
+        if argv[:2] == ["sh", "-c"] and ".drtool-failed-over" in argv[2]:  # marked_images
+            return 0, (SOURCE_IMAGE + "\n") if self.old_images_marked else "", ""
         if argv[0] == "python3":  # read_hardware
             if not self.source_alive:
                 return 3, "", ""
-            return 0, json.dumps({"pid": 7, "argv": HARDWARE_ARGV}), ""
+            return 0, json.dumps({"pid": 7, "argv": self.source_argv}), ""
         if argv[0] == "qemu-system-x86_64":  # rollback relaunches the source, paused
             self.source_alive, self.source_status = True, "prelaunch"
             return 0, "", ""

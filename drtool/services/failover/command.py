@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UnreachableError, UsageError
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.pausing import resume_own_pause
-from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.points import load_settled_manifest
+from drtool.mechanics.recovery_objectives import SourceSeen, observe_source, recovery_objectives
 from drtool.mechanics.replication import query_jobs
 from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
@@ -37,17 +38,20 @@ class FailoverResult:
     kind: str
     dr_host: str
     point: str | None
-    rto_seconds: float  # command start to the VM running on the DR host
+    rto_seconds: float | None  # command start to the VM running on the DR host (None: a dry run)
     rpo_seconds: float | None  # 0 for planned; see rpo_bound and rpo_reason
     run_state: str
     dry_run: bool = False
     plan: FailoverPlan | None = None
     rpo_bound: str = "unknown"  # exact | upper bound | unknown
-    rpo_reason: str = ""
+    rpo_reason: str | None = None
     rto_guest_seconds: float | None = None  # command start to the guest answering (needs a guest agent)
-    rto_guest_reason: str = ""
-    start_reason: str = ""  # unplanned: where it started and why
+    rto_guest_reason: str | None = None
+    start_reason: str | None = None  # unplanned: where it started and why
     notes: tuple[str, ...] = ()  # what else drtool did on the way
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "rpo_reason", "rto_guest_reason", "start_reason")
 
 
 Confirm = Callable[[FailoverPlan], bool]
@@ -60,7 +64,7 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
     dr = reach.shell(vm.dr_host)
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and manifest.state is Protection.FAILED_OVER:
+        if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
             raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
                           hint=f"see drtool status {vm.name}")
         manifest = require_protected(manifest, vm, during_failover=True)
@@ -77,7 +81,7 @@ def failover(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
             record, reason = _new_record(reach, vm, manifest, kind, force, point_id)
         the_plan = plan(vm, manifest, record.kind, record.point, reason)
         if dry_run:
-            return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, 0.0, None, "not started",
+            return FailoverResult(vm.name, record.kind.value, vm.dr_host, record.point, None, None, "not started",
                                   True, the_plan, start_reason=the_plan.start_reason, notes=notes)
         if not confirm(the_plan):
             raise Refused("failover not confirmed; nothing was changed")
@@ -171,7 +175,7 @@ def _choose_kind(reach: Reach, vm: Vm) -> FailoverKind:
         shell = reach.shell(vm.host)
     except UnreachableError:
         return FailoverKind.UNPLANNED
-    return FailoverKind.PLANNED if source_qemu_alive(shell, vm.qmp_socket) else FailoverKind.UNPLANNED
+    return FailoverKind.PLANNED if source_qemu_alive(shell, vm) else FailoverKind.UNPLANNED
 
 
 def _require_healthy_replication(reach: Reach, vm: Vm, manifest: Manifest) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from drtool.absent import absent_is_none
 from drtool.domain import Vm
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
@@ -22,7 +23,10 @@ class FailoverPlan:
     kind: str  # planned | unplanned | rollback
     steps: tuple[str, ...]  # what will be done, one line each (QMP and remote commands)
     warnings: tuple[str, ...] = ()
-    start_reason: str = ""  # unplanned: where it starts and why
+    start_reason: str | None = None  # unplanned: where it starts and why
+
+    def __post_init__(self) -> None:
+        absent_is_none(self, "start_reason")
 
 
 class Start(NamedTuple):

@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
 from drtool.mechanics.hardware import source_qemu_alive
+from drtool.mechanics.libvirt_domain import stop_source_domain
 from drtool.mechanics.link import stop_link_and_target
 from drtool.mechanics.pausing import resume_source, take_consistent_point, target_session
 from drtool.mechanics.replication import cancel_mirrors, detach_target, query_jobs
@@ -130,10 +131,13 @@ class PlannedFailover(FailoverSteps):
     def _stop_source(self) -> None:
         """Quit the source QEMU and see its process gone: only then may the DR copy start."""
         src = self.reach.shell(self.vm.host)  # unreachable now: stop here, the user decides (--force)
-        with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
-            qmp.execute("quit")  # it may be gone already: a re-run after the quit
+        if self.vm.libvirt_domain is not None:
+            stop_source_domain(src, self.vm)  # destroyed, and not started again with its host
+        else:
+            with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
+                qmp.execute("quit")  # it may be gone already: a re-run after the quit
         deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
-        while source_qemu_alive(src, self.vm.qmp_socket):
+        while source_qemu_alive(src, self.vm):
             if time.monotonic() > deadline:
                 raise DrtoolError(f"the source QEMU of {self.vm.name} still runs on {self.vm.host} after quit; "
                                   "the VM was not started on the DR host",

@@ -16,9 +16,9 @@ from drtool.mechanics.dr_target import TargetLayout, start_target, target_pid
 from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.remote import create_overlay
+from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
-from drtool.state.ages import ROLLBACK_FORCE_AFTER, dr_copy_age, human_age
 from drtool.state.records import FailoverKind, FailoverRecord, Step
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
@@ -44,6 +44,9 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if manifest is None or not manifest.state.failing_over or manifest.failover is None:
             raise Refused(f"{vm.name} has no failover to roll back")
         record = manifest.failover
+        if manifest.state.reverse:
+            raise Refused(f"{vm.name} is {manifest.state.value} (drtool recover): a rollback would discard it",
+                          hint=f"finish with drtool recover {vm.name} --failback")
         if record.kind is not FailoverKind.PLANNED:
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
@@ -101,4 +104,4 @@ def _source_alive(reach: Reach, vm: Vm) -> bool:
 def _relaunch_argv(manifest: Manifest) -> list[str]:
     """The source's own command line, paused (-S) and daemonized, to start it again where it ran."""
     argv = [a for a in manifest.hardware["argv"] if a not in ("-daemonize", "-S")]
-    return argv + ["-S", "-daemonize"]
+    return [*argv, "-S", "-daemonize"]

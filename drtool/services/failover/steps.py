@@ -11,7 +11,14 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError
 from drtool.mechanics.dr_target import TargetLayout
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_command_line, start_vm, vm_pid
+from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, map_recorded, start_vm, vm_pid
+from drtool.mechanics.libvirt_domain import (
+    domain_name,
+    domain_running,
+    dr_domain_xml,
+    open_to_qemu_group,
+    start_domain,
+)
 from drtool.mechanics.remote import create_overlay, make_dirs
 from drtool.state.manifest import Manifest, RecoveryPoint
 from drtool.state.records import FailoverRecord, Step
@@ -73,15 +80,27 @@ class FailoverSteps:
         return overlays
 
     def start_on_dr(self, disks: dict[str, str]) -> None:
+        xml = self.manifest.hardware.get("libvirt_xml")
+        if xml is not None:  # the DR host's libvirt runs the copy, from the domain's definition
+            if not domain_running(self.dr, self.vm, domain_name(xml)):
+                make_dirs(self.dr, self.run_layout.run_dir)
+                if self.manifest.hardware.get("gid"):
+                    open_to_qemu_group(self.dr, self.vm.replica_dir, int(self.manifest.hardware["gid"]))
+                mapped = dr_domain_xml(xml, disks, tuple(self.manifest.hardware.get("exclude", ())))
+                start_domain(self.dr, self.vm, mapped, self.run_layout.run_dir)
+            return
         if vm_pid(self.dr, self.run_layout) is not None:
             return  # started by an earlier run that was killed before recording it
-        hardware = self.manifest.hardware
-        argv = map_command_line(hardware["argv"], disks, hardware.get("qmp_socket", str(self.vm.qmp_socket)),
-                                self.run_layout)
+        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
         start_vm(self.dr, argv, self.run_layout)
 
     def verify(self) -> str:
         """Resume the VM on the DR host and see it run."""
+        xml = self.manifest.hardware.get("libvirt_xml")
+        if xml is not None:  # libvirt started it running
+            if not domain_running(self.dr, self.vm, domain_name(xml)):
+                raise DrtoolError(f"libvirt on {self.vm.dr_host} started {domain_name(xml)} but it is not running")
+            return "running"
         with dr_vm_session(self.reach, self.vm) as qmp:
             if qmp.execute("query-status")["status"] != "running":
                 qmp.execute("cont")

@@ -1,0 +1,228 @@
+"""The lab's libvirt sites: a libvirtd per host, reached over SSH, each seeing only its own domains."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from drtool.lab.lab import Lab
+from drtool.lab.libvirt_site import LabDomain, domain_xml, in_site, wait_libvirtd
+
+from .replication_helpers import drtool, drtool_ok, replica_has
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def libvirt_lab():
+    with Lab(libvirt=True) as lab:
+        yield lab
+
+
+def ssh(lab: Lab, host: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh", "-i", str(lab.identity_file), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+                           "-o", "BatchMode=yes", "-p", str(lab.port), f"root@{lab.address(host)}", *argv],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_each_site_runs_its_own_libvirtd_and_ssh_reaches_it(libvirt_lab: Lab):
+    lab = libvirt_lab
+    assert set(lab.libvirt_versions) == {"site-a", "site-b"} and lab.libvirt_versions["site-a"].startswith("9.")
+    for host in ("site-a", "site-b"):  # a domain of the same name on both sites at once
+        image = lab.host_dir(host) / "same.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+        xml = lab.host_dir(host) / "same.xml"
+        xml.write_text(domain_xml("same", [image]))
+        created = lab.virsh(host, "create", str(xml))
+        assert created.returncode == 0, created.stderr
+    try:
+        for host in ("site-a", "site-b"):
+            listed = ssh(lab, host, "virsh", "list", "--name")
+            assert listed.returncode == 0, listed.stderr
+            assert listed.stdout.split() == ["same"]
+        pids = {host: lab.virsh(host, "qemu-monitor-command", "same", "--hmp", "info status").stdout for host in
+                ("site-a", "site-b")}
+        assert all("running" in status for status in pids.values())
+        # the machine's own libvirt directories are untouched
+        assert not Path("/run/libvirt/qemu/same.xml").exists()
+    finally:
+        for host in ("site-a", "site-b"):
+            lab.virsh(host, "destroy", "same")
+
+
+# --- a libvirt domain protected by drtool ------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def domain(libvirt_lab: Lab):
+    dom = LabDomain(libvirt_lab, "lvweb", "site-a")
+    yield dom
+    dom.remove()
+
+
+def write_domain_config(lab: Lab, name: str, path: Path) -> Path:
+    """An inventory with the lab's hosts and one libvirt domain on site-a, protected to site-b."""
+    lab.write_config(path, {})
+    with path.open("a") as f:
+        f.write(f'\n[vms.{name}]\nhost = "site-a"\nlibvirt_domain = "{name}"\ndr_host = "site-b"\n'
+                f'replica_dir = "{lab.host_dir("site-b") / "replicas" / name}"\n'
+                f'source_dir = "{lab.host_dir("site-a") / "drtool" / name}"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def domain_config(libvirt_lab: Lab, domain: LabDomain, tmp_path_factory):
+    return write_domain_config(libvirt_lab, domain.name, tmp_path_factory.mktemp("lv") / "drtool.toml")
+
+
+def replica(lab: Lab, name: str, device: str) -> Path:
+    manifest = json.loads((lab.host_dir("site-b") / "replicas" / name / "manifest.json").read_text())
+    return Path(next(d["replica_image"] for d in manifest["disks"] if d["device"] == device))
+
+
+def eventually(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_hosts_check_reports_libvirts_version(libvirt_lab: Lab, domain_config: Path):
+    report = json.loads(drtool_ok(domain_config, "--json", "hosts", "check").stdout)
+    text = json.dumps(report)
+    assert text.count("libvirtd (qemu:///system)") == 2 and text.count('"9.0.0"') == 2, text
+
+
+def test_protect_a_libvirt_domain_replicates_both_disks(libvirt_lab: Lab, domain: LabDomain, domain_config: Path):
+    domain.guest_write(0, 2 * MiB, MiB, 0x5A)  # before protect: the initial copy carries it
+    result = drtool_ok(domain_config, "protect", domain.name)
+    assert "in sync" in result.stdout and "tainted: custom-monitor" in result.stdout
+    assert "network backend" not in result.stdout  # this domain has no NIC
+    domain.guest_write(0, 5 * MiB, MiB, 0x22)
+    domain.guest_write(1, 16 * MiB - 4096, 4096, 0x44)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 5 * MiB, MiB, 0x22))
+    assert replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 2 * MiB, MiB, 0x5A)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 16 * MiB - 4096, 4096,
+                                          0x44))
+    # libvirt sees no job of drtool's, and says what passing QMP through costs
+    assert "tainted" in domain.virsh("dominfo", domain.name) or "custom-monitor" in \
+        (libvirt_lab.host_dir("site-a") / "libvirt" / "log" / "qemu" / f"{domain.name}.log").read_text()
+    manifest = json.loads((libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "manifest.json").read_text())
+    assert [d["node_name"] for d in manifest["disks"]] == ["libvirt-2-format", "libvirt-1-format"]
+
+
+def test_checkpoint_of_a_libvirt_domain_takes_a_point_with_both_disks(libvirt_lab: Lab, domain: LabDomain,
+                                                                      domain_config: Path):
+    domain.guest_write(1, MiB, MiB, 0x66)
+    drtool_ok(domain_config, "checkpoint", domain.name)
+    manifest = json.loads((libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "manifest.json").read_text())
+    point = manifest["points"][-1]
+    assert replica_has(Path(point["images"]["virtio-disk1"]), MiB, MiB, 0x66)
+    assert domain.virsh("domstate", domain.name).strip() == "running"
+
+
+def domain_jobs(domain: LabDomain) -> list[dict]:
+    out = domain.virsh("qemu-monitor-command", domain.name, '{"execute":"query-block-jobs"}')
+    return [j for j in json.loads(out)["return"] if j["device"].startswith("drtool-")]
+
+
+def test_target_killed_then_resync_catches_up(libvirt_lab: Lab, domain: LabDomain, domain_config: Path):
+    pidfile = libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "target.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    domain.guest_write(0, 9 * MiB, MiB, 0x91)  # waits out the reconnect delay, then the job pauses
+    domain.guest_write(1, 9 * MiB, MiB, 0x92)
+    assert eventually(lambda: all(j["paused"] and j["io-status"] != "ok" for j in domain_jobs(domain)), 60)
+    report = json.loads(drtool_ok(domain_config, "--json", "resync", domain.name).stdout)
+    assert report["target_restarted"], report
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 9 * MiB, MiB, 0x91))
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 9 * MiB, MiB, 0x92))
+
+
+def test_libvirtd_restarted_during_replication_replication_goes_on(libvirt_lab: Lab, domain: LabDomain,
+                                                                   domain_config: Path):
+    pidfile = libvirt_lab.host_dir("site-a") / "libvirt" / "run" / "libvirtd.pid"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    assert eventually(lambda: not Path(f"/proc/{pidfile.read_text().strip()}").exists()
+                      if pidfile.exists() else True, 30)
+    subprocess.run(in_site(libvirt_lab.sshd_pid("site-a"), ["libvirtd", "-d", "-p", "/run/libvirt/libvirtd.pid"]),
+                   check=True, timeout=60)
+    wait_libvirtd(libvirt_lab.sshd_pid("site-a"), "site-a")
+    jobs = domain_jobs(domain)  # libvirt came back, found jobs it does not track, and left them alone
+    assert len(jobs) == 2 and all(j["ready"] and not j["paused"] for j in jobs), jobs
+    domain.guest_write(1, 5 * MiB, MiB, 0x5D)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 5 * MiB, MiB, 0x5D))
+    drtool_ok(domain_config, "checkpoint", domain.name)
+
+
+def test_managedsave_is_reported_and_resync_resumes_from_the_bitmap(libvirt_lab: Lab, domain: LabDomain,
+                                                                     domain_config: Path):
+    domain.virsh("managedsave", domain.name)  # libvirt-guests does this at host shutdown: QEMU exits
+    status = drtool(domain_config, "status", domain.name)
+    assert "managedsave" in status.stdout + status.stderr, status.stdout + status.stderr
+    domain.virsh("start", domain.name)  # restored from the save image, without drtool's jobs
+    domain.guest_write(0, 11 * MiB, MiB, 0xB1)
+    drtool_ok(domain_config, "resync", domain.name)
+    assert len(domain_jobs(domain)) == 2
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk0"), 11 * MiB, MiB, 0xB1))
+
+
+def test_a_drill_runs_a_transient_copy_under_libvirt_and_changes_nothing(libvirt_lab: Lab, domain: LabDomain,
+                                                                          domain_config: Path):
+    drtool_ok(domain_config, "failover", domain.name, "--test")
+    name = f"{domain.name}-drtool-test"
+    assert libvirt_lab.virsh("site-b", "domstate", name).stdout.strip() == "running"
+    info = libvirt_lab.virsh("site-b", "dominfo", name).stdout
+    assert "Persistent:     no" in info  # transient: nothing of it stays in the DR host's libvirt
+    disks = libvirt_lab.virsh("site-b", "domblklist", name, "--details").stdout
+    assert disks.count(str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name / "test")) == 2, disks
+    # replication goes on meanwhile
+    domain.guest_write(1, 3 * MiB, MiB, 0x3C)
+    assert eventually(lambda: replica_has(replica(libvirt_lab, domain.name, "virtio-disk1"), 3 * MiB, MiB, 0x3C))
+    drtool_ok(domain_config, "failover", domain.name, "--test", "--cleanup")
+    assert libvirt_lab.virsh("site-b", "domstate", name).returncode != 0  # gone
+
+
+def test_planned_failover_runs_the_domain_under_libvirt_on_the_dr_host(libvirt_lab: Lab, domain: LabDomain,
+                                                                       domain_config: Path):
+    domain.guest_write(0, 7 * MiB, MiB, 0x77)  # the last write before the failover: it must be on the DR copy
+    result = drtool_ok(domain_config, "failover", domain.name, "--yes")
+    assert "planned" in result.stdout.lower()
+    # the source domain is destroyed and will not start with its host; the DR copy is a libvirt domain
+    assert domain.virsh("domstate", domain.name).strip() == "shut off"
+    assert "Autostart:      disable" in domain.virsh("dominfo", domain.name)
+    dr = libvirt_lab.virsh("site-b", "domstate", domain.name)
+    assert dr.stdout.strip() == "running", dr.stderr
+    sources = libvirt_lab.virsh("site-b", "domblklist", domain.name, "--details").stdout
+    replicas = str(libvirt_lab.host_dir("site-b") / "replicas" / domain.name)
+    assert sources.count(replicas) == 2, sources
+    top = next(line.split()[-1] for line in sources.splitlines() if "vda" in line)
+    assert replica_has(Path(top), 7 * MiB, MiB, 0x77)
+    libvirt_lab.virsh("site-b", "destroy", domain.name)
+
+
+def test_unplanned_failover_with_force_starts_the_newest_point_under_libvirt(libvirt_lab: Lab, tmp_path: Path):
+    dom = LabDomain(libvirt_lab, "lvdb", "site-a", sizes=("16M",))
+    try:
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x0D)
+        drtool_ok(config, "checkpoint", dom.name)
+        dom.virsh("destroy", dom.name)  # the source's QEMU is gone
+        assert drtool(config, "failover", dom.name, "--yes").returncode != 0  # not without --force
+        result = drtool_ok(config, "failover", dom.name, "--force", "--yes")
+        assert "unplanned" in result.stdout.lower()
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).stdout.strip() == "running"
+        top = next(line.split()[-1] for line in libvirt_lab.virsh("site-b", "domblklist", dom.name,
+                                                                  "--details").stdout.splitlines() if "vda" in line)
+        assert replica_has(Path(top), MiB, MiB, 0x0D)
+    finally:
+        libvirt_lab.virsh("site-b", "destroy", dom.name)
+        dom.remove()
