@@ -44,9 +44,12 @@ def test_sixteen_vms_on_one_host(lab: Lab, fleet: list[LabVm], tmp_path: Path) -
     names = {vm.name for vm in fleet}
 
     # status: all sixteen from one relay on site-a and one read on site-b
-    status = by_vm(json.loads(drtool_ok(config, "status", "--json").stdout), "vms")
+    result = drtool(config, "status", "--json")
+    assert result.returncode == 1, result.stderr  # not protected: a problem, each VM its own
+    status = by_vm(json.loads(result.stdout), "vms")
     assert set(status) == names
-    assert {(s["run_state"], s["protection"]) for s in status.values()} == {("running", "unprotected")}
+    assert {(s["run_state"], s["protection"], s["exit_code"]) for s in status.values()} == {
+        ("running", "unprotected", 0)}
 
     # protect --all: sixteen targets on site-b at once, each its own NBD port
     protected = by_vm(json.loads(drtool_ok(config, "protect", "--all", "--json", timeout=600).stdout))
@@ -57,7 +60,7 @@ def test_sixteen_vms_on_one_host(lab: Lab, fleet: list[LabVm], tmp_path: Path) -
     assert {o["skipped"] for o in again.values()} == {"protected: skipped"}  # nothing set up twice
 
     status = by_vm(json.loads(drtool_ok(config, "status", "--json").stdout), "vms")
-    assert {s["protection"] for s in status.values()} == {"in sync"}, status
+    assert {s["protection"] for s in status.values()} == {"in-sync"}, status
 
     # checkpoint --all: a point for every VM; the guests of one host are paused one at a time
     fleet[3].guest_write("vd0", 0, 64 * 1024, 0x5A)
@@ -74,14 +77,14 @@ def test_sixteen_vms_on_one_host(lab: Lab, fleet: list[LabVm], tmp_path: Path) -
     assert {n for n, o in resynced.items() if o["result"]["target_restarted"]} == {vm.name for vm in broken}
     assert {o["result"]["action"] for n, o in resynced.items() if n not in {vm.name for vm in broken}} == {"none"}
     status = by_vm(json.loads(drtool_ok(config, "status", "--json").stdout), "vms")
-    assert {s["protection"] for s in status.values()} == {"in sync"}, status
+    assert {s["protection"] for s in status.values()} == {"in-sync"}, status
 
     # a planned failover of one of them; --all then leaves it out and goes on with the others
     moved = fleet[0]
     drtool_ok(config, "failover", moved.name, "--yes", "--json", timeout=300)
     status = by_vm(json.loads(drtool_ok(config, "status", "--json").stdout), "vms")
-    assert status[moved.name]["protection"] == "failed over"
-    assert {s["protection"] for n, s in status.items() if n != moved.name} == {"in sync"}
+    assert status[moved.name]["protection"] == "failed-over"
+    assert {s["protection"] for n, s in status.items() if n != moved.name} == {"in-sync"}
 
     # one VM's QEMU gone: checkpoint --all names it and why, and every other VM still gets its point
     lost = fleet[9]
