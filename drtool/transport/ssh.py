@@ -354,13 +354,7 @@ class SshConnection:
             result = CommandResult(argv, chan.recv_exit_status(), out, err or b"")
         finally:
             chan.close()
-        if check and not result.ok:
-            detail = result.err.strip().splitlines()
-            raise RemoteCommandError(
-                f"{self.host.name}: {argv[0]} exited {result.exit_status}"
-                + (f": {detail[-1]}" if detail else "")
-            )
-        return result
+        return checked(self.host.name, result) if check else result
 
     def open_stream(self, argv: Sequence[str]) -> paramiko.Channel:
         """Start argv on the host and hand back its channel as a byte stream (stdin/stdout)."""
@@ -376,6 +370,15 @@ class SshConnection:
         for client in reversed(self._jump_clients):
             client.close()
         self._jump_clients = []
+
+
+def checked(host_name: str, result: CommandResult) -> CommandResult:
+    """The result of a command that succeeded; RemoteCommandError (its last stderr line) if it did not."""
+    if not result.ok:
+        detail = result.err.strip().splitlines()
+        raise RemoteCommandError(f"{host_name}: {result.argv[0]} exited {result.exit_status}"
+                                 + (f": {detail[-1]}" if detail else ""))
+    return result
 
 
 def _ssh_failure(err: paramiko.SSHException, where: str, timeout: float) -> HostUnreachable:

@@ -211,10 +211,9 @@ class World:
             return 0, "no-libvirt\n", ""
         if argv[:2] == ["sh", "-c"] and ".drtool-failed-over" in argv[2]:  # marked_images
             return 0, (SOURCE_IMAGE + "\n") if self.old_images_marked else "", ""
-        if argv[0] == "python3":  # read_hardware
-            if not self.source_alive:
-                return 3, "", ""
-            return 0, json.dumps({"pid": 7, "argv": self.source_argv}), ""
+        if argv[0] == "python3":  # read_hardware(_many): one answer per (how, key) pair
+            found = {"pid": 7, "argv": self.source_argv} if self.source_alive else None
+            return 0, json.dumps([found] * ((len(argv) - 3) // 2)), ""
         if argv[0] == "qemu-system-x86_64":  # rollback relaunches the source, paused
             self.source_alive, self.source_status = True, "prelaunch"
             return 0, "", ""
