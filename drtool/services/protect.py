@@ -59,7 +59,7 @@ from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
 from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
 from drtool.transport.virsh_qmp import TAINT_NOTE
@@ -146,7 +146,9 @@ def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), 
                 skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
             elif side.manifest is not None:
                 skipped[name] = VmOutcome(name, skipped=f"{side.manifest.state.value}: skipped")
-    return for_each_vm(lambda vm: protect(inventory, reach, vm.name, wait=wait), vms, skipped, per_host=SETUPS_PER_HOST)
+    with batched(reach) as through:  # one agent per host (transport/agent.py)
+        return for_each_vm(lambda vm: protect(inventory, through, vm.name, wait=wait), vms, skipped,
+                           per_host=SETUPS_PER_HOST)
 
 
 def protect(inventory: Inventory, reach: Reach, vm_name: str, *, wait: bool = True,

@@ -78,7 +78,7 @@ from drtool.services.concurrent import (
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
 from drtool.state.store import require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 
 RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted target
@@ -117,7 +117,9 @@ def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *
             elif side.manifest is None or _left_out(side.manifest.state):
                 state = side.manifest.state.value if side.manifest else "not protected"
                 skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")  # a failover half-done is refused
-    return for_each_vm(lambda vm: resync(inventory, reach, vm.name), vms, skipped, per_host=SETUPS_PER_HOST)
+    with batched(reach) as through:  # one agent per host (transport/agent.py)
+        return for_each_vm(lambda vm: resync(inventory, through, vm.name), vms, skipped,
+                           per_host=SETUPS_PER_HOST)
 
 
 def _left_out(state: Protection) -> bool:

@@ -10,7 +10,9 @@ the same things for many callers at once, multiplexed as JSON lines:
   status, stdout and stderr;
 - open: a byte stream to a UNIX socket (a QMP monitor), as bridge.py's relay;
 - lock: flock(2) on a VM's lock file, the call flock(1) makes, so drtools
-  that lock through `flock` (locks.py) and through an agent exclude each other.
+  that lock through `flock` (locks.py) and through an agent exclude each other;
+- read, write: a file read, or replaced atomically as mechanics/remote.py's
+  write_file does, without a shell and its ten processes per write.
 
 The agent ends when its stdin does (drtool exits, crashes or loses the
 connection): its locks go with it, as locks.py's do. Its channel is marked as
@@ -20,6 +22,7 @@ holding locks: a lost connection stops the run (ssh.py).
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import queue
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from drtool.transport.ssh import SshConnection
 
 AGENT_SCRIPT = r"""
-import base64, fcntl, json, os, socket, subprocess, sys, threading, time
+import base64, fcntl, hashlib, json, os, select, socket, subprocess, sys, threading, time
 out_lock = threading.Lock()
 streams, locks = {}, {}
 
@@ -48,19 +51,54 @@ def send(msg):
             data = data[os.write(1, data):]
 
 def run(rid, req):
+    # As sshd's session does for drtool (ssh.py's _collect): done when the process exits, with
+    # what it wrote until then; a daemon it started that keeps its stdout open holds nothing up.
     try:
         p = subprocess.Popen(req["argv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
         send({"id": rid, "exit": 127, "out": "", "err": b64(("%s: %s\n" % (req["argv"][0], e.strerror)).encode())})
         return
+    threading.Thread(target=feed, args=(p.stdin, base64.b64decode(req.get("stdin") or "")), daemon=True).start()
+    out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
+    got = {out_fd: [], err_fd: []}
+    open_fds = [out_fd, err_fd]
+    deadline = time.monotonic() + req["timeout"]
+    while open_fds and p.poll() is None and time.monotonic() < deadline:
+        for fd in select.select(open_fds, [], [], 0.05)[0]:
+            data = os.read(fd, 65536)
+            if data:
+                got[fd].append(data)
+            else:
+                open_fds.remove(fd)
     try:
-        out, err = p.communicate(base64.b64decode(req.get("stdin") or ""), timeout=req["timeout"])
+        p.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         p.kill()
-        p.communicate()
+        p.wait()
         send({"id": rid, "timeout": True})
         return
-    send({"id": rid, "exit": p.returncode if p.returncode >= 0 else -1, "out": b64(out), "err": b64(err)})
+    for fd in open_fds:  # what is in the pipes now; a daemon's later output is not the command's
+        os.set_blocking(fd, False)
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            got[fd].append(data)
+    p.stdout.close()
+    p.stderr.close()
+    send({"id": rid, "exit": p.returncode if p.returncode >= 0 else -1,
+          "out": b64(b"".join(got[out_fd])), "err": b64(b"".join(got[err_fd]))})
+
+def feed(pipe, data):
+    try:
+        pipe.write(data)
+    except OSError:
+        pass
+    finally:
+        quietly(pipe.close)
 
 def stream(rid, req):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -101,6 +139,50 @@ def lock(rid, req):
     locks[rid] = fd
     send({"id": rid, "ok": True, "waited": time.monotonic() - started})
 
+def read(rid, req):
+    try:
+        with open(req["path"], "rb") as f:
+            send({"id": rid, "data": b64(f.read())})
+    except FileNotFoundError:
+        send({"id": rid, "missing": True})
+    except OSError as e:
+        send({"id": rid, "error": e.strerror or str(e)})
+
+def write(rid, req):
+    # as mechanics/remote.py's _WRITE_SCRIPT: a temp file (0600 while written), checked, fsynced,
+    # the old file kept as .prev when asked, renamed over the old one, the directory fsynced
+    path, data = req["path"], base64.b64decode(req["data"])
+    if len(data) != req["size"] or hashlib.sha256(data).hexdigest() != req["sha256"]:
+        send({"id": rid, "error": "received %d of %d bytes or another checksum: %s left as it was"
+                                  % (len(data), req["size"], path)})
+        return
+    tmp = "%s.tmp.%d.%d" % (path, os.getpid(), rid)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, req["mode"])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if req["keep"] and os.path.exists(path):
+            os.link(path, tmp + ".prev")
+            os.replace(tmp + ".prev", path + ".prev")
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        for leftover in (tmp, tmp + ".prev"):
+            quietly(os.unlink, leftover)
+        send({"id": rid, "error": e.strerror or str(e)})
+        return
+    send({"id": rid, "ok": True})
+
 def quietly(fn, *args):
     try:
         fn(*args)
@@ -110,8 +192,8 @@ def quietly(fn, *args):
 for line in sys.stdin:
     req = json.loads(line)
     rid, op = req["id"], req["op"]
-    if op in ("run", "open", "lock"):
-        target = {"run": run, "open": stream, "lock": lock}[op]
+    if op in ("run", "open", "lock", "read", "write"):
+        target = {"run": run, "open": stream, "lock": lock, "read": read, "write": write}[op]
         threading.Thread(target=target, args=(rid, req), daemon=True).start()
     elif op == "data":
         quietly(lambda: streams[rid].sendall(base64.b64decode(req["data"])))
@@ -230,6 +312,32 @@ class HostAgent:
                                base64.b64decode(answer["err"]))
         return checked(self.host_name, result) if check else result
 
+    def _ask(self, op: str, what: str, timeout: float, **fields: Any) -> dict[str, Any]:
+        """One request, its one answer."""
+        rid, answers = self.start(op, **fields)
+        try:
+            answer = answers.get(timeout=timeout)
+        except queue.Empty:
+            answer = {"error": f"no answer within {timeout:g} s"}
+        finally:
+            self.forget(rid)
+        if answer is _LOST:
+            raise self.lost(what)
+        return answer
+
+    def read_file(self, path: PurePosixPath) -> bytes | None:
+        """The file's bytes, None when there is no such file (mechanics/remote.py's read_file)."""
+        answer = self._ask("read", f"reading {path}", 60, path=str(path))
+        if "error" in answer:
+            raise RemoteCommandError(f"cannot read {path}: {answer['error']}")
+        return None if answer.get("missing") else base64.b64decode(answer["data"])
+
+    def write_file(self, path: PurePosixPath, data: bytes, mode: int, keep_previous: bool) -> str:
+        """Replace path with data atomically (mechanics/remote.py's write_file); what failed, or ""."""
+        answer = self._ask("write", f"writing {path}", 60, path=str(path), data=base64.b64encode(data).decode(),
+                           size=len(data), sha256=hashlib.sha256(data).hexdigest(), mode=mode, keep=keep_previous)
+        return str(answer.get("error", ""))
+
     def close(self) -> None:
         with self._state_lock:
             if self._closed:
@@ -266,6 +374,12 @@ class AgentShell:
     def run(self, argv: list[str], *, timeout: float | None = None, stdin: bytes | None = None,
             check: bool = True) -> CommandResult:
         return self._agent.run(argv, timeout=timeout, stdin=stdin, check=check)
+
+    def read_file(self, path: PurePosixPath) -> bytes | None:
+        return self._agent.read_file(path)
+
+    def write_file(self, path: PurePosixPath, data: bytes, mode: int, keep_previous: bool) -> str:
+        return self._agent.write_file(path, data, mode, keep_previous)
 
 
 class AgentStream:

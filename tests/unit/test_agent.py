@@ -16,6 +16,7 @@ import pytest
 
 from drtool.domain import Host
 from drtool.errors import HostUnreachable, RemoteCommandError
+from drtool.mechanics.remote import read_file, write_file
 from drtool.transport.agent import AgentLock, AgentShell, AgentStream, HostAgent
 from drtool.transport.bridge import StreamBridge
 
@@ -147,3 +148,26 @@ def test_a_lost_agent_fails_its_callers_with_what_it_said() -> None:
     with pytest.raises(HostUnreachable, match="lost drtool's agent on the host during true"):
         lost.run(["true"])
     lost.close()
+
+
+def test_files_are_read_and_replaced_as_write_file_does(agent: HostAgent, tmp_path: Path) -> None:
+    shell = AgentShell(agent)
+    path = PurePosixPath(tmp_path / "manifest.json")
+    assert read_file(shell, path) is None
+    write_file(shell, path, b"one", mode=0o640)
+    write_file(shell, path, b"two", keep_previous=True)
+    assert (read_file(shell, path), Path(f"{path}.prev").read_bytes()) == (b"two", b"one")
+    assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "manifest.json.prev"]  # no temp left
+    with pytest.raises(RemoteCommandError, match=r"cannot write .*/nowhere/m\.json: No such file"):
+        write_file(shell, PurePosixPath(tmp_path / "nowhere" / "m.json"), b"x")
+    Path(path).chmod(0o000)
+    if os.geteuid() != 0:  # root reads it all the same
+        with pytest.raises(RemoteCommandError, match="cannot read"):
+            read_file(shell, path)
+
+
+def test_a_command_is_done_when_it_exits_though_a_daemon_it_started_keeps_its_output(agent: HostAgent) -> None:
+    started = time.monotonic()
+    result = agent.run(["sh", "-c", "sleep 5 & echo started"], timeout=4)
+    assert (result.out, time.monotonic() - started < 3) == ("started\n", True)
