@@ -390,9 +390,22 @@ def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float, nodes: Seque
 
 def mirror_dirty_bytes(qmp: QmpSession, nodes: Sequence[str]) -> int:
     """Bytes marked dirty and not yet taken up by a copy: the mirrors' own (anonymous) bitmaps on `nodes`."""
+    return _dirty_of(qmp.execute("query-named-block-nodes", {"flat": True}), nodes)
+
+
+def _dirty_of(named_nodes: list[dict[str, Any]], nodes: Sequence[str]) -> int:
     wanted = set(nodes)
-    return sum(int(b.get("count", 0)) for node in qmp.execute("query-named-block-nodes", {"flat": True})
+    return sum(int(b.get("count", 0)) for node in named_nodes
                if node.get("node-name") in wanted for b in node.get("dirty-bitmaps", []) if not b.get("name"))
+
+
+def _dirty_and_jobs(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> tuple[int, dict[str, JobState]]:
+    """mirror_dirty_bytes, then query_jobs, in one round trip where the session can (QmpSession.execute_all)."""
+    commands: list[tuple[str, dict[str, Any] | None]] = [("query-named-block-nodes", {"flat": True}),
+                                                         ("query-block-jobs", None)]
+    execute_all = getattr(qmp, "execute_all", None)  # some test doubles have execute alone
+    named, block_jobs = execute_all(commands) if execute_all else [qmp.execute(c, a) for c, a in commands]
+    return _dirty_of(named, nodes), jobs_of(block_jobs, manifest)
 
 
 def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float,
@@ -414,8 +427,7 @@ def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], time
     wanted = [job_id(i) for i in range(len(manifest.disks))]
     held = 0
     while time.monotonic() < deadline:
-        dirty = mirror_dirty_bytes(qmp, nodes)
-        jobs = query_jobs(qmp, manifest)
+        dirty, jobs = _dirty_and_jobs(qmp, manifest, nodes)  # the bitmaps first: they are read before the jobs
         drained = dirty == 0 and all(j in jobs and jobs[j].ready and not jobs[j].broken
                                      and jobs[j].length == jobs[j].offset for j in wanted)
         held = held + 1 if drained else 0
