@@ -81,12 +81,11 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
     vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
     if all_vms:
         vms = [inventory.vms[n] for n in sorted(inventory.vms)]
-    if len(vms) == 1:
-        return CheckpointReport((_checkpoint_one(inventory, reach, vms[0], all_vms, keep),))
     # VMs are worked at once, but on each host one guest is paused at a time: pauses
     # that overlap would share the host's CPUs and each last longer. Each host is
-    # reached through one agent (one SSH channel), and its QEMUs' command lines are
-    # read in one scan for all its VMs.
+    # reached through one agent (one SSH channel, even for one VM: a checkpoint is
+    # some twenty remote steps), and its QEMUs' command lines are read in one scan
+    # for all its VMs.
     by_host = group_by(vms, lambda vm: vm.host)
     gates = {host: threading.Lock() for host in by_host}
     slots = {host: threading.BoundedSemaphore(CHECKPOINTS_PER_HOST) for host in by_host}
