@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 from typing import Protocol
 
 from drtool.domain import Inventory, Vm
+from drtool.errors import DrtoolError, HostUnreachable
 from drtool.transport.agent import AgentLock, AgentShell, AgentStream, HostAgent
 from drtool.transport.batch import (
     FileReads,
@@ -163,14 +164,27 @@ class AgentReach:
     def __init__(self, conns: Connections) -> None:
         self._conns = conns
         self._agents: dict[str, HostAgent] = {}
+        self._failed: dict[str, DrtoolError] = {}  # hosts the agent could not be started on, and why
         self._lock = threading.Lock()
+        self._host_locks: dict[str, threading.Lock] = {}
 
     def _agent(self, host_name: str) -> HostAgent:
-        conn = self._conns.pool.get(host_name)
+        """The host's agent, started by the first caller (the others wait for it); a host that could not
+        be reached fails every caller of this run at once, not after a connection timeout each."""
         with self._lock:
+            host_lock = self._host_locks.setdefault(host_name, threading.Lock())
+        with host_lock:
+            if host_name in self._failed:
+                raise self._failed[host_name]
             agent = self._agents.get(host_name)
             if agent is None:
-                agent = self._agents[host_name] = HostAgent(conn)
+                try:
+                    agent = HostAgent(self._conns.pool.get(host_name))
+                except HostUnreachable as err:
+                    self._failed[host_name] = err
+                    raise
+                with self._lock:
+                    self._agents[host_name] = agent
             return agent
 
     def shell(self, host_name: str) -> AgentShell:

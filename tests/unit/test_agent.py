@@ -19,6 +19,7 @@ from drtool.errors import HostUnreachable, RemoteCommandError
 from drtool.mechanics.remote import read_file, write_file
 from drtool.transport.agent import AgentLock, AgentShell, AgentStream, HostAgent
 from drtool.transport.bridge import StreamBridge
+from drtool.transport.connections import AgentReach
 
 
 class LocalChannel:
@@ -171,3 +172,25 @@ def test_a_command_is_done_when_it_exits_though_a_daemon_it_started_keeps_its_ou
     started = time.monotonic()
     result = agent.run(["sh", "-c", "sleep 5 & echo started"], timeout=4)
     assert (result.out, time.monotonic() - started < 3) == ("started\n", True)
+
+
+def test_a_host_the_agent_cannot_reach_fails_every_caller_of_the_run_at_once() -> None:
+    tries: list[str] = []
+
+    class DownConn(LocalConn):
+        def open_stream(self, argv: list[str]) -> LocalChannel:
+            tries.append(argv[0])
+            raise HostUnreachable("cannot reach here (127.0.0.1:22): timed out")
+
+    class Pool:
+        def get(self, host_name: str) -> DownConn:
+            return DownConn()
+
+    class Conns:
+        pool = Pool()
+
+    reach = AgentReach(Conns())  # type: ignore[arg-type]  # what AgentReach uses of Connections
+    for _ in range(3):
+        with pytest.raises(HostUnreachable, match="cannot reach here"):
+            reach.shell("here")
+    assert tries == ["python3"]  # one connection attempt (and its timeout) for the run, not one per VM
