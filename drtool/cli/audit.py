@@ -104,3 +104,15 @@ def record(inventory: Inventory, reach: Any, audit: Audit, entries: Entries,
 
 def lines(results: Iterable[tuple[str, str]]) -> Entries:
     return [(vm, what, 0) for vm, what in results]
+
+
+def fleet_entries(report: Any, changed: Callable[[Any], Iterable[tuple[str, str]]]) -> Entries:
+    """A command over many VMs (services/concurrent.py's FleetReport): what each VM's result changed,
+    and each VM that failed; VMs left out changed nothing."""
+    entries: Entries = []
+    for outcome in report.outcomes:
+        if outcome.result is not None:
+            entries += lines(changed(outcome.result))
+        elif outcome.error and outcome.exit_code not in (ExitCode.USAGE, ExitCode.REFUSED):
+            entries.append((outcome.vm, f"failed: {outcome.error}", int(outcome.exit_code)))
+    return entries

@@ -286,30 +286,43 @@ def status(
 @app.command("protect")
 def protect_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The VM to protect (a [vms] key of the inventory).",
-                                      metavar="VM", autocompletion=vm_names)],
+    vms: Annotated[list[str] | None, typer.Argument(help="The VMs to protect ([vms] keys of the inventory).",
+                                                   metavar="VM...", autocompletion=vm_names)] = None,
+    all_vms: Annotated[bool, typer.Option("--all", help="Every VM of the inventory not protected yet.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once replication has started.")] = False,
     json_mode: JsonOption = False,
 ) -> None:
-    """Start replicating a running VM's disks to its DR host; wait for the initial sync.
+    """Start replicating running VMs' disks to their DR hosts; wait for the initial sync.
 
     \b
     Examples:
       drtool protect web
       drtool protect web --no-wait
+      drtool protect web db mail    (at once; one line each)
+      drtool protect --all
     """
-    from drtool.services.protect import protect
+    from drtool.services.protect import protect, protect_many
 
-    from .audit import Audit, lines
+    from .audit import Audit, fleet_entries, lines
     from .progress import SyncProgress
-    from .render import protect_summary
+    from .render import fleet_table, protect_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        with SyncProgress(out, "seeding") as progress:
-            result = state.call(protect, vm, wait=not no_wait, on_progress=progress, audit=Audit(
-                "protect", [vm], lambda r: lines([(r.vm, f"protected to {r.dr_host}, {r.mode} mode")])))
-        out.render(result, protect_summary)  # after the bars stopped: nothing redraws over it
+        def protected(r: Any) -> list[tuple[str, str]]:
+            return [(r.vm, f"protected to {r.dr_host}, {r.mode} mode")]
+
+        if vms and len(vms) == 1 and not all_vms:
+            with SyncProgress(out, "seeding") as progress:
+                result = state.call(protect, vms[0], wait=not no_wait, on_progress=progress,
+                                    audit=Audit("protect", vms, lambda r: lines(protected(r))))
+            out.render(result, protect_summary)  # after the bars stopped: nothing redraws over it
+            return
+        report = state.call(protect_many, vms or [], all_vms=all_vms, wait=not no_wait,
+                            audit=Audit("protect", vms or [], lambda rep: fleet_entries(rep, protected)))
+        out.render({"results": report.outcomes}, lambda _: fleet_table("Protect", report, protect_summary))
+        out.errors((o.vm, o.error) for o in report.outcomes if o.exit_code != ExitCode.OK)
+    raise typer.Exit(int(report.exit_code))
 
 
 @app.command("unprotect")
@@ -343,8 +356,9 @@ def unprotect_command(
 @app.command("resync")
 def resync_command(
     ctx: typer.Context,
-    vm: Annotated[str, typer.Argument(help="The protected VM whose replica to bring up to date.",
-                                      metavar="VM", autocompletion=vm_names)],
+    vms: Annotated[list[str] | None, typer.Argument(help="The protected VMs whose replicas to bring up to date.",
+                                                   metavar="VM...", autocompletion=vm_names)] = None,
+    all_vms: Annotated[bool, typer.Option("--all", help="Every protected VM of the inventory (for cron).")] = False,
     wait: WaitOption = CRON_LOCK_WAIT,
     json_mode: JsonOption = False,
 ) -> None:
@@ -353,20 +367,30 @@ def resync_command(
     \b
     Example (cron):
       */5 * * * * /usr/local/bin/drtool resync web
+      */5 * * * * /usr/local/bin/drtool -q resync --all
     """
-    from drtool.services.resync import resync
+    from drtool.services.resync import resync, resync_many
 
-    from .audit import Audit, lines
+    from .audit import Audit, fleet_entries, lines
     from .progress import SyncProgress
-    from .render import resync_summary
+    from .render import fleet_table, resync_summary
 
     state = _state(ctx)
     with state.guard(json_mode) as out:
-        with SyncProgress(out, "resync") as progress:
-            result = state.call(resync, vm, on_progress=progress, lock_wait=wait, audit=Audit(
-                "resync", [vm], lambda r: lines([] if r.action == "none" else
-                                                [(r.vm, f"resynced ({r.action}), {r.bytes_sent} bytes sent")])))
-        out.render(result, resync_summary)
+        def resynced(r: Any) -> list[tuple[str, str]]:
+            return [] if r.action == "none" else [(r.vm, f"resynced ({r.action}), {r.bytes_sent} bytes sent")]
+
+        if vms and len(vms) == 1 and not all_vms:
+            with SyncProgress(out, "resync") as progress:
+                result = state.call(resync, vms[0], on_progress=progress, lock_wait=wait,
+                                    audit=Audit("resync", vms, lambda r: lines(resynced(r))))
+            out.render(result, resync_summary)
+            return
+        report = state.call(resync_many, vms or [], all_vms=all_vms, lock_wait=wait,
+                            audit=Audit("resync", vms or [], lambda rep: fleet_entries(rep, resynced)))
+        out.render({"results": report.outcomes}, lambda _: fleet_table("Resync", report, resync_summary))
+        out.errors((o.vm, o.error) for o in report.outcomes if o.exit_code != ExitCode.OK)
+    raise typer.Exit(int(report.exit_code))
 
 
 @app.command("checkpoint")

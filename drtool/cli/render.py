@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rich.table import Table
 from rich.text import Text
@@ -10,6 +12,7 @@ from rich.text import Text
 from drtool.mechanics.migration import Figures
 from drtool.services.check_history import CheckHistory
 from drtool.services.checkpoint import CheckpointReport, PointsReport
+from drtool.services.concurrent import FleetReport
 from drtool.services.dr_inventory import ExportResult
 from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult, RollbackResult
@@ -184,6 +187,19 @@ def resync_summary(result: ResyncResult) -> str:
         return f"{result.vm}: in sync, nothing to do" + notes
     return (f"{result.vm}: resynced ({result.action}), {human_size(result.bytes_sent)} sent in "
             f"{result.seconds:.1f} s" + (f"; {result.detail}" if result.detail else "") + notes)
+
+
+def fleet_table(title: str, report: FleetReport[Any], summary: Callable[[Any], str]) -> Table:
+    """A command over many VMs: a line per VM, its summary, its error, or why it was left out."""
+    table = Table(title=title, title_justify="left")
+    for col in ("vm", "result"):
+        table.add_column(col, overflow="fold")
+    for o in report.outcomes:
+        if o.result is not None:
+            table.add_row(o.vm, summary(o.result).removeprefix(f"{o.vm}: "))
+        else:
+            table.add_row(o.vm, Text(o.error or o.skipped or "", style="red" if o.exit_code else ""))
+    return table
 
 
 def checkpoint_table(report: CheckpointReport) -> Table:

@@ -644,8 +644,9 @@ class Lab:
             data["hosts"][host] = {
                 "address": self.address(host), "port": self.port, "user": self.user,
                 "identity_file": str(self.identity_file), "known_hosts": str(self.known_hosts),
-                # NBD between sites goes over the site link, not the management network
-                "replication_address": self.peer_address(self._next_host(host), host),
+                # NBD between sites goes over the site link, not the management network: the link
+                # from the host before it, whose VMs it is the default DR host of (with two sites, the other)
+                "replication_address": self.peer_address(self._previous_host(host), host),
                 "drtool_dir": str(self.host_dir(host) / "drtool"),  # hosts share one filesystem here
             }  # fmt: skip
         for name, settings in vms.items():
@@ -677,6 +678,10 @@ class Lab:
     def dr_console(self, name: str, dr_host: str = "site-b") -> GuestConsole:
         """The console of a lab guest drtool started on its DR host (failover maps it into its run dir)."""
         return console_in(self.replica_dir(name, dr_host) / "vm")
+
+    def _previous_host(self, host: str) -> str:
+        names = self._host_names
+        return names[(names.index(host) - 1) % len(names)]
 
     def _next_host(self, host: str) -> str:
         names = self._host_names

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -21,6 +22,7 @@ from drtool.errors import QmpError, RemoteCommandError
 from drtool.mechanics.remote import OwnProcess, make_dirs, running_pid, stop_process, write_file
 from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.state.manifest import Manifest
+from drtool.transport.batch import PidCheck
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -130,6 +132,11 @@ def create_replicas(shell: RemoteShell, manifest: Manifest) -> None:
                   timeout=120)
 
 
+def target_pid_check(layout: TargetLayout) -> PidCheck:
+    """What target_pid asks, for a batch of them (transport/batch.py)."""
+    return PidCheck(layout.pidfile, "qemu-storage", str(layout.pidfile))
+
+
 def target_pid(shell: RemoteShell, layout: TargetLayout) -> int | None:
     """The running target's pid, or None when it is not running."""
     return running_pid(shell, layout.pidfile, "qemu-storage", str(layout.pidfile))
@@ -165,15 +172,33 @@ def stop_target(shell: RemoteShell, layout: TargetLayout, timeout: float = 20) -
     stop_process(shell, target.pidfile, target.program, target.marker, timeout, target.leftovers)
 
 
-def free_nbd_port(shell: RemoteShell) -> int:
-    """The lowest port in drtool's range that nothing listens on at the DR host."""
-    result = shell.run(["ss", "-Htln"], timeout=15)
+# Ports handed out by this drtool run, by DR host: `protect --all` sets up several VMs
+# of one DR host at once, and none of their targets listens yet when the next port is chosen.
+_reserved_ports: dict[str, set[int]] = {}
+_reserved_lock = threading.Lock()
+
+# Listening ports, then the port of every VM the host's index names (a stopped target
+# keeps its port: resync restarts it there).
+_PORTS_SCRIPT = """ss -Htln
+[ -d "$1" ] && cat -- "$1"/*/manifest.json 2>/dev/null | grep -h '"nbd_port"'
+exit 0"""
+
+
+def free_nbd_port(shell: RemoteShell, host_name: str = "", index: PurePosixPath | None = None) -> int:
+    """The lowest port in drtool's range that nothing listens on, no VM of the host's index
+    holds and this run has not handed out already for host_name; reserved for the rest of the run."""
+    result = shell.run(["sh", "-c", _PORTS_SCRIPT, "sh", str(index or "/nonexistent")], timeout=15)
     used = set()
     for line in result.out.splitlines():
         fields = line.split()
         if len(fields) >= 4 and fields[3].rsplit(":", 1)[-1].isdigit():
             used.add(int(fields[3].rsplit(":", 1)[-1]))
-    for port in range(FIRST_NBD_PORT, LAST_NBD_PORT + 1):
-        if port not in used:
-            return port
+        elif len(fields) == 2 and fields[0] == '"nbd_port":' and fields[1].rstrip(",").isdigit():
+            used.add(int(fields[1].rstrip(",")))
+    with _reserved_lock:
+        reserved = _reserved_ports.setdefault(host_name, set())
+        for port in range(FIRST_NBD_PORT, LAST_NBD_PORT + 1):
+            if port not in used and port not in reserved:
+                reserved.add(port)
+                return port
     raise RemoteCommandError(f"no free port in {FIRST_NBD_PORT}-{LAST_NBD_PORT} on the DR host")

@@ -10,6 +10,7 @@ carries the QMP relay), with the socket path passed as an argument.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -24,39 +25,41 @@ from drtool.transport.connections import RemoteShell
 
 _FIND_QEMU = r"""
 import json, os, re, sys, time
-how, key = sys.argv[1], sys.argv[2]
-if how == "socket":
-    forms = {key, key.replace(",", ",,")}
-    # path=SOCK inside -chardev, or -qmp/-monitor unix:SOCK[,server=on,...]
-    pattern = re.compile("(^|[,=]|^unix:)(%s)(,|$)" % "|".join(re.escape(f) for f in forms))
-    def ours(argv):
-        return any(pattern.search(a) for a in argv)
-else:  # a libvirt domain: -name guest=NAME,...
-    guest = "guest=" + key.replace(",", ",,")
-    def ours(argv):
-        return any(a == "-name" and i + 1 < len(argv) and argv[i + 1].split(",")[0] == guest
-                   for i, a in enumerate(argv))
-def find():
+def matcher(how, key):
+    if how == "socket":
+        forms = {key, key.replace(",", ",,")}
+        # path=SOCK inside -chardev, or -qmp/-monitor unix:SOCK[,server=on,...]
+        pattern = re.compile("(^|[,=]|^unix:)(%s)(,|$)" % "|".join(re.escape(f) for f in forms))
+        return lambda argv: any(pattern.search(a) for a in argv)
+    guest = "guest=" + key.replace(",", ",,")  # a libvirt domain: -name guest=NAME,...
+    return lambda argv: any(a == "-name" and i + 1 < len(argv) and argv[i + 1].split(",")[0] == guest
+                            for i, a in enumerate(argv))
+# argv: WAIT HOW KEY [HOW KEY ...]: one scan of /proc for all of them; WAIT > 0: seconds to wait,
+# scanning every 20 ms, for the processes to be gone (a QEMU told to quit)
+wait = float(sys.argv[1])
+wanted = [matcher(how, key) for how, key in zip(sys.argv[2::2], sys.argv[3::2])]
+def scan():
+    found = [None] * len(wanted)
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as f:
                 argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0")[:-1]]
+            if not argv or "qemu-system" not in os.path.basename(argv[0]):
+                continue
             owner = os.stat("/proc/%s" % pid)
         except OSError:
             continue
-        if argv and "qemu-system" in os.path.basename(argv[0]) and ours(argv):
-            return {"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}
-    return None
-# argv[3], if given: seconds to wait, looking every 20 ms, for the process to be gone
-deadline = time.monotonic() + float(sys.argv[3]) if len(sys.argv) > 3 else 0
-found = find()
-while found is not None and time.monotonic() < deadline:
+        for i, ours in enumerate(wanted):
+            if found[i] is None and ours(argv):
+                found[i] = {"pid": int(pid), "argv": argv, "uid": owner.st_uid, "gid": owner.st_gid}
+    return found
+deadline = time.monotonic() + wait
+found = scan()
+while wait > 0 and any(f is not None for f in found) and time.monotonic() < deadline:
     time.sleep(0.02)
-    found = find()
-if found is None:
-    sys.exit(3)
+    found = scan()
 print(json.dumps(found))
 """
 
@@ -73,18 +76,31 @@ def read_hardware(shell: RemoteShell, vm: Vm, wait_gone: float = 0) -> dict[str,
 
     wait_gone: seconds to wait for the process to end first (a QEMU told to quit).
     """
-    how, key, what = _which(vm)
-    argv = ["python3", "-c", _FIND_QEMU, how, key] + ([f"{wait_gone:g}"] if wait_gone > 0 else [])
-    result = shell.run(argv, check=False, timeout=30 + wait_gone)
-    if result.exit_status == 3:
-        raise RemoteCommandError(f"no QEMU process on the host: {what} is not running",
-                                 hint="the monitor must be given on QEMU's command line (-chardev ... path=)"
-                                 if how == "socket" else "start the domain (virsh start)")
-    if not result.ok:
-        raise RemoteCommandError(f"cannot read the QEMU command line: {result.err.strip()}")
-    found = json.loads(result.out)
-    found["read_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    found = read_hardware_many(shell, [vm], wait_gone)[vm.name]
+    if isinstance(found, RemoteCommandError):
+        raise found
     return found
+
+
+def read_hardware_many(shell: RemoteShell, vms: Sequence[Vm],
+                       wait_gone: float = 0) -> dict[str, dict[str, Any] | RemoteCommandError]:
+    """read_hardware of several VMs of one host in one scan of its processes; by VM name, or why not."""
+    if not vms:
+        return {}
+    result = shell.run(["python3", "-c", _FIND_QEMU, f"{wait_gone:g}", *(a for vm in vms for a in _which(vm)[:2])],
+                       check=False, timeout=30 + wait_gone)
+    if not result.ok:
+        err = RemoteCommandError(f"cannot read the QEMU command line: {result.err.strip()}")
+        return {vm.name: err for vm in vms}
+    read_at = datetime.now(UTC).isoformat(timespec="seconds")
+    out: dict[str, dict[str, Any] | RemoteCommandError] = {}
+    for vm, found in zip(vms, json.loads(result.out), strict=True):
+        how, _, what = _which(vm)
+        out[vm.name] = found | {"read_at": read_at} if found is not None else RemoteCommandError(
+            f"no QEMU process on the host: {what} is not running",
+            hint="the monitor must be given on QEMU's command line (-chardev ... path=)"
+            if how == "socket" else "start the domain (virsh start)")
+    return out
 
 
 def source_qemu_alive(shell: RemoteShell, vm: Vm, wait_gone: float = 0) -> bool:
@@ -98,16 +114,18 @@ def source_qemu_alive(shell: RemoteShell, vm: Vm, wait_gone: float = 0) -> bool:
         raise
 
 
-def recheck_hardware(src: RemoteShell, dr: RemoteShell, vm: Vm, manifest: Manifest) -> tuple[Manifest, str]:
+def recheck_hardware(src: RemoteShell, dr: RemoteShell, vm: Vm, manifest: Manifest,
+                     read: Callable[[], dict[str, Any]] | None = None) -> tuple[Manifest, str]:
     """Read the source's command line again and map it as a failover would: the manifest, and what is wrong.
 
     A VM restarted with other options (a new network disk, say) is found out at
     the next checkpoint, not at failover. A command line that maps is kept in
     the manifest (failover starts the hardware the VM has now); one that does
-    not is reported, and the manifest keeps the last one that did.
+    not is reported, and the manifest keeps the last one that did. `read`: the
+    command line read already (read_hardware_many, for many VMs of the host).
     """
     try:
-        current = read_hardware(src, vm)
+        current = read() if read is not None else read_hardware(src, vm)
     except RemoteCommandError as err:
         return manifest, f"cannot read the VM's command line again: {err.message}"
     hardware = manifest.hardware | {"argv": current["argv"], "exclude": list(vm.exclude_disks)}

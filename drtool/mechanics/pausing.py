@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 
 from drtool.domain import Vm
@@ -119,7 +120,8 @@ def resume_own_pause(reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest,
 
 def take_consistent_point(reach: Reach, qmp: QmpSession, target: QmpSession, manifest: Manifest, vm: Vm,
                           dr: RemoteShell, quiesce: str, by: str, *, max_behind: int | None = None,
-                          drain_timeout: float | None = None) -> tuple[Manifest, float]:
+                          drain_timeout: float | None = None,
+                          pause_gate: AbstractContextManager[object] | None = None) -> tuple[Manifest, float]:
     """Pause the source (if running), drain the mirrors, take the point, resume; (manifest, paused s).
 
     Everything that can be done before the pause is: the checks, the pending
@@ -135,6 +137,7 @@ def take_consistent_point(reach: Reach, qmp: QmpSession, target: QmpSession, man
         refuse_when_behind(vm, list(jobs.values()), max_behind)
     nodes = current_nodes(qmp, manifest)
     drain_timeout = DRAIN_TIMEOUT if drain_timeout is None else drain_timeout
+    pause_gate = pause_gate or contextlib.nullcontext()
     running = qmp.execute("query-status")["status"] == "running"
     # The pending point and the pause are recorded before the pause: the SSH round trip does not lengthen it.
     pending = prepare_point(manifest, TargetLayout(vm.replica_dir), quiesce, 0.0)
@@ -147,34 +150,35 @@ def take_consistent_point(reach: Reach, qmp: QmpSession, target: QmpSession, man
         with contextlib.suppress(DrtoolError):
             drop_pending(dr, vm, replace(pending, source_pause=None) if running else pending)
         raise
-    started = time.monotonic()
-    if running:
-        qmp.execute("stop")
-    drop = False  # whether the point surely did not happen: then its record and files go
-    try:
-        if not wait_drained(qmp, manifest, nodes, drain_timeout):
-            drop = True
-            raise DrtoolError(f"the mirrors of {vm.name} did not drain within {drain_timeout:g} s; no point taken",
-                              hint=f"see drtool status {vm.name}: the link or the DR storage may be stalled")
+    with pause_gate:  # e.g. one pause at a time per host (checkpoint --all)
+        started = time.monotonic()
+        if running:
+            qmp.execute("stop")
+        drop = False  # whether the point surely did not happen: then its record and files go
         try:
-            taken = take_point(target, pending, actions)
-        except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
-            drop = True
+            if not wait_drained(qmp, manifest, nodes, drain_timeout):
+                drop = True
+                raise DrtoolError(f"the mirrors of {vm.name} did not drain within {drain_timeout:g} s; no point taken",
+                                  hint=f"see drtool status {vm.name}: the link or the DR storage may be stalled")
+            try:
+                taken = take_point(target, pending, actions)
+            except QmpError:  # refused: nothing switched, but QEMU may have left the new files behind
+                drop = True
+                raise
+            taken_at = now()
+        except BaseException:
+            if running:
+                resume_source(reach, vm, qmp)
+            unpaused = replace(pending, source_pause=None) if running else pending
+            with contextlib.suppress(DrtoolError):  # the pause record then stays: the next command sees the VM runs
+                if drop:
+                    drop_pending(dr, vm, unpaused)
+                else:  # the transaction may have run: the next load settles the point from what is on disk
+                    save_manifest(dr, vm, unpaused)
             raise
-        taken_at = now()
-    except BaseException:
         if running:
             resume_source(reach, vm, qmp)
-        unpaused = replace(pending, source_pause=None) if running else pending
-        with contextlib.suppress(DrtoolError):  # the pause record then stays: the next command sees the VM runs
-            if drop:
-                drop_pending(dr, vm, unpaused)
-            else:  # the transaction may have run: the next load settles the point from what is on disk
-                save_manifest(dr, vm, unpaused)
-        raise
-    if running:
-        resume_source(reach, vm, qmp)
-    paused = time.monotonic() - started
+        paused = time.monotonic() - started
     point = replace(taken.points[-1], time=taken_at, quiesce_seconds=round(paused, 3))
     manifest = replace(taken, points=(*taken.points[:-1], point),
                        source_pause=None if running else taken.source_pause)

@@ -7,10 +7,13 @@ The small POSIX sh scripts below are constants; paths and modes reach them as
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from drtool.errors import RemoteCommandError
+from drtool.transport.agent import AgentShell
+from drtool.transport.batch import FileReads, PidCheck
 from drtool.transport.connections import RemoteShell
 
 # Nearest existing path at or above $1: print it, whether it is a writable
@@ -69,16 +72,22 @@ def write_file(shell: RemoteShell, path: PurePosixPath, data: bytes, mode: int =
 
     With keep_previous, the file it replaces stays as path.prev (the last good one).
     """
-    argv = ["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}", str(len(data)), hashlib.sha256(data).hexdigest(),
-            "keep" if keep_previous else "replace"]
-    result = shell.run(argv, stdin=data, timeout=60, check=False)
-    if not result.ok:
-        raise RemoteCommandError(f"cannot write {path}: {result.err.strip() or f'exit {result.exit_status}'}",
+    if isinstance(shell, AgentShell):  # the host's agent writes it itself, the same way
+        failure = shell.write_file(path, data, mode, keep_previous)
+    else:
+        argv = ["sh", "-c", _WRITE_SCRIPT, "sh", str(path), f"{mode:o}", str(len(data)),
+                hashlib.sha256(data).hexdigest(), "keep" if keep_previous else "replace"]
+        result = shell.run(argv, stdin=data, timeout=60, check=False)
+        failure = "" if result.ok else result.err.strip() or f"exit {result.exit_status}"
+    if failure:
+        raise RemoteCommandError(f"cannot write {path}: {failure}",
                                  hint="the previous version is in place; run the command again")
 
 
 def read_file(shell: RemoteShell, path: PurePosixPath) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
+    if isinstance(shell, AgentShell):
+        return shell.read_file(path)
     result = shell.run(["sh", "-c", 'if [ -e "$1" ]; then exec cat -- "$1"; else exit 44; fi', "sh", str(path)],
                        check=False, timeout=60)
     if result.exit_status == 44:
@@ -200,3 +209,15 @@ def create_overlay(shell: RemoteShell, backing: str, overlay: str, *, keep_exist
     if keep_existing:
         argv = ["sh", "-c", 'o=$1; shift; [ -e "$o" ] || exec "$@"', "sh", overlay, *argv]
     shell.run(argv, timeout=60)
+
+
+def read_files_one_by_one(shell: RemoteShell, files: Sequence[PurePosixPath], pids: Sequence[PidCheck]) -> FileReads:
+    """What transport/batch.py's read_files answers, a command per file: for shells that run no python3."""
+    read: dict[PurePosixPath, bytes | None] = {}
+    errors: dict[PurePosixPath, str] = {}
+    for path in files:
+        try:
+            read[path] = read_file(shell, path)
+        except RemoteCommandError as err:
+            read[path], errors[path] = None, str(err)
+    return FileReads(read, tuple(running_pid(shell, c.pidfile, c.program, c.marker) for c in pids), errors)

@@ -170,13 +170,14 @@ def start_mirror(qmp: QmpSession, manifest: Manifest, i: int, node: str, sync: s
 
 def query_jobs(qmp: QmpSession, manifest: Manifest) -> dict[str, JobState]:
     """drtool's jobs on this QEMU, by job id."""
-    return _jobs_of(manifest, qmp.execute("query-block-jobs"))
+    return jobs_of(qmp.execute("query-block-jobs"), manifest)
 
 
-def _jobs_of(manifest: Manifest, reply: list[dict[str, Any]]) -> dict[str, JobState]:
+def jobs_of(block_jobs: list[dict[str, Any]], manifest: Manifest) -> dict[str, JobState]:
+    """drtool's jobs in a query-block-jobs reply, by job id."""
     devices = {job_id(i): d.device for i, d in enumerate(manifest.disks)}
     jobs = {}
-    for raw in reply:
+    for raw in block_jobs:
         jid = raw.get("device", "")
         if jid in devices:
             jobs[jid] = JobState(jid, devices[jid], int(raw.get("len", 0)), int(raw.get("offset", 0)),
@@ -401,24 +402,23 @@ def wait_quiet(qmp: QmpSession, manifest: Manifest, timeout: float, nodes: Seque
 
 def mirror_dirty_bytes(qmp: QmpSession, nodes: Sequence[str]) -> int:
     """Bytes marked dirty and not yet taken up by a copy: the mirrors' own (anonymous) bitmaps on `nodes`."""
-    return _dirty_bytes_of(nodes, qmp.execute("query-named-block-nodes", {"flat": True}))
+    return _dirty_of(qmp.execute("query-named-block-nodes", {"flat": True}), nodes)
 
 
-def _dirty_bytes_of(nodes: Sequence[str], reply: list[dict[str, Any]]) -> int:
+def _dirty_of(named_nodes: list[dict[str, Any]], nodes: Sequence[str]) -> int:
     wanted = set(nodes)
-    return sum(int(b.get("count", 0)) for node in reply
+    return sum(int(b.get("count", 0)) for node in named_nodes
                if node.get("node-name") in wanted for b in node.get("dirty-bitmaps", []) if not b.get("name"))
 
 
 def dirty_bytes_and_jobs(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str]) -> tuple[int, dict[str, JobState]]:
     """The mirrors' dirty bytes on `nodes` (read first), then drtool's jobs: one round trip where the session can.
 
-    Through libvirt each command is a virsh call; asking both in one keeps a
-    drain's poll at one call (the 5 s pause budget of a checkpoint).
+    QMP sends both back to back (QmpSession.execute_many); through libvirt both go in one
+    virsh call, which keeps a drain's poll inside a checkpoint's 5 s pause budget.
     """
-    nodes_reply, jobs_reply = qmp.execute_many([("query-named-block-nodes", {"flat": True}),
-                                                ("query-block-jobs", None)])
-    return _dirty_bytes_of(nodes, nodes_reply), _jobs_of(manifest, jobs_reply)
+    named, block_jobs = qmp.execute_many([("query-named-block-nodes", {"flat": True}), ("query-block-jobs", None)])
+    return _dirty_of(named, nodes), jobs_of(block_jobs, manifest)
 
 
 def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], timeout: float,
@@ -440,7 +440,7 @@ def wait_drained(qmp: QmpSession, manifest: Manifest, nodes: Sequence[str], time
     wanted = [job_id(i) for i in range(len(manifest.disks))]
     held = 0
     while time.monotonic() < deadline:
-        dirty, jobs = dirty_bytes_and_jobs(qmp, manifest, nodes)
+        dirty, jobs = dirty_bytes_and_jobs(qmp, manifest, nodes)  # the bitmaps first: read before the jobs
         drained = dirty == 0 and all(j in jobs and jobs[j].ready and not jobs[j].broken
                                      and jobs[j].length == jobs[j].offset for j in wanted)
         held = held + 1 if drained else 0

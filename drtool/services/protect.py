@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from drtool.domain import Host, Inventory, Vm
-from drtool.errors import DrtoolError, Refused
+from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.added_disks import add_disks, finish_adding, seeding_disks
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
 from drtool.mechanics.dr_target import (
@@ -32,6 +32,7 @@ from drtool.mechanics.dr_target import (
     stop_target,
 )
 from drtool.mechanics.dr_vm import check_mapping
+from drtool.mechanics.fleet import read_dr_sides
 from drtool.mechanics.hardware import read_hardware
 from drtool.mechanics.libvirt_domain import read_domain_xml
 from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
@@ -49,11 +50,17 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
-from drtool.state.kept import forget_entry, keep_entry
+from drtool.services.concurrent import (
+    SETUPS_PER_HOST,
+    FleetReport,
+    VmOutcome,
+    for_each_vm,
+)
+from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
 from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
 from drtool.transport.virsh_qmp import TAINT_NOTE
@@ -122,6 +129,29 @@ def _both(undo: _Undo, *steps: Callable[[_Undo], None]) -> None:
         raise errors[0]
 
 
+def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *, all_vms: bool = False,
+                 wait: bool = True) -> FleetReport[ProtectResult]:
+    """protect several VMs (or, with all_vms, every one not protected yet) at once, each on its own.
+
+    Their DR targets get distinct NBD ports (dr_target.free_nbd_port reserves
+    each port it hands out); with all_vms, VMs that have a manifest already
+    are left out and say so.
+    """
+    if bool(names) == all_vms:
+        raise UsageError("name the VMs to protect, or pass --all (not both)")
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    skipped: dict[str, VmOutcome[ProtectResult]] = {}
+    if all_vms:
+        for name, side in read_dr_sides(reach, vms).items():
+            if side.error:
+                skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
+            elif side.manifest is not None:
+                skipped[name] = VmOutcome(name, skipped=f"{side.manifest.state.value}: skipped")
+    with batched(reach) as through:  # one agent per host (transport/agent.py)
+        return for_each_vm(lambda vm: protect(inventory, through, vm.name, wait=wait), vms, skipped,
+                           per_host=SETUPS_PER_HOST)
+
+
 def protect(inventory: Inventory, reach: Reach, vm_name: str, *, wait: bool = True,
             on_progress: ProgressCallback | None = None) -> ProtectResult:
     started = time.monotonic()
@@ -186,7 +216,7 @@ def _protect_locked(vm: Vm, dr_host: Host, src: RemoteShell, dr: RemoteShell, la
     in_use = sum(d.allocated for d in devices)
     with ThreadPoolExecutor(max_workers=3) as pool:  # independent look-ups on two hosts
         space_f = pool.submit(free_space, dr, vm.replica_dir)
-        port_f = pool.submit(free_nbd_port, dr)
+        port_f = pool.submit(free_nbd_port, dr, vm.dr_host, index_dir(dr_host))
         hardware_f = pool.submit(read_hardware, src, vm)
     space = space_f.result()
     _check_room(vm, space, devices, in_use)

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
-from drtool.errors import DrtoolError, QmpError
+from drtool.errors import DrtoolError, QmpError, UsageError
 from drtool.mechanics.dr_target import (
     PSK_USER,
     TargetLayout,
@@ -42,6 +42,7 @@ from drtool.mechanics.dr_target import (
     start_target,
     target_pid,
 )
+from drtool.mechanics.fleet import read_dr_sides
 from drtool.mechanics.hash_resync import hash_resync
 from drtool.mechanics.link import link_socket, start_link, stop_link_and_target
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
@@ -68,10 +69,16 @@ from drtool.mechanics.replication import (
     trusting_bitmap,
     wait_until_ready,
 )
+from drtool.services.concurrent import (
+    SETUPS_PER_HOST,
+    FleetReport,
+    VmOutcome,
+    for_each_vm,
+)
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
 from drtool.state.store import require_protected, save_manifest, select_vm
-from drtool.transport.connections import Reach, RemoteShell
+from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 
 RECONNECT_WAIT = 60.0  # s to wait for the NBD client to reach a restarted target
@@ -90,6 +97,34 @@ class ResyncResult:
 
     def __post_init__(self) -> None:
         absent_is_none(self, "detail")
+
+
+def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *,
+                all_vms: bool = False) -> FleetReport[ResyncResult]:
+    """resync of several VMs (or, with all_vms, of every protected one) at once, each on its own.
+
+    With all_vms the manifests are read first (one command per DR host): VMs not
+    protected, or failed over, are left out and say so, the rest are resynced.
+    """
+    if bool(names) == all_vms:
+        raise UsageError("name the VMs to resync, or pass --all (not both)")
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    skipped: dict[str, VmOutcome[ResyncResult]] = {}
+    if all_vms:
+        for name, side in read_dr_sides(reach, vms).items():
+            if side.error:
+                skipped[name] = VmOutcome(name, None, side.error, side.exit_code)
+            elif side.manifest is None or _left_out(side.manifest.state):
+                state = side.manifest.state.value if side.manifest else "not protected"
+                skipped[name] = VmOutcome(name, skipped=f"{state}: skipped")  # a failover half-done is refused
+    with batched(reach) as through:  # one agent per host (transport/agent.py)
+        return for_each_vm(lambda vm: resync(inventory, through, vm.name), vms, skipped,
+                           per_host=SETUPS_PER_HOST)
+
+
+def _left_out(state: Protection) -> bool:
+    """Not for resync --all: unprotected, failed over, or in drtool recover's hands."""
+    return state is Protection.UNPROTECTED or (state.failing_over and state is not Protection.FAILING_OVER)
 
 
 def resync(inventory: Inventory, reach: Reach, vm_name: str,

@@ -9,13 +9,13 @@ from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode
 from drtool.mechanics.blockinfo import BlockDevice, parse_query_block
-from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.fleet import DrSide, group_by, read_dr_side
 from drtool.mechanics.libvirt_state import LibvirtDomain
 from drtool.mechanics.old_site import look_briefly
 from drtool.mechanics.replication import (
     JobState,
     job_id,
-    query_jobs,
+    jobs_of,
     replication_health,
 )
 from drtool.services.concurrent import map_concurrently
@@ -23,7 +23,8 @@ from drtool.services.libvirt_status import dr_copy_session, drill_running, with_
 from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
-from drtool.state.store import load_manifest, select_vm
+from drtool.state.store import select_vm
+from drtool.transport.batch import MonitorReplies
 from drtool.transport.connections import Reach
 
 
@@ -91,33 +92,76 @@ def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
 
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
+    """Every VM's status from one round trip per host and role, all hosts at once.
+
+    Each DR host reads the manifests and checks the targets (and drill VMs) of
+    all its VMs in one remote command; each source host answers the QMP
+    queries of all its VMs through one relay (transport/batch.py): SSH
+    channels and time grow with hosts, not VMs. A VM running on its DR host
+    after a failover is asked there, on its own; a libvirt domain through virsh.
+    """
     vms = select_vms(inventory, names)
-    return StatusReport(tuple(map_concurrently(lambda vm: with_libvirt(reach, vm, _status_of(reach, vm)), vms)))
+    by_dr = group_by(vms, lambda vm: vm.dr_host)
+    by_source = group_by(vms, lambda vm: vm.host)
+    work: list[tuple[str, str, list[Vm]]] = ([("dr", h, group) for h, group in by_dr.items()]
+                                             + [("source", h, group) for h, group in by_source.items()])
+    gathered = map_concurrently(lambda job: _gather(reach, *job), work)
+    dr_side: dict[str, DrSide] = {}
+    source_side: dict[str, MonitorReplies] = {}
+    for dr_found, source_found in gathered:
+        dr_side.update(dr_found)
+        source_side.update(source_found)
+    return StatusReport(tuple(map_concurrently(
+        lambda vm: with_libvirt(reach, vm, _status_of(reach, vm, dr_side[vm.name], source_side[vm.name])), vms)))
 
 
-def _status_of(reach: Reach, vm: Vm) -> VmStatus:
-    target_running, drill = True, None
+SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
+
+
+def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, DrSide],
+                                                                         dict[str, MonitorReplies]]:
+    """One host's part: (DR side by VM, {}) or ({}, source monitors by VM)."""
+    if role == "dr":
+        return read_dr_side(reach, host, vms), {}
+    found: dict[str, MonitorReplies] = {}
+    for vm in vms:  # libvirt owns their monitors: one virsh conversation each
+        if vm.libvirt_domain is not None:
+            found[vm.name] = _one_monitor(reach, vm)
+    sockets = {vm.monitor: vm.name for vm in vms if vm.libvirt_domain is None}
+    if not sockets:
+        return {}, found
     try:
-        dr = reach.shell(vm.dr_host)
-        manifest = load_manifest(dr, vm)
-        if manifest is not None and manifest.state.replicating:
-            target_running = target_pid(dr, TargetLayout(vm.replica_dir)) is not None
-        if manifest is not None and manifest.drill is not None:
-            drill = DrillStatus(manifest.drill.point, manifest.drill.started_at, drill_running(dr, vm, manifest))
+        replies = reach.query_monitors(host, sockets, SOURCE_QUERIES)
     except DrtoolError as err:
-        manifest, manifest_error, manifest_exit = None, f"manifest unreadable: {err}", err.exit_code
-    else:
-        manifest_error, manifest_exit = "", ExitCode.OK
+        return {}, found | {vm.name: MonitorReplies(unreachable=err) for vm in vms if vm.name not in found}
+    return {}, found | {vm.name: replies[vm.monitor] for vm in vms if vm.name not in found}
+
+
+def _one_monitor(reach: Reach, vm: Vm) -> MonitorReplies:
+    try:
+        with reach.qmp(vm) as qmp:
+            return MonitorReplies({c: qmp.execute(c) for c in SOURCE_QUERIES})
+    except DrtoolError as err:
+        return MonitorReplies(unreachable=err)
+
+
+def _status_of(reach: Reach, vm: Vm, dr_side: DrSide, source: MonitorReplies) -> VmStatus:
+    manifest, manifest_error, manifest_exit = dr_side.manifest, dr_side.error, dr_side.exit_code
+    target_running = dr_side.target_running or manifest is None or not manifest.state.replicating
+    drill = None
+    if manifest is not None and manifest.drill is not None:
+        running = (drill_running(reach.shell(vm.dr_host), vm, manifest) if "libvirt_xml" in manifest.hardware
+                   else dr_side.drill_running)  # a libvirt drill is a transient domain, not drtool's QEMU
+        drill = DrillStatus(manifest.drill.point, manifest.drill.started_at, running)
     state = manifest.state if manifest is not None else None
     if manifest is not None and manifest.state is Protection.UNPROTECTED:
         manifest = None
     if manifest is not None and manifest.state.failing_over:
         return _failed_over_status(reach, vm, manifest)
     try:
-        with reach.qmp(vm) as qmp:
-            run_state = qmp.execute("query-status")["status"]
-            devices = parse_query_block(qmp.execute("query-block"))
-            jobs = query_jobs(qmp, manifest) if manifest else {}
+        run_state = source.result("query-status")["status"]
+        devices = parse_query_block(source.result("query-block"))
+        jobs = jobs_of(source.result("query-block-jobs"), manifest) if manifest else {}
     except DrtoolError as err:
         health = Health.UNKNOWN if manifest_error or manifest else Health.UNPROTECTED
         reason = manifest_error or (f"{manifest.state.value}: source unreachable" if manifest else "")

@@ -79,14 +79,28 @@ def kept_inventory_text(vm: Vm, hosts: dict[str, Host]) -> str:
     return _HEADER.format(vm=vm.name) + tomli_w.dumps(doc)
 
 
+# Print the kept inventory, the kept known_hosts and the index link, NUL-separated.
+_KEPT_NOW = 'cat -- "$1" 2>/dev/null; printf "\\0"; cat -- "$2" 2>/dev/null; printf "\\0"; readlink -- "$3"; exit 0'
+
+
 def keep_entry(inventory: Inventory, reach: Reach, vm: Vm) -> None:
-    """Write the VM's entry, its hosts' entries and their verified host keys beside its replicas."""
+    """Write the VM's entry, its hosts' entries and their verified host keys beside its replicas.
+
+    One read first: when all is as it should be (every checkpoint after the
+    first), nothing is written.
+    """
     dr = reach.shell(vm.dr_host)
     hosts = {name: _as_reached(inventory.hosts[name], reach) for name in (vm.host, vm.dr_host)}
     lines = [line for name in (vm.host, vm.dr_host) if (line := _key_line(reach, name))]
-    write_file(dr, vm.replica_dir / KEPT_INVENTORY, kept_inventory_text(vm, hosts).encode(), mode=0o644)
-    write_file(dr, vm.replica_dir / KEPT_KNOWN_HOSTS, "".join(f"{line}\n" for line in lines).encode(), mode=0o644)
+    entry = kept_inventory_text(vm, hosts).encode()
+    known = "".join(f"{line}\n" for line in lines).encode()
     index = index_dir(inventory.hosts[vm.dr_host])
+    now = dr.run(["sh", "-c", _KEPT_NOW, "sh", str(vm.replica_dir / KEPT_INVENTORY),
+                  str(vm.replica_dir / KEPT_KNOWN_HOSTS), str(index / vm.name)], check=False, timeout=30).stdout
+    if now.split(b"\0") == [entry, known, f"{vm.replica_dir}\n".encode()]:
+        return
+    write_file(dr, vm.replica_dir / KEPT_INVENTORY, entry, mode=0o644)
+    write_file(dr, vm.replica_dir / KEPT_KNOWN_HOSTS, known, mode=0o644)
     make_dirs(dr, index)
     dr.run(["ln", "-sfn", "--", str(vm.replica_dir), str(index / vm.name)], timeout=30)
 

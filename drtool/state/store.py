@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import Refused, UsageError
 from drtool.mechanics.remote import read_file, write_file
-from drtool.state.manifest import PREVIOUS_SUFFIX, Manifest, ManifestError, manifest_path
+from drtool.state.manifest import (
+    PREVIOUS_SUFFIX,
+    Manifest,
+    ManifestError,
+    manifest_path,
+)
 from drtool.state.protection import Protection
 from drtool.transport.connections import RemoteShell
 
@@ -23,16 +29,25 @@ def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     """The manifest, or None when there is none; a damaged one gives way to the one before it."""
     path = manifest_path(vm.replica_dir)
     data = read_file(dr, path)
+    return manifest_from(vm, data, lambda: read_file(dr, previous_manifest_path(vm)))
+
+
+def previous_manifest_path(vm: Vm) -> PurePosixPath:
+    return PurePosixPath(f"{manifest_path(vm.replica_dir)}{PREVIOUS_SUFFIX}")
+
+
+def manifest_from(vm: Vm, data: bytes | None, previous: Callable[[], bytes | None]) -> Manifest | None:
+    """A manifest's bytes (None: no file) as a Manifest; a damaged one gives way to previous()."""
     if data is None:
         return None
     try:
-        return Manifest.from_json(data, f"{vm.dr_host}:{path}")
+        return Manifest.from_json(data, f"{vm.dr_host}:{manifest_path(vm.replica_dir)}")
     except ManifestError as err:
-        previous = PurePosixPath(f"{path}{PREVIOUS_SUFFIX}")
-        older = read_file(dr, previous)
+        older = previous()
         if older is None or err.hint:  # no earlier copy, or written by a newer drtool
             raise
-        return Manifest.from_json(older, f"{vm.dr_host}:{previous} (the current manifest is damaged: {err})")
+        return Manifest.from_json(older, f"{vm.dr_host}:{previous_manifest_path(vm)} "
+                                         f"(the current manifest is damaged: {err})")
 
 
 def require_protected(manifest: Manifest | None, vm: Vm, *, during_failover: bool = False) -> Manifest:

@@ -31,6 +31,16 @@ class LockBusy(Refused):
 
 
 
+def lock_busy(vm_name: str, path: PurePosixPath, wait: float) -> LockBusy:
+    waited = f" (waited {wait:g} s)" if wait else ""
+    return LockBusy(f"another drtool is working on {vm_name} (lock {path} on its DR host)" + waited,
+                    hint="wait for it to finish, or pass --wait SECONDS; the lock goes away with that drtool's process")
+
+
+def lock_path(vm_name: str) -> PurePosixPath:
+    return LOCK_DIR / f"drtool.{vm_name}.lock"
+
+
 class VmLock:
     """The VM's lock; `wait` seconds to wait for another drtool to finish (0: refuse at once).
 
@@ -43,7 +53,7 @@ class VmLock:
         self._timeout = timeout
         self._wait = max(0.0, wait)
         self._chan: paramiko.Channel | None = None
-        self.path = LOCK_DIR / f"drtool.{vm_name}.lock"
+        self.path = lock_path(vm_name)
         self.waited_seconds = 0.0
 
     def _argv(self, wait: float) -> list[str]:
@@ -73,11 +83,7 @@ class VmLock:
                 status = chan.recv_exit_status()
                 chan.close()
                 if status == _BUSY_EXIT:
-                    waited = f" (waited {wait:g} s)" if wait else ""
-                    raise LockBusy(f"another drtool is working on {self._vm} (lock {self.path} on its DR host)"
-                                   + waited,
-                                   hint="wait for it to finish, or pass --wait SECONDS; the lock goes away with "
-                                        "that drtool's process")
+                    raise lock_busy(self._vm, self.path, wait)
                 raise RemoteCommandError(f"cannot take the lock {self.path}: flock exited {status}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -128,17 +128,43 @@ class QmpSession:
             raise VmUnreachable(f"{self.name}: QMP session is not connected")
         try:
             return self._loop.run(self._client.execute(command, args), timeout or self.timeout)
-        except ExecuteError as err:
-            raise QmpError(command, err.error.error.class_, err.error.error.desc) from err
-        except (FutureTimeout, TimeoutError) as err:
-            raise VmUnreachable(f"{self.name}: no answer to {command} within {timeout or self.timeout:g} s") from err
-        except (StateError, EOFError, ConnectionError) as err:
-            raise VmUnreachable(f"{self.name}: the QMP connection was lost during {command}") from err
+        except (ExecuteError, FutureTimeout, TimeoutError, StateError, EOFError, ConnectionError) as err:
+            raise self._failure(command, err, timeout) from err
 
     def execute_many(self, commands: Sequence[tuple[str, dict[str, Any] | None]], *,
                      timeout: float | None = None) -> list[Any]:
-        """Several read-only commands' replies, in order (a libvirt domain answers them in one virsh call)."""
-        return [self.execute(command, args, timeout=timeout) for command, args in commands]
+        """Several commands sent back to back (one round trip, not one each); QEMU runs them in order.
+
+        Their results in order; the first that failed raises (the later ones ran all the same).
+        A session with an execute of its own runs them one after another (virsh_qmp.py's overrides this
+        to send them in one virsh call).
+        """
+        client = self._client if type(self).execute is QmpSession.execute else None
+        if client is None:
+            return [self.execute(command, args, timeout=timeout) for command, args in commands]
+
+        async def all_of() -> list[Any]:
+            # tasks start in order and each queues its message before it first waits: sent in order
+            return await asyncio.gather(*(client.execute(c, a) for c, a in commands), return_exceptions=True)
+
+        try:
+            results = self._loop.run(all_of(), timeout or self.timeout)
+        except (FutureTimeout, TimeoutError) as err:
+            raise self._failure(commands[0][0], err, timeout) from err
+        for (command, _), result in zip(commands, results, strict=True):
+            if isinstance(result, (ExecuteError, StateError, EOFError, ConnectionError)):
+                raise self._failure(command, result, timeout) from result
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    def _failure(self, command: str, err: BaseException, timeout: float | None) -> QmpError | VmUnreachable:
+        """QEMU's refusal as a QmpError with QEMU's own text; a lost or silent monitor as VmUnreachable."""
+        if isinstance(err, ExecuteError):
+            return QmpError(command, err.error.error.class_, err.error.error.desc)
+        if isinstance(err, (FutureTimeout, TimeoutError)):
+            return VmUnreachable(f"{self.name}: no answer to {command} within {timeout or self.timeout:g} s")
+        return VmUnreachable(f"{self.name}: the QMP connection was lost during {command}")
 
     @contextlib.contextmanager
     def subscribe(self, names: Iterable[str] = ()) -> Iterator[EventSubscription]:

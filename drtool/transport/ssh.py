@@ -412,13 +412,7 @@ class SshConnection:
                                       + (f": {reason}" if reason else ""))
         finally:
             chan.close()
-        if check and not result.ok:
-            detail = result.err.strip().splitlines()
-            raise RemoteCommandError(
-                f"{self.host.name}: {argv[0]} exited {result.exit_status}"
-                + (f": {detail[-1]}" if detail else "")
-            )
-        return result
+        return checked(self.host.name, result) if check else result
 
     def open_stream(self, argv: Sequence[str]) -> paramiko.Channel:
         """Start argv on the host and hand back its channel as a byte stream (stdin/stdout)."""
@@ -455,6 +449,15 @@ def _load_host_keys(client: paramiko.SSHClient, ep: Endpoint) -> None:
     name = ep.hostname if ep.port == DEFAULT_SSH_PORT else f"[{ep.hostname}]:{ep.port}"
     for key_type, key in (known.lookup(ep.host_key_alias) or {}).items():
         client.get_host_keys().add(name, key_type, key)
+
+
+def checked(host_name: str, result: CommandResult) -> CommandResult:
+    """The result of a command that succeeded; RemoteCommandError (its last stderr line) if it did not."""
+    if not result.ok:
+        detail = result.err.strip().splitlines()
+        raise RemoteCommandError(f"{host_name}: {result.argv[0]} exited {result.exit_status}"
+                                 + (f": {detail[-1]}" if detail else ""))
+    return result
 
 
 def _ssh_failure(err: paramiko.SSHException, where: str, timeout: float) -> HostUnreachable:

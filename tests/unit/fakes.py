@@ -14,6 +14,8 @@ from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import HostUnreachable, QmpError
+from drtool.mechanics.remote import read_files_one_by_one
+from drtool.transport.batch import query_monitors_one_by_one
 from drtool.transport.ssh import CommandResult, Endpoint
 
 
@@ -82,6 +84,12 @@ class FakeReach:
 
     def qmp(self, vm: Vm) -> FakeQmp:
         return self.qmp_at(vm.host, vm.qmp_socket, vm.name)
+
+    def query_monitors(self, host_name, sockets, commands):  # noqa: ANN001, ANN201
+        return query_monitors_one_by_one(self, host_name, sockets, commands)
+
+    def read_files(self, host_name, files, pids):  # noqa: ANN001, ANN201
+        return read_files_one_by_one(self.shell(host_name), files, pids)
 
     def lock(self, vm: Vm) -> AbstractContextManager[object]:
         self.locked.append(vm.name)

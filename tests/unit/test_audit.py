@@ -92,3 +92,14 @@ def test_a_history_that_cannot_be_written_is_a_warning(tmp_path: Path, syslog: s
     (tmp_path / "drtool").write_text("a file where the directory should be")
     record(inv, LocalReach(), Audit("protect", ["web"], lambda _: []), lines([("web", "protected")]), warnings.append)
     assert len(warnings) == 1 and warnings[0].startswith("web: the audit history on kvm2 was not written")
+
+
+def test_a_command_over_several_vms_records_what_each_changed_and_each_failure() -> None:
+    from drtool.errors import ExitCode
+    from drtool.services.concurrent import FleetReport, VmOutcome
+
+    report = FleetReport((VmOutcome("web", "r-web"),
+                          VmOutcome("db", None, "db: QMP monitor gone", ExitCode.UNREACHABLE),
+                          VmOutcome("mail", None, "refused", ExitCode.REFUSED), VmOutcome("old", skipped="skipped")))
+    entries = audit.fleet_entries(report, lambda r: [(r.removeprefix("r-"), "resynced")])
+    assert entries == [("web", "resynced", 0), ("db", "failed: db: QMP monitor gone", int(ExitCode.UNREACHABLE))]

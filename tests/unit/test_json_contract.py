@@ -14,6 +14,7 @@ from drtool.cli.output import to_jsonable
 from drtool.cli.render import RolledBack
 from drtool.services import checkpoint, failover, status
 from drtool.services.checkpoint import CheckpointResult, PointsReport
+from drtool.services.concurrent import VmOutcome
 from drtool.services.dr_inventory import ExportResult
 from drtool.services.drill import DrillCleanup, DrillResult
 from drtool.services.failover import FailoverResult
@@ -55,13 +56,19 @@ def field_paths(cls: type, prefix: str = "") -> set[str]:
     return paths
 
 
+# a command over several VMs (services/concurrent.py's FleetReport); results[].result's fields are the one-VM
+# command's (documented there)
+MANY = {"results"} | {f"results[].{f.name}" for f in dataclasses.fields(VmOutcome)}
+
 EXPECTED: dict[str, set[str]] = {
     "error": {"exit_code", "error", "hint"},
     "status": {"vms", "problems", "problems[].vm", "problems[].problem"} | field_paths(VmStatus, "vms[]."),
     "hosts check": {"hosts"} | field_paths(HostCheck, "hosts[]."),
     "protect": field_paths(ProtectResult),
+    "protect (several VMs, --all)": MANY,
     "unprotect": field_paths(UnprotectResult),
     "resync": field_paths(ResyncResult),
+    "resync (several VMs, --all)": MANY,
     "checkpoint": {"results"} | field_paths(CheckpointResult, "results[]."),
     "points": field_paths(PointsReport),
     "failover": field_paths(FailoverResult),

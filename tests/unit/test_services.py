@@ -70,7 +70,7 @@ def test_unknown_names_are_refused_before_any_contact():
 
 
 def test_status_lists_disks_and_run_state():
-    qmp = FakeQmp({"query-status": {"status": "running", "running": True}, "query-block": [VD0]})
+    qmp = FakeQmp({"query-status": {"status": "running", "running": True}, "query-block": [VD0], "query-block-jobs": []})
     reach = FakeReach(shells={"kvm2": NO_MANIFEST}, monitors={("kvm1", "/run/web.qmp"): qmp})
     [web] = vm_status(inventory(), reach).vms
     assert (web.run_state, web.protection, web.exit_code) == ("running", "unprotected", ExitCode.OK)
@@ -79,7 +79,7 @@ def test_status_lists_disks_and_run_state():
 
 def test_status_keeps_qemus_own_error_text():
     err = QmpError("query-block", "GenericError", "something QEMU said")
-    qmp = FakeQmp({"query-status": {"status": "running"}, "query-block": err})
+    qmp = FakeQmp({"query-status": {"status": "running"}, "query-block": err, "query-block-jobs": []})
     reach = FakeReach(shells={"kvm2": NO_MANIFEST}, monitors={("kvm1", "/run/web.qmp"): qmp})
     [web] = vm_status(inventory(), reach).vms
     assert "something QEMU said" in web.error and web.exit_code == ExitCode.FAILED

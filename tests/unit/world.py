@@ -31,8 +31,10 @@ from drtool.mechanics import dr_vm as dr_vm_module
 from drtool.mechanics import old_site, remote
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.dr_vm import dr_run_layout
+from drtool.mechanics.remote import read_files_one_by_one
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
+from drtool.transport.batch import query_monitors_one_by_one
 from drtool.transport.qmp import EventSubscription, QmpSession
 from drtool.transport.ssh import CommandResult, Endpoint
 
@@ -214,10 +216,9 @@ class World:
             return 0, "no-libvirt\n", ""
         if argv[:2] == ["sh", "-c"] and ".drtool-failed-over" in argv[2]:  # marked_images
             return 0, (SOURCE_IMAGE + "\n") if self.old_images_marked else "", ""
-        if argv[0] == "python3":  # read_hardware
-            if not self.source_alive:
-                return 3, "", ""
-            return 0, json.dumps({"pid": 7, "argv": self.source_argv}), ""
+        if argv[0] == "python3":  # read_hardware(_many): one answer per (how, key) pair
+            found = {"pid": 7, "argv": self.source_argv} if self.source_alive else None
+            return 0, json.dumps([found] * ((len(argv) - 4) // 2)), ""
         if argv[0] == "qemu-system-x86_64":  # rollback relaunches the source, paused
             self.source_alive, self.source_status = True, "prelaunch"
             return 0, "", ""
@@ -398,6 +399,8 @@ class WorldReach:
                 raise HostUnreachable(f"{SRC} did not answer within 1 s")
             return WorldQmp(self.world, self.world.source_qmp)
         if socket_path == TargetLayout(REPLICAS).qmp_socket:
+            if not self.world.target_running:  # a dead target's monitor refuses the connection
+                raise VmUnreachable(f"{label} on {host_name}: cannot reach the QMP monitor: Connection refused")
             return WorldQmp(self.world, self.world.target_qmp)
         if socket_path.parent == REPLICAS / "test":
             return WorldQmp(self.world, self.world.drill_qmp)
@@ -411,6 +414,12 @@ class WorldReach:
         self.world.alive()
         self.locks_taken += 1
         yield
+
+    def query_monitors(self, host_name, sockets, commands):  # noqa: ANN001, ANN201
+        return query_monitors_one_by_one(self, host_name, sockets, commands)
+
+    def read_files(self, host_name, files, pids):  # noqa: ANN001, ANN201
+        return read_files_one_by_one(self.shell(host_name), files, pids)
 
     def lock(self, vm: Vm) -> AbstractContextManager[object]:
         return self._held()
