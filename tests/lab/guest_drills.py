@@ -87,17 +87,20 @@ def run_drtool(config: Path, *args: str, lie: str | None = None) -> subprocess.C
     return result
 
 
-def wait_dr_saw_source_go(lab: Lab, timeout: float = 10.0) -> float:
-    """Seconds until site-b has no TCP connection from site-a left.
+def wait_dr_saw_source_go(lab: Lab, vm: LabVm, timeout: float = 10.0) -> float:
+    """Seconds until site-b has no TCP connection from site-a left to this VM's DR target.
 
     The link relay resets its connections as soon as the source QEMU's side
     closes, even with writes in flight towards a slow target: a connection
     that outlives its client fails the drill (it made sync RPO "unknown").
+    Only the VM's own target port counts: other tests' VMs share the lab.
     """
     peer = lab.peer_address("site-b", "site-a")
+    port = manifest_of(lab, vm)["nbd_port"]
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if not lab.exec("site-b", ["ss", "-Htn", "state", "established", "dst", peer]).stdout.strip():
+        if not lab.exec("site-b", ["ss", "-Htn", "state", "established", "dst", peer,
+                                   f"( sport = :{port} )"]).stdout.strip():
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"site-b still had connections from the killed source after {timeout:g} s")
@@ -111,7 +114,7 @@ def fail_over_and_verify(lab: Lab, vm: LabVm, config: Path, name: str, *args: st
         vm.kill()
     if disaster and link_up:
         # the source is lost first, then the link: the DR host sees the source go
-        print(f"\nthe DR host saw the source's connections end {wait_dr_saw_source_go(lab):.2f} s after the kill",
+        print(f"\nthe DR host saw the source's connections end {wait_dr_saw_source_go(lab, vm):.2f} s after the kill",
               flush=True)
         lab.cut_site_link("site-a", "site-b")
     started = time.monotonic()

@@ -28,12 +28,13 @@ pytestmark = pytest.mark.lab
 MiB = 1 << 20
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img", "qemu-storage-daemon")
 
-HOST_KEYS = {"name", "address", "reachable", "host_key", "tools", "replica_space", "error", "exit_code"}
+HOST_KEYS = {"name", "address", "reachable", "host_key", "tools", "replica_space", "qemu_access", "error",
+             "exit_code"}
 TOOL_KEYS = {"name", "version", "detail"}
 ENVELOPE = {"schema_version", "command"}  # every --json answer (cli/output.py)
 SPACE_KEYS = {"vm", "replica_dir", "measured_on", "available_bytes", "error"}
 VM_KEYS = {"name", "host", "dr_host", "run_state", "protection", "disks", "mode", "transport", "error", "exit_code",
-           "reason", "state", "newest_point_age", "drill"}
+           "reason", "state", "newest_point_age", "drill", "libvirt"}
 DISK_KEYS = {
     "device", "node_name", "format", "virtual_size", "image", "selected", "replication", "lag_bytes", "reason",
     "protected",
@@ -226,6 +227,7 @@ def test_status_json_schema_contract(lab: Lab, lab_vm: LabVm, lab_config: Path, 
         "name": "str", "host": "str", "dr_host": "str", "run_state": "str", "protection": "str",
         "disks": "list", "mode": "NoneType", "transport": "NoneType", "error": "NoneType", "exit_code": "int",
         "reason": "NoneType", "state": "NoneType", "newest_point_age": "NoneType", "drill": "NoneType",
+        "libvirt": "NoneType",
     }  # fmt: skip  (mode, transport, state and the point's age are null while the VM is unprotected)
     assert {k: type(v).__name__ for k, v in vm["disks"][0].items()} == {
         "device": "str", "node_name": "str", "format": "str", "virtual_size": "int", "image": "str",
