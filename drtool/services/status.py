@@ -92,49 +92,53 @@ def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
 
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:
-    """Every VM's status from one round trip per host and role, all hosts at once.
+    """Every VM's status from one round trip per host and role: DR hosts at once, then source hosts at once.
 
     Each DR host reads the manifests and checks the targets (and drill VMs) of
-    all its VMs in one remote command; each source host answers the QMP
+    all its VMs in one remote command; then each source host answers the QMP
     queries of all its VMs through one relay (transport/batch.py): SSH
     channels and time grow with hosts, not VMs. A VM running on its DR host
     after a failover is asked there, on its own; a libvirt domain through virsh.
     """
     vms = select_vms(inventory, names)
-    by_dr = group_by(vms, lambda vm: vm.dr_host)
-    by_source = group_by(vms, lambda vm: vm.host)
-    work: list[tuple[str, str, list[Vm]]] = ([("dr", h, group) for h, group in by_dr.items()]
-                                             + [("source", h, group) for h, group in by_source.items()])
-    gathered = map_concurrently(lambda job: _gather(reach, *job), work)
     dr_side: dict[str, DrSide] = {}
-    source_side: dict[str, MonitorReplies] = {}
-    for dr_found, source_found in gathered:
+    by_dr = list(group_by(vms, lambda vm: vm.dr_host).items())
+    for dr_found in map_concurrently(lambda job: read_dr_side(reach, *job), by_dr):
         dr_side.update(dr_found)
-        source_side.update(source_found)
+    # then the source hosts, for the VMs that run there: a failed-over VM's old host is
+    # not asked (it is often down; _failed_over_status gives it a few seconds of its own)
+    asked = [vm for vm in vms if not _runs_on_dr(dr_side[vm.name])]
+    source_side: dict[str, MonitorReplies] = {}
+    by_source = list(group_by(asked, lambda vm: vm.host).items())
+    for found in map_concurrently(lambda job: _source_side(reach, *job), by_source):
+        source_side.update(found)
+    not_asked = MonitorReplies(unreachable=DrtoolError("not asked: the VM runs on its DR host"))
     return StatusReport(tuple(map_concurrently(
-        lambda vm: with_libvirt(reach, vm, _status_of(reach, vm, dr_side[vm.name], source_side[vm.name])), vms)))
+        lambda vm: with_libvirt(reach, vm, _status_of(reach, vm, dr_side[vm.name],
+                                                      source_side.get(vm.name, not_asked))), vms)))
+
+
+def _runs_on_dr(side: DrSide) -> bool:
+    return side.manifest is not None and side.manifest.state.failing_over
 
 
 SOURCE_QUERIES = ("query-status", "query-block", "query-block-jobs")
 
 
-def _gather(reach: Reach, role: str, host: str, vms: list[Vm]) -> tuple[dict[str, DrSide],
-                                                                         dict[str, MonitorReplies]]:
-    """One host's part: (DR side by VM, {}) or ({}, source monitors by VM)."""
-    if role == "dr":
-        return read_dr_side(reach, host, vms), {}
+def _source_side(reach: Reach, host: str, vms: list[Vm]) -> dict[str, MonitorReplies]:
+    """The source monitors of one host's VMs, by VM."""
     found: dict[str, MonitorReplies] = {}
     for vm in vms:  # libvirt owns their monitors: one virsh conversation each
         if vm.libvirt_domain is not None:
             found[vm.name] = _one_monitor(reach, vm)
     sockets = {vm.monitor: vm.name for vm in vms if vm.libvirt_domain is None}
     if not sockets:
-        return {}, found
+        return found
     try:
         replies = reach.query_monitors(host, sockets, SOURCE_QUERIES)
     except DrtoolError as err:
-        return {}, found | {vm.name: MonitorReplies(unreachable=err) for vm in vms if vm.name not in found}
-    return {}, found | {vm.name: replies[vm.monitor] for vm in vms if vm.name not in found}
+        return found | {vm.name: MonitorReplies(unreachable=err) for vm in vms if vm.name not in found}
+    return found | {vm.name: replies[vm.monitor] for vm in vms if vm.name not in found}
 
 
 def _one_monitor(reach: Reach, vm: Vm) -> MonitorReplies:
