@@ -44,7 +44,7 @@ from drtool.state.checks import (
 )
 from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Health, Protection, worst
-from drtool.state.store import select_vm
+from drtool.state.store import select_vms
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -68,7 +68,7 @@ def check(inventory: Inventory, reach: Reach, names: Sequence[str] = (), all_vms
         raise UsageError("name the VMs to check, or pass --all (not both)")
     if thresholds.chunk < 64 << 10 or thresholds.chunk & (thresholds.chunk - 1):
         raise UsageError(f"chunk size {thresholds.chunk} is not a power of two of at least 64 KiB")
-    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    vms = select_vms(inventory, names)
     return CheckReport(tuple(map_concurrently(lambda vm: check_vm(reach, vm, thresholds, repair), vms)))
 
 

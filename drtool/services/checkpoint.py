@@ -36,6 +36,7 @@ from drtool.state.store import (
     require_protected,
     save_manifest,
     select_vm,
+    select_vms,
 )
 from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
@@ -78,9 +79,7 @@ def checkpoint(inventory: Inventory, reach: Reach, names: Sequence[str] = (), al
     """A point of each VM named (or of every protected one); keep: pin the new points against retention."""
     if not names and not all_vms:
         raise UsageError("name a VM or pass --all")
-    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
-    if all_vms:
-        vms = [inventory.vms[n] for n in sorted(inventory.vms)]
+    vms = select_vms(inventory, () if all_vms else names)
     # VMs are worked at once, but on each host one guest is paused at a time: pauses
     # that overlap would share the host's CPUs and each last longer. Each host is
     # reached through one agent (one SSH channel, even for one VM: a checkpoint is

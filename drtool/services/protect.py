@@ -59,7 +59,7 @@ from drtool.services.concurrent import (
 from drtool.state.kept import forget_entry, index_dir, keep_entry
 from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.state.protection import Protection
-from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm
+from drtool.state.store import load_manifest, require_protected, save_manifest, select_vm, select_vms
 from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 from drtool.transport.ssh import resolve_endpoint
@@ -139,7 +139,7 @@ def protect_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), 
     """
     if bool(names) == all_vms:
         raise UsageError("name the VMs to protect, or pass --all (not both)")
-    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    vms = select_vms(inventory, names)
     skipped: dict[str, VmOutcome[ProtectResult]] = {}
     if all_vms:
         for name, side in read_dr_sides(reach, vms).items():

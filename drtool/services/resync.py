@@ -77,7 +77,7 @@ from drtool.services.concurrent import (
 )
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Protection
-from drtool.state.store import require_protected, save_manifest, select_vm
+from drtool.state.store import require_protected, save_manifest, select_vm, select_vms
 from drtool.transport.connections import Reach, RemoteShell, batched
 from drtool.transport.qmp import QmpSession
 
@@ -108,7 +108,7 @@ def resync_many(inventory: Inventory, reach: Reach, names: Sequence[str] = (), *
     """
     if bool(names) == all_vms:
         raise UsageError("name the VMs to resync, or pass --all (not both)")
-    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)] or [inventory.vms[n] for n in sorted(inventory.vms)]
+    vms = select_vms(inventory, names)
     skipped: dict[str, VmOutcome[ResyncResult]] = {}
     if all_vms:
         for name, side in read_dr_sides(reach, vms).items():

@@ -23,7 +23,7 @@ from drtool.services.libvirt_status import dr_copy_session, drill_running, with_
 from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
-from drtool.state.store import select_vm
+from drtool.state.store import select_vms
 from drtool.transport.batch import MonitorReplies
 from drtool.transport.connections import Reach
 
@@ -83,12 +83,6 @@ class StatusReport:
     @property
     def exit_code(self) -> ExitCode:
         return max((v.exit_code for v in self.vms), default=ExitCode.OK)
-
-
-def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
-    """The VMs named (all when none), refusing unknown names before anything is contacted."""
-    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
-    return vms or [inventory.vms[n] for n in sorted(inventory.vms)]
 
 
 def vm_status(inventory: Inventory, reach: Reach, names: Sequence[str] = ()) -> StatusReport:

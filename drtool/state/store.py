@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 
 from drtool.domain import Inventory, Vm
@@ -23,6 +23,12 @@ def select_vm(inventory: Inventory, name: str) -> Vm:
         raise UsageError(f"unknown VM {name!r}",
                          hint=f"VMs in {inventory.path}: {', '.join(sorted(inventory.vms)) or 'none'}")
     return inventory.vms[name]
+
+
+def select_vms(inventory: Inventory, names: Sequence[str]) -> list[Vm]:
+    """The VMs named (all when none), refusing unknown names before anything is contacted."""
+    vms = [select_vm(inventory, n) for n in dict.fromkeys(names)]
+    return vms or [inventory.vms[n] for n in sorted(inventory.vms)]
 
 
 def load_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
