@@ -23,6 +23,7 @@ from drtool.services.libvirt_status import dr_copy_session, drill_running, with_
 from drtool.state.ages import point_age
 from drtool.state.manifest import Manifest
 from drtool.state.protection import Health, Protection, worst
+from drtool.state.records import FailoverKind
 from drtool.state.store import select_vms
 from drtool.transport.batch import MonitorReplies
 from drtool.transport.connections import Reach
@@ -207,7 +208,8 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
                   f"run drtool failover {vm.name} again to finish, or --rollback")
     else:
         protection = Health.FAILED_OVER
-        reason = f"failed over to {vm.dr_host} at {record.finished_at if record else '?'}"
+        how = " (live, without a reboot)" if record is not None and record.kind is FailoverKind.LIVE else ""
+        reason = f"failed over to {vm.dr_host}{how} at {record.finished_at if record else '?'}"
         if manifest.state.reverse:  # drtool recover's stages
             reason = f"{manifest.state.value} (to {vm.host}); {reason}"
     old_site, not_checked = look_briefly(reach, vm, manifest)

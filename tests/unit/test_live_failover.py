@@ -13,7 +13,8 @@ import pytest
 from drtool.errors import DrtoolError, Refused
 from drtool.services import failover
 from drtool.services.failover import live
-from drtool.state.protection import Protection
+from drtool.services.status import vm_status
+from drtool.state.protection import Health, Protection
 from drtool.state.records import LIVE_STEPS, FailoverKind, Step
 
 from .live_world import LiveWorld, protected_live_world
@@ -66,6 +67,13 @@ def test_live_failover_uninterrupted_moves_the_running_vm_with_every_write() -> 
     # reverse protection: a persistent bitmap was on the disk before the DR copy ran, and it is recorded
     assert world.bitmaps_at_cont and record.migration is not None
     assert record.migration["reverse_bitmap"] == world.bitmaps_at_cont[0]
+
+
+def test_status_after_a_live_failover_says_the_vm_moved_without_a_reboot() -> None:
+    world, reach, inv = protected_live_world()
+    failover.live_failover(inv, reach, "web")
+    [vm] = vm_status(inv, reach, ["web"]).vms
+    assert vm.protection is Health.FAILED_OVER and "(live, without a reboot)" in (vm.reason or ""), vm.reason
 
 
 @pytest.mark.parametrize("step", LIVE_STEPS)
