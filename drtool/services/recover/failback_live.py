@@ -66,11 +66,11 @@ from drtool.state.records import FailoverRecord
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
 
-from .failback import DR_STOPPED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
+from .failback import DR_STOPPED, LIVE_HOME_STARTED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
 from .reprotect import MIRRORS_STARTED, ReverseReplication, killed_after, reprotect
 from .reverse_bitmap import BITMAP_METHOD
 
-LIVE_HOME_STARTED, LIVE_MIGRATING = "live-home-started", "live-migrating"
+LIVE_MIGRATING = "live-migrating"
 PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
 
 
@@ -123,7 +123,6 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
         if live_run:
             return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
         move.refusals()
-        move.work.save(Protection.FAILING_BACK, "live failback started")
         try:
             move.run()
         except (DrtoolError, KeyboardInterrupt) as err:
@@ -161,7 +160,10 @@ class LiveFailback:
     def run(self) -> None:
         port = free_nbd_port(self.home)
         rollback = reverse_bitmap_name()
-        self.intend(LIVE_HOME_STARTED)
+        # one write with the state: a run killed right after it finds a live failback to settle
+        self.work.record = self.work.record.with_step(LIVE_HOME_STARTED)
+        self.work.save(Protection.FAILING_BACK, "live failback started")
+        killed_after(LIVE_HOME_STARTED)
         if not source_qemu_alive(self.home, self.vm):
             self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
         self.intend(LIVE_MIGRATING)
@@ -209,7 +211,8 @@ class LiveFailback:
         if forward is not None:
             manifest = trusting_bitmap(manifest, forward)
         self.work.manifest = manifest
-        self.intend(DR_STOPPED)
+        if not self.work.record.done(DR_STOPPED):
+            self.intend(DR_STOPPED)
         with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(self.reach, self.vm) as qmp:
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.dr_host} as well", hint="stop one copy by hand")
@@ -244,8 +247,7 @@ class LiveFailback:
             home_status = str(qmp.execute("query-status")["status"])
             home_migration = str(migration_status(qmp)["status"])
         if self.work.record.done(DR_STOPPED) or home_status == "running":
-            if not self.work.record.done(DR_STOPPED):
-                self._switched(None)
+            self._switched(None)  # a run killed after recording dr-stopped may have left the DR copy
             return True
         dr_status, dr_migration = "gone", "none"
         with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
