@@ -66,6 +66,7 @@ from drtool.transport.connections import Reach
 from .reprotect import ReverseReplication
 
 DR_PAUSED, REVERSE_STOPPED, DR_STOPPED = "dr-paused", "reverse-stopped", "dr-stopped"
+LIVE_HOME_STARTED = "live-home-started"  # the first step of a live failback (failback_live.py)
 HOME_STARTED, FORWARD_STARTED = "home-started", "forward-started"
 DRAIN_TIMEOUT = 60.0
 QUIT_TIMEOUT = 30.0
@@ -97,6 +98,9 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
         record = manifest.reprotect
         if record is None:
             raise Refused(f"{vm.name} has no reprotect record", hint="this is a drtool bug; please report it")
+        if record.done(LIVE_HOME_STARTED):  # its home QEMU may be the migration's destination, or run already
+            raise Refused(f"a live failback of {vm.name} is under way",
+                          hint=f"finish or undo it with drtool recover {vm.name} --failback --live")
         work = ReverseReplication(inventory, reach, vm, manifest, record, dr, home)
         resumed = manifest.state is Protection.FAILING_BACK
         if not resumed:
