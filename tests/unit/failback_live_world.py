@@ -107,6 +107,8 @@ class FailbackLiveWorld(RecoverWorld):
                 raise QmpError(command, "GenericError", "Can't add a persistent bitmap to an inactive node")
             self.home_bitmaps += [a["data"]["name"] for a in args["actions"]]
             return {}
+        if command == "query-named-block-nodes":
+            return [{"node-name": "vd0-fmt", "dirty-bitmaps": [{"name": n} for n in self.home_bitmaps]}]
         if command == "cont":
             if self.home_migration != "completed":
                 raise QmpError(command, "GenericError", "Migration is not finalized yet")

@@ -117,6 +117,7 @@ def test_killed_after_each_recorded_step_a_rerun_brings_it_home_with_one_copy(st
     ("dr", "migrate", True),  # home listens, nothing sent
     ("dr", "block-job-cancel", True),  # inside the pause, the mirrors still running
     ("dr", "migrate-continue", True),  # inside the pause, the mirrors completed and the target stopped
+    ("home", "transaction", False),  # switched, home paused without its resync bitmap yet
     ("home", "cont", False),  # switched: home has everything
 ])
 def test_killed_inside_the_move_a_rerun_undoes_before_the_switch_and_finishes_after(
@@ -130,6 +131,7 @@ def test_killed_inside_the_move_a_rerun_undoes_before_the_switch_and_finishes_af
     failback_live.failback_live(inv, reach, "web")
     assert_home_with_every_write(world)
     assert bool(calls["reprotect"]) == undone
+    assert world.manifest.bitmap_name in world.home_bitmaps, "resync cannot trust a bitmap: it compares or copies"
     if command == "migrate-continue":  # the mirrors had gone: caught up from the bitmap taken in the pause
         assert world.dr_bitmaps
 

@@ -65,12 +65,14 @@ from drtool.state.protection import Protection
 from drtool.state.records import FailoverRecord
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
+from drtool.transport.qmp import QmpSession
 
 from .failback import DR_STOPPED, LIVE_HOME_STARTED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
 from .reprotect import MIRRORS_STARTED, ReverseReplication, killed_after, reprotect
 from .reverse_bitmap import BITMAP_METHOD
 
 LIVE_MIGRATING = "live-migrating"
+FORWARD_KEY = "failback_forward_bitmap"  # in the failover record's migration figures
 PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
 
 
@@ -166,9 +168,10 @@ class LiveFailback:
         killed_after(LIVE_HOME_STARTED)
         if not source_qemu_alive(self.home, self.vm):
             self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
+        forward = f"{BITMAP_PREFIX}{time.time_ns()}"  # drtool's resync bitmap at home: a re-run trusts it too
         self.intend(LIVE_MIGRATING)
         self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
-            "failback_port": port, "failback_rollback_bitmap": rollback}))
+            "failback_port": port, "failback_rollback_bitmap": rollback, FORWARD_KEY: forward}))
         self.work.save()
         with dr_vm_session(self.reach, self.vm) as source, self.reach.qmp(self.vm) as dest:
             reverse = self.work.reverse_of(source)
@@ -180,9 +183,7 @@ class LiveFailback:
             if target is None:
                 raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
                                   hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
-            by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
-            home_nodes = [by_device[d.device] for d in self.work.manifest.disks]
-            forward = f"{BITMAP_PREFIX}{time.time_ns()}"
+            home_nodes = self._home_nodes(dest)
             with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
                     contextlib.closing(ArmedStop(self.home, target,
                                                  lambda: stop_target(self.home, self.work.layout))) as stopper:
@@ -204,6 +205,26 @@ class LiveFailback:
             if str(dest.execute("query-status")["status"]) != "running":
                 raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
         self._switched(forward)
+
+    def _home_nodes(self, home: QmpSession) -> list[str]:
+        by_device = {d.device: d.node_name for d in parse_query_block(home.execute("query-block"))}
+        return [by_device[d.device] for d in self.work.manifest.disks]
+
+    def _forward_on_home(self, home: QmpSession, *, add: bool) -> str | None:
+        """A re-run: the run's resync bitmap if every home disk has it (add: add it first, before cont)."""
+        failover = self.work.manifest.failover
+        name = str((failover.migration or {}).get(FORWARD_KEY, "")) if failover is not None else ""
+        if not name:
+            return None
+        nodes = self._home_nodes(home)
+        have = {str(n.get("node-name")): {str(b.get("name")) for b in n.get("dirty-bitmaps", [])}
+                for n in home.execute("query-named-block-nodes", {"flat": True})}
+        if all(name in have.get(node, set()) for node in nodes):
+            return name
+        if add:
+            add_reverse_bitmaps(home, nodes, name)
+            return name
+        return None  # home ran without it: resync compares instead of trusting
 
     def _switched(self, forward: str | None) -> None:
         """Home runs: trust its bitmap, then the DR copy quits (recorded first)."""
@@ -242,21 +263,27 @@ class LiveFailback:
 
     def settle(self) -> bool:
         """A re-run, or a failure: True once home runs (finished), False once undone (the DR copy runs)."""
-        home_status, home_migration = "gone", "none"
+        home_status, home_migration, forward = "gone", "none", None
         with contextlib.suppress(DrtoolError), self.reach.qmp(self.vm) as qmp:
             home_status = str(qmp.execute("query-status")["status"])
             home_migration = str(migration_status(qmp)["status"])
+            if home_status == "running" and not self.work.record.done(DR_STOPPED):
+                forward = self._forward_on_home(qmp, add=False)
         if self.work.record.done(DR_STOPPED) or home_status == "running":
-            self._switched(None)  # a run killed after recording dr-stopped may have left the DR copy
+            self._switched(forward)  # a run killed after recording dr-stopped may have left the DR copy
             return True
         dr_status, dr_migration = "gone", "none"
         with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
             dr_status, dr_migration = str(qmp.execute("query-status")["status"]), str(migration_status(qmp)["status"])
         switched = dr_status == "postmigrate" or dr_migration == "completed"
         if switched and home_status != "gone" and home_migration == "completed":
+            resumed = False
             with contextlib.suppress(DrtoolError), self.reach.qmp(self.vm) as qmp:
+                forward = self._forward_on_home(qmp, add=True)
                 qmp.execute("cont")
-                self._switched(None)
+                resumed = str(qmp.execute("query-status")["status"]) == "running"
+            if resumed:  # home runs and writes: from here on never undone (its writes would be lost)
+                self._switched(forward)
                 return True
         if dr_status == "gone":
             raise DrtoolError(f"the DR copy of {self.vm.name} is gone and home cannot run: the failback cannot finish")
