@@ -113,6 +113,20 @@ def test_killed_after_each_recorded_step_a_rerun_brings_it_home_with_one_copy(st
     assert calls["reprotect"] == (["web"] if undone else []) and calls["resync"] == ["web"]
 
 
+def test_killed_in_the_resync_after_the_move_a_rerun_says_it_is_home_and_to_resync(calls: Calls,
+                                                                                 reprotected: Reprotected) -> None:
+    world, reach, inv = reprotected
+    world.kill_after_save(lambda raw: raw.get("state") == "protected")
+    with pytest.raises(Killed):
+        failback_live.failback_live(inv, reach, "web")
+    world.revive()
+    with pytest.raises(Refused, match="web is protected and runs on kvm1: there is nothing to fail back") as err:
+        failback_live.failback_live(inv, reach, "web")
+    assert "drtool resync web" in (err.value.hint or "")
+    assert world.home_qemu == "running" and world.dr_vm is None and world.running_copies() == 1
+    assert world.home_has_every_dr_write() == []
+
+
 @pytest.mark.parametrize(("where", "command", "undone"), [
     ("dr", "migrate", True),  # home listens, nothing sent
     ("dr", "block-job-cancel", True),  # inside the pause, the mirrors still running

@@ -113,6 +113,9 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
             manifest.reprotect is not None and manifest.reprotect.done(LIVE_HOME_STARTED)
         if interrupted_only and not live_run:
             return None, ""
+        if manifest is not None and manifest.state is Protection.PROTECTED:  # home already (a kill in its resync?)
+            raise Refused(f"{vm.name} is protected and runs on {vm.host}: there is nothing to fail back",
+                          hint=f"if a killed failback left its replication behind, run drtool resync {vm.name}")
         if manifest is None or manifest.reprotect is None or not (manifest.state is Protection.REPROTECTED
                                                                    or live_run):
             state = manifest.state.value if manifest else "not protected"
