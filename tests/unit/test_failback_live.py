@@ -73,6 +73,13 @@ def assert_undone(world: FailbackLiveWorld) -> None:
     assert world.rev_target and world.rev_link
 
 
+def killed_then_revived(world: FailbackLiveWorld, inv: Any, reach: Any) -> None:
+    """A live failback SIGKILLed where the world's fault says; the next process starts."""
+    with pytest.raises(Killed):
+        failback_live.failback_live(inv, reach, "web")
+    world.revive()
+
+
 def saved_step(step: str):  # noqa: ANN201
     def pred(raw: dict[str, Any]) -> bool:
         return bool(raw.get("reprotect")) and step in raw["reprotect"]["steps"]
@@ -101,9 +108,7 @@ def test_killed_after_each_recorded_step_a_rerun_brings_it_home_with_one_copy(st
     world, reach, inv = reprotected
     world.kill_after_save((lambda raw: raw.get("state") == "failing-back") if step == "failing-back"
                           else saved_step(step))
-    with pytest.raises(Killed):
-        failback_live.failback_live(inv, reach, "web")
-    world.revive()
+    killed_then_revived(world, inv, reach)
     assert world.manifest.state is Protection.FAILING_BACK
     assert world.running_copies() == 1
     world.dr_guest_writes(7, "dr7-meanwhile") if world.dr_vm_status == "running" else None
@@ -117,9 +122,7 @@ def test_killed_in_the_resync_after_the_move_a_rerun_says_it_is_home_and_to_resy
                                                                                  reprotected: Reprotected) -> None:
     world, reach, inv = reprotected
     world.kill_after_save(lambda raw: raw.get("state") == "protected")
-    with pytest.raises(Killed):
-        failback_live.failback_live(inv, reach, "web")
-    world.revive()
+    killed_then_revived(world, inv, reach)
     with pytest.raises(Refused, match="web is protected and runs on kvm1: there is nothing to fail back") as err:
         failback_live.failback_live(inv, reach, "web")
     assert "drtool resync web" in (err.value.hint or "")
@@ -138,9 +141,7 @@ def test_killed_inside_the_move_a_rerun_undoes_before_the_switch_and_finishes_af
         where: str, command: str, undone: bool, calls: Calls, reprotected: Reprotected) -> None:
     world, reach, inv = reprotected
     (world.dr_faults if where == "dr" else world.home_faults)[command] = "kill"
-    with pytest.raises(Killed):
-        failback_live.failback_live(inv, reach, "web")
-    world.revive()
+    killed_then_revived(world, inv, reach)
     assert world.running_copies() == (1 if command == "migrate" else 0)  # else paused at the switch
     failback_live.failback_live(inv, reach, "web")
     assert_home_with_every_write(world)
@@ -168,9 +169,7 @@ def test_rollback_and_a_cold_failback_refuse_while_a_live_failback_is_under_way(
                                                                                 reprotected: Reprotected) -> None:
     world, reach, inv = reprotected
     world.dr_faults["migrate-continue"] = "kill"
-    with pytest.raises(Killed):
-        failback_live.failback_live(inv, reach, "web")
-    world.revive()
+    killed_then_revived(world, inv, reach)
     before = world.manifest.to_json()
     with pytest.raises(Refused, match="failing-back"):
         failover.rollback(inv, reach, "web")
