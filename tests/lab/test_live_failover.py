@@ -42,14 +42,17 @@ def live_vm(lab, guest, tmp_path):
     stop_dr_copy(lab, vm)
 
 
-def records_on_disk(lab: Lab, vm: LabVm, tmp_path: Path) -> dict[str, dict[int, str]]:
-    """Per disk: record number -> boot id, read from the DR copy's images once its QEMU is paused (flushed)."""
-    with local_qmp("dr copy", str(lab.replica_dir(vm.name) / "vm" / "drtool.qmp")) as qmp:
+def records_on_disk(lab: Lab, vm: LabVm, tmp_path: Path, *, at_home: bool = False) -> dict[str, dict[int, str]]:
+    """Per disk: record number -> boot id, read from the DR copy's images (at_home: the VM's own, back home)
+    once its QEMU is paused (flushed)."""
+    monitor = vm.qmp_socket if at_home else lab.replica_dir(vm.name) / "vm" / "drtool.qmp"
+    with local_qmp("the VM", str(monitor)) as qmp:
         qmp.execute("stop")  # drains and flushes: the images hold what the guest was told
     found: dict[str, dict[int, str]] = {}
     for disk in manifest_of(lab, vm)["disks"]:
         raw = tmp_path / f"{disk['device']}.raw"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", disk["replica_image"], str(raw)], check=True,
+        image = disk["source_image" if at_home else "replica_image"]
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(raw)], check=True,
                        timeout=60)
         data = raw.read_bytes()
         records = {}

@@ -73,7 +73,8 @@ from .reverse_bitmap import BITMAP_METHOD
 
 LIVE_MIGRATING = "live-migrating"
 FORWARD_KEY = "failback_forward_bitmap"  # in the failover record's migration figures
-PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
+PAUSE_HOOK = "failback-pre-switchover"  # test hooks: SIGKILL inside the guest's pause, at its start
+STOPPED_HOOK = "failback-target-stopped"  # or once the reverse mirrors completed and the reverse target stopped
 
 
 def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
@@ -200,6 +201,7 @@ class LiveFailback:
                 detach_target(source, reverse)
                 stopper.fire()
                 stopper.wait()
+                killed_after(STOPPED_HOOK)
                 source.execute("migrate-continue", {"state": "pre-switchover"})
                 wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
                                "the migration home")
