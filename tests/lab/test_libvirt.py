@@ -351,8 +351,10 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over")
         DrDomain(libvirt_lab, dom.name).guest_write(0, 5 * MiB, MiB, 0x5C)  # its disks are active: it writes
         assert replica_has(tops[0], 5 * MiB, MiB, 0x5C)
+        phases = json.loads((Path(replicas) / "manifest.json").read_text())["failover"]["migration"]["phases"]
         print(f"\nlibvirt live failover: downtime {said['live']['downtime_seconds']} s, move "
-              f"{said['live']['move_seconds']} s; test {time.monotonic() - started:.1f} s")
+              f"{said['live']['move_seconds']} s, phases {phases}; test {time.monotonic() - started:.1f} s")
+        assert said["live"]["downtime_seconds"] is not None and said["live"]["downtime_seconds"] < 5, said["live"]
     finally:
         for args in (("destroy", dom.name), ("undefine", dom.name)):
             libvirt_lab.virsh("site-b", *args)

@@ -314,7 +314,9 @@ class LiveFailover(FailoverSteps):
             add_reverse_bitmaps(dest, nodes, reverse)  # before cont: every write of the DR copy is in it
             dest.execute("cont")
             marks["resumed"] = time.monotonic()
-            resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
+            resumed = [e for e in _drain(dest_events, "RESUME") if e.get("event") == "RESUME"]
+            if resumed and not any(e.get("event") == "STOP" for e in seen):  # through virsh events lag
+                seen += _drain(source_events, "STOP")
             if str(dest.execute("query-status")["status"]) != "running":
                 raise DrtoolError(f"{self.vm.name} did not run on {self.vm.dr_host} after the migration")
             info = migration_status(source)
@@ -485,11 +487,16 @@ class LiveFailover(FailoverSteps):
         return Outcome.UNDONE
 
 
-def _drain(events: EventSubscription) -> list[Event]:
-    """Every event already queued, waiting briefly for the first (RESUME follows cont at once)."""
+def _drain(events: EventSubscription, until: str, timeout: float = 1.0) -> list[Event]:
+    """Every event already queued, waiting up to timeout for the one named `until` (RESUME follows cont at
+    once on QEMU's own monitor; through virsh's event stream it may come after cont's reply)."""
     out: list[Event] = []
-    event = events.get(timeout=1.0)
-    while event is not None:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        event = events.get(timeout=left)
+        if event is None:
+            break
         out.append(event)
-        event = events.get(timeout=0)
+        if event.get("event") == until:
+            break
     return out
