@@ -16,6 +16,7 @@ import pytest
 from drtool.errors import DrtoolError, Refused
 from drtool.services import failover
 from drtool.services.failover import live, live_libvirt
+from drtool.services.recover.failback_live import failback_live
 from drtool.state.protection import Protection
 from drtool.state.records import LIVE_STEPS, FailoverKind, Step
 
@@ -136,3 +137,13 @@ def test_refused_without_the_domains_definition_in_the_manifest() -> None:
     with pytest.raises(Refused, match="keeps no libvirt definition"):
         failover.live_failover(inv, reach, "web")
     assert world.manifest.failover is None
+
+
+def test_live_failback_of_a_libvirt_domain_is_refused_with_why_and_changes_nothing() -> None:
+    world, reach, inv = protected_libvirt_world()
+    failover.live_failover(inv, reach, "web")
+    before = world.manifest.to_json()
+    with pytest.raises(Refused, match="fails those over live but not back yet") as err:
+        failback_live(inv, reach, "web")
+    assert "libvirt domain web on kvm2" in (err.value.hint or "")
+    assert world.manifest.to_json() == before and world.dr_domain == "running"
