@@ -21,19 +21,23 @@ failover. libvirt marks it "tainted: custom-argv" until its QEMU restarts.
 
 from __future__ import annotations
 
+import contextlib
+import time
 import xml.etree.ElementTree as ET
 from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.domain import Vm
-from drtool.errors import RemoteCommandError
+from drtool.errors import DrtoolError, QmpError, RemoteCommandError
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.libvirt_domain import domain_name, dr_domain_xml, open_to_qemu_group
 from drtool.mechanics.link import give_to_qemu
 from drtool.mechanics.migration import incoming_argv
 from drtool.mechanics.remote import make_dirs, write_file
+from drtool.mechanics.replication import TLS_ID, job_id, nbd_node
 from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
+from drtool.transport.qmp import QmpSession
 from drtool.transport.virsh_qmp import VirshQmp, virsh_argv
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -117,3 +121,33 @@ def domain_session(shell: RemoteShell, vm: Vm, name: str, label: str) -> VirshQm
     """QMP to a domain on this host through virsh (events through the host's streams where it has them)."""
     opener: Any = getattr(shell, "open_stream", None)
     return VirshQmp(label, shell, name, vm.libvirt_uri, open_stream=opener)
+
+
+def complete_mirrors_batched(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> None:
+    """Inside the guest's pause: the mirrors completed, dismissed and their NBD nodes dropped, in few virsh calls.
+
+    Each `virsh qemu-monitor-command` is an SSH round trip and a libvirt
+    connection (~70 ms on the lab), and an event stream takes 0.3 s to start:
+    replication.cancel_mirrors and detach_target cost ~1.2 s of guest pause
+    that way. Here: one call cancels every job (after READY a cancel completes
+    it), query-jobs until all concluded, one call dismisses them and drops the
+    NBD nodes and the TLS object. Errors in a batch are QEMU's refusals of one
+    command (the others ran): a job that ended meanwhile, a node already gone.
+    """
+    count = len(manifest.disks)
+    jobs = {job_id(i) for i in range(count)}
+    with contextlib.suppress(QmpError):
+        qmp.execute_many([("block-job-cancel", {"device": j, "force": True}) for j in sorted(jobs)])
+    deadline = time.monotonic() + timeout
+    while pending := sorted(str(j["id"]) for j in qmp.execute("query-jobs")
+                            if j.get("id") in jobs and j.get("status") != "concluded"):
+        if time.monotonic() > deadline:
+            raise DrtoolError(f"replication job(s) {', '.join(pending)} of {manifest.vm} did not end within "
+                              f"{timeout:g} s of block-job-cancel", hint="see query-jobs on the source; run it again")
+        time.sleep(0.01)
+    tidy: list[tuple[str, dict[str, Any] | None]] = [("job-dismiss", {"id": j}) for j in sorted(jobs)]
+    tidy += [("blockdev-del", {"node-name": nbd_node(i)}) for i in range(count)]
+    if manifest.transport == "tls-psk":
+        tidy.append(("object-del", {"id": TLS_ID}))
+    with contextlib.suppress(QmpError):
+        qmp.execute_many(tidy)
