@@ -39,6 +39,7 @@ from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.virsh_qmp import VirshQmp, virsh_argv
+from drtool.transport.virsh_shell import VirshShellQmp
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 INCOMING_XML = "incoming-domain.xml"  # the transient destination's definition, in the DR run dir
@@ -118,9 +119,10 @@ def destroy_domain(shell: RemoteShell, vm: Vm, name: str) -> None:
 
 
 def domain_session(shell: RemoteShell, vm: Vm, name: str, label: str) -> VirshQmp:
-    """QMP to a domain on this host through virsh (events through the host's streams where it has them)."""
+    """QMP to a domain on this host through one virsh shell (events through the host's streams where it has
+    them; one virsh per command where it has none)."""
     opener: Any = getattr(shell, "open_stream", None)
-    return VirshQmp(label, shell, name, vm.libvirt_uri, open_stream=opener)
+    return VirshShellQmp(label, shell, name, vm.libvirt_uri, open_stream=opener)
 
 
 def complete_mirrors_batched(qmp: QmpSession, manifest: Manifest, timeout: float = 60) -> None:
