@@ -55,7 +55,7 @@ class VirshShellQmp(VirshQmp):
         if err or not replies:
             raise VmUnreachable(f"{self.name}: {command} did not reach QEMU through libvirt: "
                                 f"{_virsh_error(err) if err else repr(out.strip()[:200])}")
-        reply = json.loads(replies[-1])
+        reply, _ = json.JSONDecoder().raw_decode(replies[-1])  # a prompt may follow on the same line
         if "error" in reply:
             raise QmpError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
         return reply.get("return")
