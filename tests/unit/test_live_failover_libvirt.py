@@ -9,37 +9,27 @@ every record the guest wrote at the source.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
 from drtool.errors import DrtoolError, Refused
 from drtool.services import failover
-from drtool.services.failover import live, live_libvirt
+from drtool.services.failover import live_libvirt
 from drtool.services.recover.failback_live import failback_live
 from drtool.state.protection import Protection
 from drtool.state.records import LIVE_STEPS, FailoverKind, Step
 
+from . import test_live_failover
 from .libvirt_live_world import LibvirtLiveWorld, protected_libvirt_world, session_with_event_streams
 from .world import REPLICAS, Killed
 
+catch_up = test_live_failover.catch_up  # autouse here too: resync's catch-up after an undo, counted
+
 
 @pytest.fixture(autouse=True)
-def catch_up(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """resync's catch-up after an undo (the lab test runs the real one): mirrors again, calls counted."""
-    calls: list[str] = []
-
-    def fake(inventory: Any, reach: Any, name: str) -> str:
-        world = reach.world
-        assert world.source_status == "running" and world.target_running, "catch-up before the undo finished"
-        world.jobs, world.jobs_broken = True, False
-        calls.append(name)
-        return "replication caught up (bitmap: 64 KiB sent)"
-
-    monkeypatch.setattr(live, "catch_up_replication", fake)
-    monkeypatch.setattr(live, "SOURCE_QUIT_TIMEOUT", 0.5)
+def events_through_virsh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's session: VirshQmp on the fake DR host, with an event stream that stays quiet."""
     monkeypatch.setattr(live_libvirt, "domain_session", session_with_event_streams)
-    return calls
 
 
 def assert_libvirt_domain_on_dr_with_every_write(world: LibvirtLiveWorld) -> None:
