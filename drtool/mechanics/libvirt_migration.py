@@ -69,12 +69,17 @@ def dr_definition(manifest: Manifest) -> str:
 def migration_tls_for_qemu(shell: RemoteShell, manifest: Manifest, layout: TargetLayout,
                            run_dir: PurePosixPath) -> PurePosixPath:
     """The VM's key, copied where libvirt's QEMU user may read it (the target's own copy is root's); the dir."""
-    tls = run_dir / "tls"
+    tls = run_dir / "tls"  # drop_migration_tls removes it
     make_dirs(shell, tls)
     shell.run(["cp", "--", str(layout.tls_dir / "keys.psk"), str(tls / "keys.psk")], timeout=30)
     shell.run(["chmod", "0700", "--", str(tls)], timeout=30)
     give_to_qemu(shell, manifest, tls)
     return tls
+
+
+def drop_migration_tls(shell: RemoteShell, run_dir: PurePosixPath) -> None:
+    """The key's copy for the destination's QEMU, once it has migrated (the target keeps its own)."""
+    shell.run(["rm", "-rf", "--", str(run_dir / "tls")], timeout=30)
 
 
 def start_incoming_domain(shell: RemoteShell, vm: Vm, manifest: Manifest, run_dir: PurePosixPath,

@@ -345,6 +345,7 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         tops = [Path(line.split()[-1]) for line in sources.splitlines() if " vd" in line]
         replicas = str(libvirt_lab.host_dir("site-b") / "replicas" / dom.name)
         assert len(tops) == 2 and all(str(t).startswith(replicas) for t in tops), sources
+        assert not (Path(replicas) / "vm" / "tls").exists()  # the key's copy for libvirt's QEMU is gone
         assert replica_has(tops[0], MiB, MiB, 0x1C) and replica_has(tops[0], 3 * MiB, MiB, 0x3C)
         assert replica_has(tops[1], 2 * MiB, MiB, 0x2C)
         entry = status_json(config, dom.name)

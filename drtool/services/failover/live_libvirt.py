@@ -32,6 +32,7 @@ from drtool.mechanics.libvirt_migration import (
     destroy_domain,
     domain_session,
     domain_state,
+    drop_migration_tls,
     make_persistent,
     migration_tls_for_qemu,
     start_incoming_domain,
@@ -115,6 +116,7 @@ class LibvirtLiveFailover(LiveFailover):
     def finish_source(self, src: RemoteShell) -> None:
         """The DR domain made persistent, then the source domain kept from autostart and destroyed."""
         make_persistent(self.dr, self.vm, self.manifest, self.run_layout.run_dir)
+        drop_migration_tls(self.dr, self.run_layout.run_dir)  # the key's copy for the destination: done with
         stop_source_domain(src, self.vm)
         # libvirt's word, not a process scan: the DR host's QEMU of the same domain name runs already
         # (and in the lab every host sees every process)
