@@ -31,7 +31,6 @@ from drtool.domain import Vm
 from drtool.errors import DrtoolError, QmpError, RemoteCommandError
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.libvirt_domain import domain_name, dr_domain_xml, open_to_qemu_group
-from drtool.mechanics.link import give_to_qemu
 from drtool.mechanics.migration import incoming_argv
 from drtool.mechanics.remote import make_dirs, write_file
 from drtool.mechanics.replication import TLS_ID, job_id, nbd_node
@@ -66,14 +65,20 @@ def dr_definition(manifest: Manifest) -> str:
     return dr_domain_xml(hardware["libvirt_xml"], disks, tuple(hardware.get("exclude", ())))
 
 
+# $1 the copy's directory, $2 the target's key file, $3 owner:group of libvirt's QEMU ("" for root)
+_COPY_KEY = 'mkdir -p "$1" && cp -- "$2" "$1/keys.psk" && chmod 0700 "$1" && { [ -z "$3" ] || chown -R "$3" "$1"; }'
+
+
 def migration_tls_for_qemu(shell: RemoteShell, manifest: Manifest, layout: TargetLayout,
                            run_dir: PurePosixPath) -> PurePosixPath:
-    """The VM's key, copied where libvirt's QEMU user may read it (the target's own copy is root's); the dir."""
-    tls = run_dir / "tls"  # drop_migration_tls removes it
-    make_dirs(shell, tls)
-    shell.run(["cp", "--", str(layout.tls_dir / "keys.psk"), str(tls / "keys.psk")], timeout=30)
-    shell.run(["chmod", "0700", "--", str(tls)], timeout=30)
-    give_to_qemu(shell, manifest, tls)
+    """The VM's key, copied where libvirt's QEMU user may read it (the target's own copy is root's); the dir.
+
+    One round trip (the move's clock runs). drop_migration_tls removes it.
+    """
+    tls = run_dir / "tls"
+    uid = manifest.hardware.get("uid")
+    owner = f"{uid}:{manifest.hardware.get('gid', uid)}" if uid else ""
+    shell.run(["sh", "-c", _COPY_KEY, "sh", str(tls), str(layout.tls_dir / "keys.psk"), owner], timeout=30)
     return tls
 
 
@@ -88,13 +93,12 @@ def start_incoming_domain(shell: RemoteShell, vm: Vm, manifest: Manifest, run_di
     name = domain_name(manifest.hardware["libvirt_xml"])
     if domain_state(shell, vm, name) != "shut off":
         return
-    make_dirs(shell, run_dir)
+    if tls_dir is None:
+        make_dirs(shell, run_dir)  # else migration_tls_for_qemu made it
     if manifest.hardware.get("gid"):
         open_to_qemu_group(shell, vm.replica_dir, int(manifest.hardware["gid"]))
-    clean = dr_definition(manifest)
-    write_file(shell, run_dir / CLEAN_XML, clean.encode(), mode=0o600)
     path = run_dir / INCOMING_XML
-    write_file(shell, path, incoming_domain_xml(clean, tls_dir).encode(), mode=0o600)
+    write_file(shell, path, incoming_domain_xml(dr_definition(manifest), tls_dir).encode(), mode=0o600)
     result = shell.run(virsh_argv(vm.libvirt_uri, "create", "--paused", str(path)), check=False, timeout=120)
     if not result.ok:
         raise RemoteCommandError(f"virsh create --paused {name} (live migration destination) on {vm.dr_host}: "

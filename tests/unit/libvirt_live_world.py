@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import QmpError
-from drtool.mechanics import libvirt_domain
+from drtool.mechanics import libvirt_domain, libvirt_migration
 from drtool.transport.virsh_qmp import VirshQmp
 
 from .live_world import LiveWorld
@@ -39,11 +39,15 @@ class LibvirtLiveWorld(LiveWorld):
     incoming_args: tuple[str, ...] = ()  # the qemu:commandline the destination was created with
     source_autostart: bool = True
     domain_other_on_dr: bool = False  # a domain of that name runs on the DR host already (not drtool's)
+    key_copies: list[tuple[str, str, str]] = field(default_factory=list)  # the PSK copied for libvirt's QEMU
 
     def dr_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
         if argv[0] == "virsh":
             return self._dr_virsh(argv[4:])
-        if argv[0] in ("cp", "chmod", "chown"):
+        if argv[0] == "rm":
+            self.log += [f"dr rm {path}" for path in argv[argv.index("--") + 1:]]
+        if argv[:2] == ["sh", "-c"] and argv[2] == libvirt_migration._COPY_KEY:
+            self.key_copies.append((argv[4], argv[5], argv[6]))  # (directory, from, owner)
             return 0, "", ""
         if argv[:2] == ["sh", "-c"] and "find" in argv[2] and "chgrp" in argv[2]:  # open_to_qemu_group
             return 0, "", ""
@@ -138,13 +142,14 @@ def session_with_event_streams(shell: Any, vm: Vm, name: str, label: str) -> Vir
                     event_settle=0)
 
 
-def protected_libvirt_world() -> tuple[LibvirtLiveWorld, WorldReach, Any]:
+def protected_libvirt_world(transport: str = "plain") -> tuple[LibvirtLiveWorld, WorldReach, Any]:
     """The protected VM as a libvirt domain ("web" on both hosts), in a world that migrates."""
     base, _, inv = protected_world()
     world = LibvirtLiveWorld(mode=base.mode, files=base.files, images=base.images, active_top=base.active_top)
     manifest = world.manifest
     world.files[str(REPLICAS / "manifest.json")] = replace(
-        manifest, hardware=manifest.hardware | {"libvirt_xml": DOMAIN_XML, "uid": 64055, "gid": 64055}).to_json()
+        manifest, transport=transport,
+        hardware=manifest.hardware | {"libvirt_xml": DOMAIN_XML, "uid": 64055, "gid": 64055}).to_json()
     vm: Vm = replace(inv.vms["web"], libvirt_domain="web", qmp_socket=None)
     return world, WorldReach(world), replace(inv, vms={"web": vm})
 

@@ -137,3 +137,16 @@ def test_live_failback_of_a_libvirt_domain_is_refused_with_why_and_changes_nothi
         failback_live(inv, reach, "web")
     assert "libvirt domain web on kvm2" in (err.value.hint or "")
     assert world.manifest.to_json() == before and world.dr_domain == "running"
+
+
+def test_over_tls_the_destination_reads_a_copy_of_the_key_its_qemu_user_owns_and_the_copy_goes() -> None:
+    world, reach, inv = protected_libvirt_world(transport="tls-psk")
+    failover.live_failover(inv, reach, "web")
+    assert_libvirt_domain_on_dr_with_every_write(world)
+    run_dir = str(inv.vms["web"].replica_dir / "vm")
+    [(directory, source, owner)] = world.key_copies
+    assert (directory, source, owner) == (f"{run_dir}/tls", f"{REPLICAS}/tls/keys.psk", "64055:64055")
+    tls_object = next(a for a in world.incoming_args if "tls-creds-psk" in a)
+    assert f'"dir": "{run_dir}/tls"' in tls_object and '"endpoint": "server"' in tls_object
+    assert world.incoming_args.index(tls_object) < world.incoming_args.index("-incoming")
+    assert f"dr rm {run_dir}/tls" in world.log  # dropped once the destination migrated
