@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from drtool.lab.lab import Lab
 from drtool.lab.libvirt_site import LabDomain, domain_xml, in_site, wait_libvirtd
+from drtool.services.failover import FAULT_ENV, HOOKS_ENV
 
 from .replication_helpers import drtool, drtool_ok, replica_has, status_json
 
@@ -301,3 +303,67 @@ def test_rollback_of_a_libvirt_failover_gives_the_source_domain_back_as_it_was(l
         for args in (("destroy", dom.name), ("undefine", dom.name)):
             libvirt_lab.virsh("site-b", *args)
         dom.remove()
+
+
+def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_moves_without_a_reboot(
+        libvirt_lab: Lab, tmp_path: Path):
+    """drtool's QMP flow under libvirt's eye: the DR copy is a libvirt domain that was migrated, not booted."""
+    started = time.monotonic()
+    dom = LabDomain(libvirt_lab, "lvlive", "site-a", sizes=("16M", "8M"))
+    try:
+        dom.virsh("autostart", dom.name)
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x1C)
+        # killed inside the guest's pause (the source at pre-switchover, the destination domain listening)
+        env = {**os.environ, HOOKS_ENV: "1", FAULT_ENV: "pre-switchover"}
+        killed = subprocess.run([sys.executable, "-m", "drtool", "--config", str(config), "failover", dom.name,
+                                 "--live", "--yes"], capture_output=True, text=True, timeout=300, env=env)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).stdout.strip() == "paused"  # the destination
+        drtool_ok(config, "failover", dom.name, "--rollback", "--yes")
+        assert libvirt_lab.virsh("site-b", "domstate", dom.name).returncode != 0  # transient: gone
+        assert dom.virsh("domstate", dom.name).strip() == "running"
+        assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)
+        dom.guest_write(1, 2 * MiB, MiB, 0x2C)  # replication goes on after the undo
+        assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk1"), 2 * MiB, MiB, 0x2C))
+
+        dom.guest_write(0, 3 * MiB, MiB, 0x3C)  # the last write before the move
+        said = json.loads(drtool_ok(config, "failover", dom.name, "--live", "--yes", "--json").stdout)
+        assert said["kind"] == "live" and said["live"]["ram_bytes"] > 0, said
+        # the DR copy runs under site-b's libvirt, resumed after a migration (a boot says "running (booted)")
+        assert libvirt_lab.virsh("site-b", "domstate", "--reason", dom.name).stdout.strip() == "running (unpaused)"
+        info = libvirt_lab.virsh("site-b", "dominfo", dom.name).stdout
+        assert "Persistent:     yes" in info, info
+        assert "qemu:commandline" not in libvirt_lab.virsh("site-b", "dumpxml", "--inactive", dom.name).stdout
+        log = (libvirt_lab.host_dir("site-b") / "libvirt" / "log" / "qemu" / f"{dom.name}.log").read_text()
+        assert log.count("starting up libvirt") == 2 and "-incoming defer" in log  # the killed try and this one
+        # the source domain is shut off and will not start with its host
+        assert dom.virsh("domstate", dom.name).strip() == "shut off"
+        assert "Autostart:      disable" in dom.virsh("dominfo", dom.name)
+        sources = libvirt_lab.virsh("site-b", "domblklist", dom.name, "--details").stdout
+        tops = [Path(line.split()[-1]) for line in sources.splitlines() if " vd" in line]
+        replicas = str(libvirt_lab.host_dir("site-b") / "replicas" / dom.name)
+        assert len(tops) == 2 and all(str(t).startswith(replicas) for t in tops), sources
+        assert not (Path(replicas) / "vm" / "tls").exists()  # the key's copy for libvirt's QEMU is gone
+        assert replica_has(tops[0], MiB, MiB, 0x1C) and replica_has(tops[0], 3 * MiB, MiB, 0x3C)
+        assert replica_has(tops[1], 2 * MiB, MiB, 0x2C)
+        entry = status_json(config, dom.name)
+        assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over")
+        DrDomain(libvirt_lab, dom.name).guest_write(0, 5 * MiB, MiB, 0x5C)  # its disks are active: it writes
+        assert replica_has(tops[0], 5 * MiB, MiB, 0x5C)
+        phases = json.loads((Path(replicas) / "manifest.json").read_text())["failover"]["migration"]["phases"]
+        print(f"\nlibvirt live failover: downtime {said['live']['downtime_seconds']} s, move "
+              f"{said['live']['move_seconds']} s, phases {phases}; test {time.monotonic() - started:.1f} s")
+        assert said["live"]["downtime_seconds"] is not None and said["live"]["downtime_seconds"] < 5, said["live"]
+    finally:
+        for args in (("destroy", dom.name), ("undefine", dom.name)):
+            libvirt_lab.virsh("site-b", *args)
+        dom.remove()
+
+
+class DrDomain(LabDomain):
+    """A domain drtool started on a lab host (no images of its own): writes through its device."""
+
+    def __init__(self, lab: Lab, name: str, host: str = "site-b") -> None:  # not LabDomain.__init__: the domain exists
+        self.lab, self.name, self.host = lab, name, host

@@ -69,7 +69,7 @@ from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import LIVE_STEPS, FailoverKind, FailoverRecord, Step
 from drtool.state.store import require_protected, select_vm
-from drtool.transport.connections import Reach
+from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import Event, EventSubscription, QmpSession
 from drtool.units import human_size
 
@@ -100,9 +100,6 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
                   confirm: Confirm = lambda plan: True) -> FailoverResult:
     started = time.monotonic()
     vm = select_vm(inventory, name)
-    if vm.libvirt_domain is not None:
-        raise Refused(f"{vm.name} is a libvirt domain: drtool does not migrate those live yet",
-                      hint=f"fail over with a reboot (drtool failover {vm.name}), or use virsh migrate")
     dr = reach.shell(vm.dr_host)
     notes: tuple[str, ...] = ()
     with reach.lock(vm):
@@ -113,7 +110,7 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
                               hint=f"finish it with drtool failover {vm.name} (without --live), or --rollback")
             if dry_run:
                 return _dry(vm, manifest, ("an interrupted live failover: a run finishes or undoes it",))
-            run = LiveFailover(reach, vm, manifest)
+            run = live_run(reach, vm, manifest)
             if run.settle() is Outcome.FINISHED:
                 return _finished(run, started, ("finished the interrupted live failover",))
             notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",)
@@ -127,7 +124,7 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
         manifest = require_protected(manifest, vm)
         manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
         notes = (*notes, resumed) if resumed else notes
-        run = LiveFailover(reach, vm, manifest)
+        run = live_run(reach, vm, manifest)
         run.refusals()
         if dry_run:
             return _dry(vm, manifest, notes)
@@ -169,7 +166,7 @@ def catch_up_replication(inventory: Inventory, reach: Reach, name: str) -> str:
 
 def rollback_live(reach: Reach, vm: Vm, manifest: Manifest) -> tuple[tuple[str, ...], str]:
     """`failover --rollback` of a live failover: undo it while the destination has not run; (undone, source state)."""
-    run = LiveFailover(reach, vm, manifest)
+    run = live_run(reach, vm, manifest)
     if run.done(Step.DR_STARTED) or run.destination().status == "running":
         raise Refused(f"{vm.name} already runs on {vm.dr_host} after its live failover: a rollback would lose "
                       "what it wrote there", hint=f"finish it with drtool failover {vm.name} --live")
@@ -178,6 +175,15 @@ def rollback_live(reach: Reach, vm: Vm, manifest: Manifest) -> tuple[tuple[str, 
         raise DrtoolError(f"the live failover of {vm.name} could not be undone")
     with reach.qmp(vm) as qmp:
         return steps, str(qmp.execute("query-status")["status"])
+
+
+def live_run(reach: Reach, vm: Vm, manifest: Manifest) -> LiveFailover:
+    """The live failover's steps for this VM: a libvirt domain's destination is a libvirt domain too."""
+    if vm.libvirt_domain is not None:
+        from .live_libvirt import LibvirtLiveFailover  # here: that module builds on this one
+
+        return LibvirtLiveFailover(reach, vm, manifest)
+    return LiveFailover(reach, vm, manifest)
 
 
 def live_plan(vm: Vm, manifest: Manifest) -> FailoverPlan:
@@ -194,6 +200,10 @@ def live_plan(vm: Vm, manifest: Manifest) -> FailoverPlan:
         Step.DR_STARTED: f"{vm.dr_host}: QMP cont on the destination: the guest runs on, no reboot",
         Step.SOURCE_STOPPED: f"{vm.host}: QMP quit on the source (postmigrate); stop the link relay",
     }
+    if vm.libvirt_domain is not None:
+        from .live_libvirt import libvirt_plan_lines  # here: that module builds on this one
+
+        described |= libvirt_plan_lines(vm)
     done = set(manifest.failover.steps) if manifest.failover is not None else set()
     lines = tuple(("(done) " if s in done else "") + f"{s.value}: {described[s]}" for s in LIVE_STEPS)
     return FailoverPlan(vm.name, FailoverKind.LIVE.value, lines,
@@ -272,16 +282,14 @@ class LiveFailover(FailoverSteps):
         tls = self.manifest.transport == "tls-psk"
         uri = migration_uri(self.manifest.nbd_address, self.port)
         self.intend(Step.DESTINATION_STARTED)
-        disks = {d.source_image: d.replica_image for d in self.manifest.disks}
-        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
             # while the destination starts: the source's session and settings, the target's stopper
             source_ready = pool.submit(self._prepared_source, stack, tls)
             stopper_ready = pool.submit(self._armed_stopper, stack)
-            start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout)
+            self.start_destination(tls)
             marks = {"destination_started": time.monotonic()}
             recorded = pool.submit(self.intend, Step.MIGRATION_STARTED)
-            dest = stack.enter_context(dr_vm_session(self.reach, self.vm))
+            dest = stack.enter_context(self.destination_session())
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None, tls_on_command_line=True)
             source, stopper = source_ready.result(), stopper_ready.result()
             recorded.result()
@@ -306,7 +314,9 @@ class LiveFailover(FailoverSteps):
             add_reverse_bitmaps(dest, nodes, reverse)  # before cont: every write of the DR copy is in it
             dest.execute("cont")
             marks["resumed"] = time.monotonic()
-            resumed = [e for e in _drain(dest_events) if e.get("event") == "RESUME"]
+            resumed = [e for e in _drain(dest_events, "RESUME") if e.get("event") == "RESUME"]
+            if resumed and not any(e.get("event") == "STOP" for e in seen):  # through virsh events lag
+                seen += _drain(source_events, "STOP")
             if str(dest.execute("query-status")["status"]) != "running":
                 raise DrtoolError(f"{self.vm.name} did not run on {self.vm.dr_host} after the migration")
             info = migration_status(source)
@@ -326,6 +336,35 @@ class LiveFailover(FailoverSteps):
                                                                                  "reverse_bitmap": reverse})
         self._stop_source()
 
+    # ------------------------------------------------------------------ the destination (live_libvirt.py: libvirt's)
+    def start_destination(self, tls: bool) -> None:
+        """QEMU on the DR host from the manifest's command line on the replica tops, waiting for the stream."""
+        disks = {d.source_image: d.replica_image for d in self.manifest.disks}
+        argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
+        start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout)
+
+    def destination_session(self) -> QmpSession:
+        return dr_vm_session(self.reach, self.vm)
+
+    def destination_exists(self) -> bool:
+        return vm_pid(self.dr, self.run_layout) is not None
+
+    def kill_destination(self) -> None:
+        kill_vm(self.dr, self.run_layout)
+
+    def quit_source(self, qmp: QmpSession) -> None:
+        """The source (postmigrate, not running) told to end."""
+        qmp.execute("quit")
+
+    def finish_source(self, src: RemoteShell) -> None:
+        """Wait until the source's QEMU process has ended."""
+        deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
+        while source_qemu_alive(src, self.vm):
+            if time.monotonic() > deadline:
+                raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
+                                  "after quit", hint="stop it, then run the same failover again")
+            time.sleep(0.2)
+
     def _disk_nodes(self, dest: QmpSession) -> list[str]:
         """The destination's format node of each replicated disk, in manifest order."""
         by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
@@ -336,7 +375,7 @@ class LiveFailover(FailoverSteps):
 
     def _record_reverse_bitmap(self) -> dict[str, object]:
         """A re-run that finds the destination running: the reverse bitmap it has, for the record."""
-        with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
+        with contextlib.suppress(DrtoolError), self.destination_session() as qmp:
             name = reverse_bitmap_on(qmp, self._disk_nodes(qmp))
             if name is not None:
                 return {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
@@ -372,13 +411,8 @@ class LiveFailover(FailoverSteps):
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.host} as well: drtool stopped nothing",
                                   hint="stop one of the two copies by hand")
-            qmp.execute("quit")
-        deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
-        while source_qemu_alive(src, self.vm):
-            if time.monotonic() > deadline:
-                raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
-                                  "after quit", hint="stop it, then run the same failover again")
-            time.sleep(0.2)
+            self.quit_source(qmp)
+        self.finish_source(src)
         stop_link(src, self.vm)
 
     # ------------------------------------------------------------------ a re-run, --rollback, a failure
@@ -390,10 +424,10 @@ class LiveFailover(FailoverSteps):
             return _Seen(False, "gone", "none")
 
     def destination(self) -> _Seen:
-        if vm_pid(self.dr, self.run_layout) is None:
+        if not self.destination_exists():
             return _Seen(False, "gone", "none")
         try:
-            with dr_vm_session(self.reach, self.vm) as qmp:
+            with self.destination_session() as qmp:
                 return _Seen(True, str(qmp.execute("query-status")["status"]), str(migration_status(qmp)["status"]))
         except UnreachableError:
             return _Seen(True, "unknown", "none")
@@ -416,7 +450,7 @@ class LiveFailover(FailoverSteps):
             switched = True  # the source quit or died after the switch: the destination has everything
         if switched and allow_finish and dest.alive and dest.migration == "completed":
             reverse: dict[str, object] = {}
-            with contextlib.suppress(QmpError, UnreachableError), dr_vm_session(self.reach, self.vm) as qmp:
+            with contextlib.suppress(QmpError, UnreachableError), self.destination_session() as qmp:
                 name = reverse_bitmap_name()
                 add_reverse_bitmaps(qmp, self._disk_nodes(qmp), name)
                 reverse = {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
@@ -438,7 +472,7 @@ class LiveFailover(FailoverSteps):
             with self.reach.qmp(self.vm) as qmp:
                 if not switched:
                     cancel_migration(qmp)
-        kill_vm(self.dr, self.run_layout)  # only now can the source run without a second copy
+        self.kill_destination()  # only now can the source run without a second copy
         if source_alive:
             with self.reach.qmp(self.vm) as qmp:
                 if str(qmp.execute("query-status")["status"]) != "running":
@@ -453,11 +487,16 @@ class LiveFailover(FailoverSteps):
         return Outcome.UNDONE
 
 
-def _drain(events: EventSubscription) -> list[Event]:
-    """Every event already queued, waiting briefly for the first (RESUME follows cont at once)."""
+def _drain(events: EventSubscription, until: str, timeout: float = 1.0) -> list[Event]:
+    """Every event already queued, waiting up to timeout for the one named `until` (RESUME follows cont at
+    once on QEMU's own monitor; through virsh's event stream it may come after cont's reply)."""
     out: list[Event] = []
-    event = events.get(timeout=1.0)
-    while event is not None:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        event = events.get(timeout=left)
+        if event is None:
+            break
         out.append(event)
-        event = events.get(timeout=0)
+        if event.get("event") == until:
+            break
     return out

@@ -81,8 +81,10 @@ def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResu
     started = time.monotonic()
     vm = select_vm(inventory, name)
     if vm.libvirt_domain is not None:
-        raise Refused(f"{vm.name} is a libvirt domain: drtool does not migrate those live yet",
-                      hint=f"fail back with a reboot: drtool recover {vm.name} --failback")
+        raise Refused(f"{vm.name} is a libvirt domain: drtool fails those over live but not back yet (recover "
+                      "--reprotect does not reach a DR copy that libvirt runs, so nothing replicates home)",
+                      hint=f"it runs as libvirt domain {vm.libvirt_domain} on {vm.dr_host}; see README, libvirt "
+                           "domains")
     outcome, failure = _move(inventory, reach, name, started, interrupted_only=True)
     if outcome == UNDONE:  # an interrupted one was undone: catch up, then move afresh
         reprotect(inventory, reach, name)
