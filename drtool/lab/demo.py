@@ -110,8 +110,10 @@ def run_demo(root_dir: Path | None = None, say: Callable[[str], None] = _say) ->
         lost_s = max(0.0, promised_t - found.b.last_t) if lost else 0.0
         verdict = "in write order, no gap, nothing torn" if not found.problems() else "; ".join(found.problems())
         say(f"as the guest measured it: acknowledged up to record {promised_n} at site-a, found 1..{found.b.max} at "
-            f"site-b ({verdict}); RPO {lost} records = {lost_s:.1f} s of writes (async mode: the writes since the "
-            f"newest point); RTO {rto:.1f} s from the failover command to the guest's report, its boot included. "
+            f"site-b ({verdict}); RPO {lost} records = {lost_s:.1f} s of writes by the guest's own clock (async "
+            "mode: the writes since the newest point; that clock stops while a point pauses the VM and may run "
+            "behind the hosts' clocks under TCG, by which drtool gave its RPO above); "
+            f"RTO {rto:.1f} s from the failover command to the guest's report, its boot included. "
             "The writer goes on from the next record.")
         _drtool(config, "status")
     say("lab torn down")

@@ -124,9 +124,10 @@ def rpo(manifest: Manifest, kind: str, point: RecoveryPoint | None, seen: Source
     last_write = (f"the DR host last received from the source at {_clock(last_seen)}, when the point was "
                   f"{seen_age:g} s old; the source went on writing for the replication lag after that")
     if seen.open_connections:
-        return None, "unknown", (f"at least {seen_age:g} s: {last_write}, and the DR host never saw the source go "
-                                 "away (the link or its host failed): writes it made after that, if it ran on, "
-                                 "are lost")
+        return None, "unknown", (f"at least {seen_age:g} s by the hosts' clocks (the guest's own clock may count "
+                                 f"less: it stops while the VM is paused and may lag under emulation): {last_write}, "
+                                 "and the DR host never saw the source go away (the link or its host failed): "
+                                 "writes it made after that, if it ran on, are lost")
     gone_age = max(seen_age, round(_point_age(point, seen.observed_at), 1))
     return gone_age, "upper bound", (f"the point's age when the DR host found the source's connections closed "
                                      f"({_clock(seen.observed_at)}): {last_write}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import pytest
 
-from drtool.lab.guest import build_guest
+from drtool.lab.guest import Ack, build_guest
+from drtool.mechanics.link import LINK_TIMEOUT
 
 from .guest_drills import (
     fail_over_and_verify,
@@ -64,18 +66,38 @@ def test_sync_failover_after_the_link_failed_first_says_since_when_and_not_rpo_0
     cut_at = time.time()
     lab.cut_site_link("site-a", "site-b")
     acked_at_cut = vm.console.last_ack().n
-    # sync mode waits for the DR side up to the link timeout, then the guest writes on unreplicated.
-    # 20 more, not 10: a record that reached the DR side just before the cut may be acknowledged on the
-    # console after acked_at_cut was read (seen once: exactly 10 lost)
-    vm.console.wait_for("writes after the cut", lambda: vm.console.last_ack().n > acked_at_cut + 20, timeout=120)
+    # sync mode holds the guest's next write for the DR side until the link counts as dead, then the guest
+    # writes on unreplicated. The console lags the disks (an ack printed after acked_at_cut was read once
+    # left exactly 10 lost against "more than 10"): the first ack after that stall is the anchor, as every
+    # record after it was written with the link already down
+    stalled = vm.console.wait_for("the writer held by the cut, then 20 writes past it",
+                                  lambda: _after_the_stall(vm.console.acks(), acked_at_cut, 20), timeout=180)
     outcome = fail_over_and_verify(lab, vm, config, "sync-link-first", vm.name, "--force", link_up=False)
     assert outcome.report.problems() == []
-    assert outcome.rpo_records > 10  # the guest saw it: what it wrote after the cut is gone
+    print(f"the writer was held {stalled.held:.1f} s (guest clock) at record {stalled.ack.n}", flush=True)
+    # the guest saw it: what it wrote after the cut is gone
+    assert outcome.report.b.max <= stalled.ack.n, f"the DR copy holds records written after the cut: {outcome.line()}"
+    assert outcome.rpo_records >= outcome.last_ack.n - stalled.ack.n >= 20
     said = outcome.drtool_report
     assert said["rpo_bound"] == "unknown" and said["rpo_seconds"] is None and "last heard" in said["rpo_reason"]
     seen = manifest_of(lab, vm)["failover"]["source_seen"]
     heard_at = seen["observed_at"] - seen["heard_ago"]
     assert abs(heard_at - cut_at) < 3, f"the DR host last heard the source at {heard_at}, the link was cut at {cut_at}"
+
+
+@dataclass(frozen=True)
+class _Stall:
+    ack: Ack  # the first record acknowledged after the stall
+    held: float  # s on the guest's clock since the ack before it
+
+
+def _after_the_stall(acks: list[Ack], after: int, then: int) -> _Stall | None:
+    """The sync write held by a dead link: the first ack above `after` at least half LINK_TIMEOUT after the one
+    before it (a writing guest acks every few tens of ms), once `then` more records followed it."""
+    for before, ack in itertools.pairwise(acks):
+        if ack.n > after and ack.t - before.t >= LINK_TIMEOUT / 2:
+            return _Stall(ack, ack.t - before.t) if acks[-1].n >= ack.n + then else None
+    return None
 
 
 def checkpoints_while_writing(vm, config, count: int, every: float = 3.0) -> int:

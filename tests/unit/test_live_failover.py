@@ -6,6 +6,8 @@ host, it has every record the guest wrote at the source.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,11 +16,12 @@ from drtool.errors import DrtoolError, Refused
 from drtool.services import failover
 from drtool.services.failover import live
 from drtool.services.status import vm_status
+from drtool.state.ages import ROLLBACK_FORCE_AFTER
 from drtool.state.protection import Health, Protection
 from drtool.state.records import LIVE_STEPS, FailoverKind, Step
 
 from .live_world import LiveWorld, protected_live_world
-from .world import Killed
+from .world import REPLICAS, Killed
 
 
 @pytest.fixture(autouse=True)
@@ -135,9 +138,31 @@ def test_rollback_refused_once_the_destination_runs() -> None:
     with pytest.raises(Killed):
         failover.live_failover(inv, reach, "web")
     world.revive()
-    with pytest.raises(Refused, match="already runs on kvm2"):
+    with pytest.raises(Refused, match="already runs on kvm2") as err:
         failover.rollback(inv, reach, "web")
+    assert err.value.hint == ("finish it with drtool failover web --live, then drtool recover web --reprotect, "
+                              "then drtool recover web --failback --live")
     assert world.dr_vm_status == "running" and world.running_copies() == 1
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_rollback_of_a_live_failover_done_long_ago_is_refused_before_any_force_question(force: bool) -> None:
+    """The refusal comes first: no plan, no "add --force" for a rollback that would be refused anyway."""
+    world, reach, inv = protected_live_world()
+    failover.live_failover(inv, reach, "web")
+    long_ago = (datetime.now(UTC) - timedelta(seconds=ROLLBACK_FORCE_AFTER + 3600)).isoformat(timespec="seconds")
+    done = world.manifest
+    assert done.failover is not None
+    world.files[str(REPLICAS / "manifest.json")] = replace(
+        done, failover=replace(done.failover, finished_at=long_ago)).to_json()
+    asked: list[object] = []
+    with pytest.raises(Refused, match="web already runs on kvm2 after its live failover") as err:
+        failover.rollback(inv, reach, "web", force=force, confirm=lambda plan: not asked.append(plan))
+    assert asked == [] and "--force" not in str(err.value)
+    assert err.value.hint == ("bring it home without a reboot: drtool recover web --reprotect, "
+                              "then drtool recover web --failback --live")
+    assert world.dr_vm_status == "running" and world.running_copies() == 1
+    assert world.manifest.failover == replace(done.failover, finished_at=long_ago)
 
 
 def test_a_destination_that_cannot_run_is_killed_and_the_source_resumes(catch_up: list[str]) -> None:

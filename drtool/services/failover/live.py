@@ -164,16 +164,24 @@ def catch_up_replication(inventory: Inventory, reach: Reach, name: str) -> str:
     return f"replication caught up ({done.action}: {human_size(done.bytes_sent)} sent)"
 
 
-def rollback_live(reach: Reach, vm: Vm, manifest: Manifest) -> tuple[tuple[str, ...], str]:
-    """`failover --rollback` of a live failover: undo it while the destination has not run; (undone, source state)."""
+def live_rollback_or_refusal(reach: Reach, vm: Vm, manifest: Manifest) -> LiveFailover:
+    """The live failover a --rollback undoes, or Refused once its destination has run: asked first, before
+    the rollback's plan (whose age check would ask for --force to discard what can only be brought home)."""
     run = live_run(reach, vm, manifest)
-    if run.done(Step.DR_STARTED) or run.destination().status == "running":
-        raise Refused(f"{vm.name} already runs on {vm.dr_host} after its live failover: a rollback would lose "
-                      "what it wrote there", hint=f"finish it with drtool failover {vm.name} --live")
+    if not (run.done(Step.DR_STARTED) or run.destination().status == "running"):
+        return run
+    home = f"drtool recover {vm.name} --reprotect, then drtool recover {vm.name} --failback --live"
+    raise Refused(f"{vm.name} already runs on {vm.dr_host} after its live failover: a rollback would lose what it "
+                  "wrote there", hint=f"bring it home without a reboot: {home}" if run.done(Step.SOURCE_STOPPED)
+                  else f"finish it with drtool failover {vm.name} --live, then {home}")
+
+
+def rollback_live(run: LiveFailover) -> tuple[tuple[str, ...], str]:
+    """`failover --rollback` of a live failover whose destination has not run; (undone, source state)."""
     steps = tuple(s.value for s in reversed(run.record.steps))
     if run.settle(allow_finish=False) is not Outcome.UNDONE:
-        raise DrtoolError(f"the live failover of {vm.name} could not be undone")
-    with reach.qmp(vm) as qmp:
+        raise DrtoolError(f"the live failover of {run.vm.name} could not be undone")
+    with run.reach.qmp(run.vm) as qmp:
         return steps, str(qmp.execute("query-status")["status"])
 
 

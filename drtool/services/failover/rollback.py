@@ -26,7 +26,7 @@ from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
 
 from .command import Confirm
-from .live import rollback_live
+from .live import live_rollback_or_refusal, rollback_live
 from .plan import FailoverPlan
 
 
@@ -53,14 +53,16 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if record.kind is FailoverKind.UNPLANNED:
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
+        # a live one that ran on the DR host can only go home (recover): refused before the plan asks anything
+        live = live_rollback_or_refusal(reach, vm, manifest) if record.kind is FailoverKind.LIVE else None
         steps = tuple(s.value for s in record.steps)
         libvirt_xml = manifest.hardware.get("libvirt_xml") if vm.libvirt_domain is not None else None
         the_plan = FailoverPlan(vm.name, "rollback", tuple(f"undo {s}" for s in reversed(steps)),
                                 (discarded_writes(vm, record, force),))
         if not confirm(the_plan):
             raise Refused("rollback not confirmed; nothing was changed")
-        if record.kind is FailoverKind.LIVE:
-            undone, state = rollback_live(reach, vm, manifest)
+        if live is not None:
+            undone, state = rollback_live(live)
             return RollbackResult(vm.name, undone, state)
         if record.done(Step.REPLICATION_STOPPED) and not _source_alive(reach, vm):
             # first, before the DR copy is touched: if the source cannot come back, nothing is lost.
