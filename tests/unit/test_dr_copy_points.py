@@ -27,6 +27,7 @@ from drtool.mechanics.points import prepare_point
 from drtool.services import checkpoint, failover
 from drtool.services.failover import planned
 from drtool.services.failover.rollback import rollback
+from drtool.services.recover.failback import forward_manifest
 from drtool.services.recover.reprotect import point_below_tops
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverKind
@@ -293,3 +294,12 @@ def test_the_transaction_names_a_disk_the_dr_copy_lacks() -> None:
     pending = replace(world.manifest, disks=(replace(world.manifest.disks[0], replica_image="/dr/web/gone.qcow2"),))
     with WorldQmp(world, world.dr_vm_qmp) as qmp, pytest.raises(DrtoolError, match="no node for /dr/web/gone"):
         dr_copy_transaction(qmp, prepare_point(pending, TargetLayout(REPLICAS), DRAINED, 0))
+
+
+def test_failback_keeps_the_points_taken_on_the_dr_copy_and_the_tops_they_moved_to() -> None:
+    world, reach, inv = failed_over()
+    [result] = checkpoint.checkpoint(inv, reach, ["web"]).results
+    assert result.point is not None
+    home, dropped = forward_manifest(world.manifest, REPLICAS)  # what the target restarts on, cold or live
+    assert dropped == () and home.points == world.manifest.points
+    assert home.disks[0].replica_image == world.dr_vm  # the top the DR copy ran on, above the new point
