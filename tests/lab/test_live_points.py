@@ -10,6 +10,7 @@ point is still a point of the DR chain and a checkpoint at home works.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -61,7 +62,8 @@ def test_points_and_retention_on_the_live_failed_over_chain_and_home_again(lab, 
     started = time.monotonic()
     vm = start_guest_vm(lab, guest, "lpts")
     # one point a week: the second checkpoint lets the first go (unless a week's bucket ends between the two)
-    config = lab.write_config(tmp_path / "drtool.toml", {vm.name: {"dr_host": "site-b", "retention": ["weekly for 1w"]}})
+    config = lab.write_config(tmp_path / "drtool.toml",
+                              {vm.name: {"dr_host": "site-b", "retention": ["weekly for 1w"]}})
     try:
         protect_guest(lab, vm, config)
         run_drtool(config, "failover", vm.name, "--live", "--yes")
@@ -77,7 +79,7 @@ def test_points_and_retention_on_the_live_failed_over_chain_and_home_again(lab, 
         acked = dr.last_ack()
         second = checkpoint(config, vm)
         window = [a for a in dr.acks() if a.n >= acked.n]  # the guest's acks while the checkpoint ran
-        gaps = sorted(b.t - a.t for a, b in zip(window, window[1:], strict=False))
+        gaps = sorted(b.t - a.t for a, b in itertools.pairwise(window))
         print(f"\ncheckpoints on the DR copy: I/O held {first['quiesced_seconds']:.3f} s and "
               f"{second['quiesced_seconds']:.3f} s (the transaction); guest's gaps between acks while the second "
               f"ran: median {gaps[len(gaps) // 2] if gaps else 0:.2f} s, largest {max(gaps, default=0):.2f} s "
