@@ -114,10 +114,48 @@ def test_points_and_retention_on_the_live_failed_over_chain_and_home_again(lab, 
         assert home["error"] is None and home["point"]["quiesce"] == "paused", home
         after = manifest_of(lab, vm)
         assert after["state"] == "protected" and [p["id"] for p in after["points"]][-1] == home["point"]["id"]
-        print(f"test_live_points: {time.monotonic() - started:.1f} s", flush=True)
+        print(f"test_live_points (live): {time.monotonic() - started:.1f} s", flush=True)
     finally:
-        kill_home_qemu(vm)
-        kill_pidfile(lab.host_dir("site-a") / "drtool" / vm.name / "reverse" / "target.pid")
-        kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")
-        kill_pidfile(lab.replica_dir(vm.name) / "target.pid")
-        stop_dr_copy(lab, vm)
+        _clean(lab, vm)
+
+
+def test_a_point_taken_after_a_cold_failover_comes_home_with_every_record(lab, guest, tmp_path):
+    """Cold planned failover (the guest reboots at DR), a point on the DR copy, then home by reprotect and cold
+    failback: the reprotect rewinds the old disks to that point, not the final one (a sync=top mirror would
+    miss what the DR copy wrote below its new top), and the guest at home finds every record it was promised."""
+    started = time.monotonic()
+    vm = start_guest_vm(lab, guest, "lptc")
+    config = lab.write_config(tmp_path / "drtool.toml", {vm.name: {"dr_host": "site-b", "retention": ["all"]}})
+    try:
+        protect_guest(lab, vm, config)
+        run_drtool(config, "failover", vm.name, "--yes")
+        vm.process.wait(30)
+        dr = lab.dr_console(vm.name)
+        dr.wait_verify(timeout=180)
+        dr.wait_acks(10, timeout=120)
+        taken = checkpoint(config, vm)
+        assert taken["error"] is None and taken["point"]["quiesce"] == "drained", taken
+        dr.wait_acks(len(dr.acks()) + 10, timeout=120)
+        reprotected = json.loads(run_drtool(config, "recover", vm.name, "--reprotect", "--json").stdout)
+        assert (reprotected["method"], reprotected["point"]) == ("hashes", taken["point"]["id"]), reprotected
+        dr.wait_acks(len(dr.acks()) + 5, timeout=180)
+        run_drtool(config, "recover", vm.name, "--failback")
+        promised = dr.last_ack()
+        home = vm.console.wait_verify(timeout=180)
+        assert home.problems() == [], home
+        assert home.b.max >= promised.n, f"acknowledged at the DR site up to {promised.n}, home has {home.b.max}"
+        listed = json.loads(run_drtool(config, "points", vm.name, "--json").stdout)
+        assert taken["point"]["id"] in [p["id"] for p in listed["points"]]
+        assert checkpoint(config, vm)["error"] is None
+        print(f"\ntest_live_points (cold): {time.monotonic() - started:.1f} s", flush=True)
+    finally:
+        _clean(lab, vm)
+
+
+def _clean(lab: Lab, vm: LabVm) -> None:
+    """What the round trip started outside the lab's own processes."""
+    kill_home_qemu(vm)
+    kill_pidfile(lab.host_dir("site-a") / "drtool" / vm.name / "reverse" / "target.pid")
+    kill_pidfile(lab.host_dir("site-b") / "drtool" / "rev" / f"{vm.name}.link.pid")
+    kill_pidfile(lab.replica_dir(vm.name) / "target.pid")
+    stop_dr_copy(lab, vm)
