@@ -29,7 +29,8 @@ from drtool.services.failover import planned
 from drtool.services.failover.rollback import rollback
 from drtool.services.recover.failback import forward_manifest
 from drtool.services.recover.reprotect import point_below_tops
-from drtool.state.protection import Protection
+from drtool.services.status import problems, vm_status
+from drtool.state.protection import Health, Protection
 from drtool.state.records import FailoverKind
 from drtool.transport.qmp import EventSubscription
 
@@ -97,6 +98,10 @@ class ChainWorld(World):
             return {}
         if command == "query-block-jobs":
             return []
+        if command == "query-block":
+            return [{"device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+                     "inserted": {"node-name": f"n-{self.dr_vm}", "drv": "qcow2", "file": self.dr_vm,
+                                  "image": {"virtual-size": 1 << 26, "filename": self.dr_vm}}}]
         if command == "block-commit":
             top, base = args["top-node"].removeprefix("n-"), args["base-node"].removeprefix("n-")
             above = next(i for i, b in self.backing.items() if b == top)
@@ -303,3 +308,14 @@ def test_failback_keeps_the_points_taken_on_the_dr_copy_and_the_tops_they_moved_
     home, dropped = forward_manifest(world.manifest, REPLICAS)  # what the target restarts on, cold or live
     assert dropped == () and home.points == world.manifest.points
     assert home.disks[0].replica_image == world.dr_vm  # the top the DR copy ran on, above the new point
+
+
+def test_status_shows_the_dr_copys_points_without_calling_them_a_problem() -> None:
+    world, reach, inv = failed_over()
+    checkpoint.checkpoint(inv, reach, ["web"])
+    report = vm_status(inv, reach)
+    [vm] = report.vms
+    assert vm.protection is Health.FAILED_OVER and vm.run_state == "running" and vm.error is None
+    assert vm.newest_point_age is not None and vm.newest_point_age < 60
+    assert [d.image for d in vm.disks] == [world.manifest.disks[0].replica_image]
+    assert problems(report) == []
