@@ -25,7 +25,9 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_vm import dr_run_layout, vm_pid
 from drtool.state.manifest import Manifest, RecoveryPoint, now
+from drtool.state.protection import Protection
 from drtool.state.records import PendingPoint
 from drtool.state.store import load_manifest, save_manifest
 from drtool.transport.connections import RemoteShell
@@ -140,10 +142,18 @@ def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     manifest = load_manifest(dr, vm)
     if manifest is None or manifest.pending_point is None:
         return manifest
-    manifest, changed = settle_pending(dr, manifest, target_pid(dr, TargetLayout(vm.replica_dir)))
+    # the witness: the QEMU that took the point, the DR copy's once the VM runs there (dr_points.py)
+    witness = (vm_pid(dr, dr_run_layout(vm.replica_dir)) if runs_on_dr_copy(manifest)
+               else target_pid(dr, TargetLayout(vm.replica_dir)))
+    manifest, changed = settle_pending(dr, manifest, witness)
     if changed:
         save_manifest(dr, vm, manifest)
     return manifest
+
+
+def runs_on_dr_copy(manifest: Manifest) -> bool:
+    """The VM runs failed over on its DR host: its QEMU, not a replication target, holds the replicas."""
+    return manifest.state is Protection.FAILED_OVER or manifest.state.reverse
 
 
 def _backing_of(shell: RemoteShell, image: str) -> str | None:

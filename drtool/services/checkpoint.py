@@ -6,6 +6,8 @@ had nothing to copy for longer than its polling interval, the point is taken
 on the DR target for all disks in one QMP transaction, and the source resumes.
 The pause is measured and reported. Then, still under the VM's lock, the
 points the VM's retention rules no longer keep are deleted (points.py).
+Failed over after a planned failover, the VM's QEMU on the DR host takes the
+point on its own chain instead, without a pause (dr_points.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from typing import Any
 from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode, Refused, RemoteCommandError, UsageError, VmUnreachable
+from drtool.mechanics.dr_points import dr_copy_refusal, on_dr_copy_chain, take_dr_copy_point
 from drtool.mechanics.dr_target import TargetLayout, target_pid
+from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, vm_pid
 from drtool.mechanics.fleet import group_by
 from drtool.mechanics.hardware import read_hardware_many, recheck_hardware
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
-from drtool.mechanics.points import delete_points, load_settled_manifest, pin_point
+from drtool.mechanics.points import delete_points, load_settled_manifest, pin_point, runs_on_dr_copy
 from drtool.retention import points_to_delete
 from drtool.services.concurrent import map_concurrently
 from drtool.state.kept import keep_entry
@@ -131,9 +135,13 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
             manifest = load_settled_manifest(dr, vm)
             if skip_unprotected and (manifest is None or manifest.state is Protection.UNPROTECTED):
                 return CheckpointResult(vm.name, None, None, "not protected: skipped")
-            if skip_unprotected and manifest is not None and manifest.state.failing_over \
-                    and manifest.state is not Protection.FAILING_OVER:  # runs there now
-                return CheckpointResult(vm.name, None, None, f"{manifest.state.value} to {vm.dr_host}: skipped")
+            if manifest is not None and runs_on_dr_copy(manifest):  # a point on the DR copy's own chain
+                refused = dr_copy_refusal(vm, manifest)
+                if refused is None:
+                    return _checkpoint_dr_copy(inventory, reach, dr, vm, manifest, keep)
+                if skip_unprotected:
+                    return CheckpointResult(vm.name, None, None, f"{refused.message}: skipped")
+                raise refused
             manifest = require_protected(manifest, vm)
             manifest, resumed = resume_own_pause(reach, dr, vm, manifest)
             notes = (resumed,) if resumed else ()
@@ -168,14 +176,36 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
         return CheckpointResult(vm.name, None, None, str(err), err.exit_code)
 
 
+def _checkpoint_dr_copy(inventory: Inventory, reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest,
+                        keep: bool) -> CheckpointResult:
+    """A point taken by the failed-over VM's own QEMU on the DR host (dr_points.py); under the VM's lock."""
+    if vm_pid(dr, dr_run_layout(vm.replica_dir)) is None:
+        raise Refused(f"{vm.name} is {manifest.state.value} to {vm.dr_host}, but its DR copy is not running there",
+                      hint=f"see drtool status {vm.name}")
+    keep_entry(inventory, reach, vm)
+    with dr_vm_session(reach, vm) as qmp:
+        manifest, seconds = take_dr_copy_point(qmp, dr, vm, manifest)
+        if keep:
+            manifest = pin_point(dr, vm, manifest, manifest.points[-1].id, True)
+        point = manifest.points[-1]
+        deleted, failure = apply_retention(qmp, dr, vm, manifest)
+    if failure:
+        return CheckpointResult(vm.name, point, seconds, f"point {point.id} taken, but {failure}",
+                                ExitCode.FAILED, deleted)
+    return CheckpointResult(vm.name, point, seconds, deleted=deleted)
+
+
 def apply_retention(target: QmpSession, dr: RemoteShell, vm: Vm, manifest: Manifest,
                     now: datetime | None = None) -> tuple[tuple[str, ...], str]:
     """Delete the points vm.retention does not keep; (ids deleted, what failed or "").
 
-    Only in the plain protected state: never while a failover or drill is
-    recorded, whose VM may be running on a point's images.
+    Only in the plain protected state, through the replication target, or
+    failed over after a planned failover, through the DR copy (`target` is then
+    its session; dr_points.py); never while a drill is recorded, nor during
+    other failover stages: a VM may be running on a point's images.
     """
-    if manifest.state is not Protection.PROTECTED or manifest.failover is not None or manifest.drill is not None:
+    plain = manifest.state is Protection.PROTECTED and manifest.failover is None
+    if not (plain or on_dr_copy_chain(manifest)) or manifest.drill is not None:
         return (), ""
     doomed = points_to_delete(manifest.points, vm.retention, now or datetime.now(UTC))
     if not doomed:

@@ -225,11 +225,13 @@ def _failed_over_status(reach: Reach, vm: Vm, manifest: Manifest) -> VmStatus:
             devices = parse_query_block(qmp.execute("query-block"))
     except DrtoolError as err:
         return VmStatus(vm.name, vm.dr_host, vm.dr_host, None, protection, error=str(err), exit_code=err.exit_code,
-                        mode=manifest.mode, transport=manifest.transport, reason=reason, state=manifest.state)
+                        mode=manifest.mode, transport=manifest.transport, reason=reason, state=manifest.state,
+                        newest_point_age=point_age(manifest))
     disks = tuple(DiskStatus(d.device, d.node_name, d.format, d.virtual_size, d.image, True, Health.FAILED_OVER,
                              None, "runs on the DR host") for d in devices)
     return VmStatus(vm.name, vm.dr_host, vm.dr_host, run_state, protection, disks, mode=manifest.mode,
-                    transport=manifest.transport, reason=reason, state=manifest.state)
+                    transport=manifest.transport, reason=reason, state=manifest.state,
+                    newest_point_age=point_age(manifest))  # points go on there (dr_points.py)
 
 
 def _disk_status(vm: Vm, device: BlockDevice, job: JobState | None, replicated: bool,

@@ -53,6 +53,11 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         if record.kind is FailoverKind.UNPLANNED:
             raise Refused(f"{vm.name}'s {record.kind.value} failover cannot be rolled back",
                           hint="after an unplanned failover, fail back with a new protection from the DR host")
+        taken_there = points_after(manifest, record.point)
+        if record.kind is FailoverKind.PLANNED and taken_there:
+            raise Refused(f"{vm.name} has points taken on its DR copy since the failover ({', '.join(taken_there)}): "
+                          "a rollback would discard what they hold",
+                          hint=f"come home without losing them: drtool recover {vm.name} --reprotect, then --failback")
         # a live one that ran on the DR host can only go home (recover): refused before the plan asks anything
         live = live_rollback_or_refusal(reach, vm, manifest) if record.kind is FailoverKind.LIVE else None
         steps = tuple(s.value for s in record.steps)
@@ -96,6 +101,17 @@ def rollback(inventory: Inventory, reach: Reach, name: str, *, force: bool = Fal
         save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, "failover rolled back"),
                                       failover=None, source_pause=None))
     return RollbackResult(vm.name, tuple(reversed(steps)), state)
+
+
+def points_after(manifest: Manifest, point_id: str | None) -> tuple[str, ...]:
+    """The points listed after the failover's final point: taken on the DR copy (dr_points.py).
+
+    Retention deletes the final point only once a newer one exists: then the newest at least was.
+    """
+    ids = [p.id for p in manifest.points]
+    if point_id is None or not ids:
+        return ()
+    return tuple(ids[ids.index(point_id) + 1:]) if point_id in ids else (ids[-1],)
 
 
 def discarded_writes(vm: Vm, record: FailoverRecord, force: bool) -> str:

@@ -66,7 +66,7 @@ from drtool.mechanics.replication import (
 )
 from drtool.state.manifest import Manifest, ReplicaDisk, now
 from drtool.state.protection import Protection
-from drtool.state.records import ReprotectRecord
+from drtool.state.records import FailoverKind, ReprotectRecord
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
@@ -142,7 +142,7 @@ def reprotect(inventory: Inventory, reach: Reach, name: str, *,
         record = manifest.reprotect
         if record is None or manifest.state is Protection.FAILED_OVER:
             method = BITMAP_METHOD if live_reverse_bitmap(manifest) else "hashes"
-            record = ReprotectRecord(now(), method, manifest.failover.point if manifest.failover else None,
+            record = ReprotectRecord(now(), method, point_below_tops(manifest),
                                      free_nbd_port(home), disk_bytes=sum(d.virtual_size for d in manifest.disks))
         work = ReverseReplication(inventory, reach, vm, manifest, record, dr, home)
         if manifest.state is Protection.REPROTECTED and work.healthy():
@@ -156,6 +156,22 @@ def reprotect(inventory: Inventory, reach: Reach, name: str, *,
     return work.result(started, resumed=resumed)
 
 
+def point_below_tops(manifest: Manifest) -> str | None:
+    """The point the DR copy's disks are "that point plus their top": what the old images are rewound to.
+
+    Unplanned: the point it started from. Planned (cold or live): the newest
+    point, right below the replica tops it runs on; that is the final point, or
+    one taken on the DR copy since (dr_points.py), whose images hold what it
+    wrote before.
+    """
+    record = manifest.failover
+    if record is None:
+        return None
+    if record.kind is FailoverKind.UNPLANNED or not manifest.points:
+        return record.point
+    return manifest.points[-1].id
+
+
 def _require_failed_over(manifest: Manifest | None, vm: Vm) -> Manifest:
     if manifest is None or manifest.state is Protection.UNPROTECTED:
         raise Refused(f"{vm.name} is not protected: there is nothing to recover",
@@ -163,7 +179,7 @@ def _require_failed_over(manifest: Manifest | None, vm: Vm) -> Manifest:
     if manifest.state not in (Protection.FAILED_OVER, Protection.REPROTECTING, Protection.REPROTECTED):
         raise Refused(f"{vm.name} has not failed over (state {manifest.state.value}): reprotect protects a "
                       "failed-over VM back to its original host", hint=f"see drtool status {vm.name}")
-    if manifest.failover is None or (manifest.failover.point is None and live_reverse_bitmap(manifest) is None):
+    if manifest.failover is None or (point_below_tops(manifest) is None and live_reverse_bitmap(manifest) is None):
         raise Refused(f"{vm.name}'s failover record names no point to start from",
                       hint="this is a drtool bug; nothing was changed, please report it")
     return manifest
