@@ -35,7 +35,15 @@ from enum import Enum
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
 from drtool.mechanics.blockinfo import parse_query_block
-from drtool.mechanics.dr_target import PSK_USER, free_nbd_port, source_tls_dir, start_target, stop_target, target_pid
+from drtool.mechanics.dr_target import (
+    PSK_USER,
+    free_nbd_port,
+    push_dh_params,
+    source_tls_dir,
+    start_target,
+    stop_target,
+    target_pid,
+)
 from drtool.mechanics.dr_vm import dr_vm_session, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.link import start_link, stop_link
@@ -47,11 +55,13 @@ from drtool.mechanics.migration import (
     SWITCH_TIMEOUT,
     ArmedStop,
     Figures,
+    HostQemu,
     MigrationFailed,
     add_reverse_bitmaps,
     cancel_migration,
     destination_mismatch,
     event_time,
+    host_qemu,
     incoming_argv,
     listen_for_migration,
     migration_status,
@@ -75,6 +85,7 @@ from drtool.units import human_size
 
 from .command import Confirm, FailoverResult
 from .plan import FailoverPlan
+from .sessions import in_background
 from .steps import FAULT_ENV, HOOKS_ENV, FailoverSteps
 
 SOURCE_QUIT_TIMEOUT = 30.0
@@ -221,6 +232,8 @@ def _finished(run: LiveFailover, started: float, notes: tuple[str, ...]) -> Fail
 class LiveFailover(FailoverSteps):
     """One live failover's steps (see the module docstring)."""
 
+    _dh_params_missing = False  # refusals found the DR host's TLS directory without DH parameters
+
     def intend(self, *steps: Step, **changes: object) -> None:
         """Record steps before they act (with the fields that go with them)."""
         record = self.record
@@ -249,6 +262,8 @@ class LiveFailover(FailoverSteps):
             raise Refused(f"{vm.name} is {manifest.state.value}, not in sync: a live failover needs replicas "
                           "that hold every write", hint=f"wait for the copy, or run drtool resync {vm.name}")
         binary = str(manifest.hardware["argv"][0])
+        tls_dir = self.layout.tls_dir if manifest.transport == "tls-psk" else None
+        dr_qemu = in_background(lambda: host_qemu(self.dr, binary, tls_dir))  # while the source's session opens
         with self.reach.qmp(vm) as qmp:
             status = str(qmp.execute("query-status")["status"])
             if status != "running":
@@ -261,7 +276,9 @@ class LiveFailover(FailoverSteps):
                     why = "no replication job" if job is None else ("broken" if job.broken else "still copying")
                     raise Refused(f"replica of {vm.name} disk {disk.device} is not in sync ({why})",
                                   hint=f"run drtool resync {vm.name}, then fail over")
-            mismatch = destination_mismatch(qmp, self.dr, binary, vm.dr_host, vm.host)
+            theirs: HostQemu = dr_qemu.result()
+            mismatch = destination_mismatch(qmp, theirs, binary, vm.dr_host, vm.host)
+        self._dh_params_missing = tls_dir is not None and not theirs.dh_params  # protected by an older drtool
         if mismatch:
             raise Refused(f"{vm.name} cannot migrate live to {vm.dr_host}: {mismatch}",
                           hint=f"fail over with a reboot (drtool failover {vm.name}), or install the same QEMU")
@@ -274,6 +291,8 @@ class LiveFailover(FailoverSteps):
         self.intend(Step.DESTINATION_STARTED)
         disks = {d.source_image: d.replica_image for d in self.manifest.disks}
         argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
+        if tls and self._dh_params_missing:
+            push_dh_params(self.dr, self.layout.tls_dir)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
             # while the destination starts: the source's session and settings, the target's stopper
             source_ready = pool.submit(self._prepared_source, stack, tls)

@@ -32,6 +32,7 @@ from drtool.mechanics.dr_target import (
     TargetLayout,
     free_nbd_port,
     new_psk,
+    push_dh_params,
     push_psk,
     source_tls_dir,
     start_target,
@@ -45,9 +46,11 @@ from drtool.mechanics.migration import (
     RAM_COPY_TIMEOUT,
     SWITCH_TIMEOUT,
     ArmedStop,
+    HostQemu,
     add_reverse_bitmaps,
     cancel_migration,
     destination_mismatch,
+    host_qemu,
     listen_for_migration,
     migration_status,
     migration_uri,
@@ -59,6 +62,7 @@ from drtool.mechanics.migration import (
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain, unmark_old_images
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
+from drtool.services.failover.sessions import in_background
 from drtool.services.resync import resync
 from drtool.state.manifest import now
 from drtool.state.protection import Protection
@@ -139,6 +143,7 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
 class LiveFailback:
     def __init__(self, work: ReverseReplication) -> None:
         self.work = work
+        self._dh_params_missing = False  # refusals found home's TLS directory without DH parameters
         self.vm, self.reach, self.dr, self.home = work.vm, work.reach, work.dr, work.home
         self.run_layout = dr_run_layout(self.vm.replica_dir)
 
@@ -152,8 +157,11 @@ class LiveFailback:
             raise Refused(f"reverse replication of {self.vm.name} is not in sync: a failback now would lose writes",
                           hint=f"run drtool recover {self.vm.name} --reprotect first")
         binary = str(self.work.manifest.hardware["argv"][0])
+        home_qemu = in_background(lambda: host_qemu(self.home, binary, self.work.layout.tls_dir))
         with dr_vm_session(self.reach, self.vm) as qmp:
-            mismatch = destination_mismatch(qmp, self.home, binary, self.vm.host, self.vm.dr_host)
+            theirs: HostQemu = home_qemu.result()
+            mismatch = destination_mismatch(qmp, theirs, binary, self.vm.host, self.vm.dr_host)
+        self._dh_params_missing = not theirs.dh_params  # reprotected by an older drtool (written if TLS is used)
         if mismatch:
             raise Refused(f"{self.vm.name} cannot migrate live back to {self.vm.host}: {mismatch}",
                           hint=f"fail back with a reboot: drtool recover {self.vm.name} --failback")
@@ -172,6 +180,8 @@ class LiveFailback:
             reverse = self.work.reverse_of(source)
             uri = migration_uri(reverse.nbd_address, port)
             tls = reverse.transport == "tls-psk"
+            if tls and self._dh_params_missing:
+                push_dh_params(self.home, self.work.layout.tls_dir)
             listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
             prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
             target = target_pid(self.home, self.work.layout)
