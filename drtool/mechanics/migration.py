@@ -25,6 +25,7 @@ from typing import Any
 
 from drtool.errors import DrtoolError, QmpError
 from drtool.mechanics.dr_target import DH_PARAMS_FILE
+from drtool.mechanics.remote import OWN_PROCESS_SH, OwnProcess, running_pid
 from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import Event, EventSubscription, QmpSession
@@ -227,19 +228,16 @@ def destination_mismatch(source: QmpSession, theirs: HostQemu, binary: str, dr_h
     return ""
 
 
-# $1: the DR target's pid. Waits for a line on stdin, then SIGTERM and polls every 5 ms until the
-# process is gone or a zombie (it holds no file, so no lock, any more); SIGKILL after about 2 s
-# (the target is writethrough: everything it acknowledged is on disk already).
-_STOPPER = """p=$1
+# $1 pid file, $2 program, $3 marker (remote.OWN_PROCESS_SH's `ours`): says "armed PID" once it has the
+# process (else "none" and exits), waits for a line on stdin, then SIGTERM and polls every 5 ms until the
+# process is gone or a zombie (it holds no file, so no lock, any more); SIGKILL after about 2 s (the target
+# is writethrough: everything it acknowledged is on disk already).
+_STOPPER = OWN_PROCESS_SH + """p=$(ours "$1" "$2" "$3") || { echo none; exit 0; }
+echo "armed $p"
 read -r go || exit 1
 kill -TERM "$p" 2>/dev/null
 i=0
-running() {
-  kill -0 "$p" 2>/dev/null || return 1
-  while read -r key value rest; do [ "$key" = State: ] && { [ "$value" != Z ]; return; }; done < "/proc/$p/status"
-  return 1
-}
-while running; do
+while alive "$p"; do
   i=$((i+1)); [ $i -eq 400 ] && kill -KILL "$p"
   sleep 0.005
 done
@@ -251,15 +249,36 @@ class ArmedStop:
 
     Inside the guest's pause every round trip counts: opening an SSH channel
     and starting a command costs more than the stop itself. The channel is
-    opened (and the process's pid read) before the pause; `fire` sends one
-    line and reads one back. A shell without streams (the tests' fakes) stops
-    the process with an ordinary command instead.
+    opened, and the process found from its pid file, before the pause (one
+    command: `pid` is None when it does not run); `fire` sends one line and
+    reads one back. A shell without streams (the tests' fakes) finds the pid
+    and stops the process with ordinary commands instead.
     """
 
-    def __init__(self, shell: RemoteShell, pid: int, fallback: Any) -> None:
+    def __init__(self, shell: RemoteShell, process: OwnProcess, fallback: Any, timeout: float = 30.0) -> None:
         self._fallback = fallback
         opener = getattr(shell, "open_stream", None)
-        self._stream = opener(["sh", "-c", _STOPPER, "sh", str(pid)]) if opener is not None else None
+        self._stream = None
+        self.pid: int | None = None
+        if opener is None:
+            self.pid = running_pid(shell, process.pidfile, process.program, process.marker)
+            return
+        self._stream = opener(["sh", "-c", _STOPPER, "sh", str(process.pidfile), process.program, process.marker])
+        self._stream.settimeout(timeout)
+        said = self._line()
+        if said.startswith("armed ") and said[6:].isdigit():
+            self.pid = int(said[6:])
+        else:
+            self.close()
+
+    def _line(self) -> str:
+        received = b""
+        while not received.endswith(b"\n"):
+            data = self._stream.recv(1) if self._stream is not None else b""
+            if not data:
+                break
+            received += data
+        return received.decode("ascii", "replace").strip()
 
     def fire(self) -> None:
         if self._stream is None:
@@ -287,6 +306,7 @@ class ArmedStop:
         """Not fired: the remote shell reads EOF and exits without stopping anything."""
         if self._stream is not None:
             self._stream.close()
+            self._stream = None
 
 
 REVERSE_BITMAP_PREFIX = "drtool-reverse-"

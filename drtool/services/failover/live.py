@@ -43,6 +43,7 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
     target_pid,
+    target_process,
 )
 from drtool.mechanics.dr_vm import dr_vm_session, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.mechanics.hardware import source_qemu_alive
@@ -85,10 +86,11 @@ from drtool.units import human_size
 
 from .command import Confirm, FailoverResult
 from .plan import FailoverPlan
-from .sessions import in_background
+from .sessions import in_background, once_up_opener
 from .steps import FAULT_ENV, HOOKS_ENV, FailoverSteps
 
 SOURCE_QUIT_TIMEOUT = 30.0
+DESTINATION_START_TIMEOUT = 60.0  # s for the destination's monitor to appear
 PAUSE_HOOK = "pre-switchover"  # FAULT_ENV values: SIGKILL drtool inside the guest's pause (tests),
 STOPPED_HOOK = "target-stopped"  # at its start, or once the mirrors completed and the target stopped
 
@@ -125,7 +127,9 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
             if dry_run:
                 return _dry(vm, manifest, ("an interrupted live failover: a run finishes or undoes it",))
             run = LiveFailover(reach, vm, manifest)
-            if run.settle() is Outcome.FINISHED:
+            with run.sessions:
+                settled = run.settle()
+            if settled is Outcome.FINISHED:
                 return _finished(run, started, ("finished the interrupted live failover",))
             notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",)
     if notes:
@@ -144,19 +148,22 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
             return _dry(vm, manifest, notes)
         if not confirm(live_plan(vm, manifest)):
             raise Refused("failover not confirmed; nothing was changed")
-        record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
-                                migration={"port": free_nbd_port(dr)})
-        run.save(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
-        try:
-            run.run()
-            return _finished(run, started, notes)
-        except (DrtoolError, KeyboardInterrupt) as err:
-            outcome = _settle_after_failure(run)
-            if outcome is Outcome.FINISHED:
-                return _finished(run, started, (*notes, f"finished after: {err}"))
-            if outcome is None:
-                raise
-            failure: BaseException = err
+        with run.sessions:
+            run.open_sessions_ahead()  # while the port is chosen and the record written
+            record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
+                                    migration={"port": free_nbd_port(dr)})
+            run.begin(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
+            try:
+                run.run()
+                return _finished(run, started, notes)
+            except (DrtoolError, KeyboardInterrupt) as err:
+                run.sessions.close()  # settling opens its own: a monitor serves one client at a time
+                outcome = _settle_after_failure(run)
+                if outcome is Outcome.FINISHED:
+                    return _finished(run, started, (*notes, f"finished after: {err}"))
+                if outcome is None:
+                    raise
+                failure: BaseException = err
     # undone after a failure: the source runs; bring replication back, then say what failed
     caught_up = catch_up_replication(inventory, reach, name)
     message = failure.message if isinstance(failure, DrtoolError) else "interrupted"
@@ -235,13 +242,23 @@ class LiveFailover(FailoverSteps):
     _dh_params_missing = False  # refusals found the DR host's TLS directory without DH parameters
 
     def intend(self, *steps: Step, **changes: object) -> None:
-        """Record steps before they act (with the fields that go with them)."""
+        """Record steps before they act (with the fields that go with them), in one manifest write."""
         record = self.record
         for step in steps:
             record = record.with_step(step, time.monotonic() - self._step_started)
         self._step_started = time.monotonic()
         self.save_record(replace(record, **changes))  # type: ignore[arg-type]
-        self._fault(steps[-1].value)
+        for step in steps:
+            self._fault(step.value)
+
+    def begin(self, manifest: Manifest) -> None:
+        """The failover's record, with the move's first two steps, in the write that starts the failover.
+
+        Undoing the destination's start and undoing the migration are one and the same (settle reads
+        both QEMUs), so one record before the first covers both and the move waits for no write.
+        """
+        self.manifest = manifest
+        self.intend(Step.DESTINATION_STARTED, Step.MIGRATION_STARTED)
 
     @staticmethod
     def _fault(where: str) -> None:
@@ -284,26 +301,34 @@ class LiveFailover(FailoverSteps):
                           hint=f"fail over with a reboot (drtool failover {vm.name}), or install the same QEMU")
 
     # ------------------------------------------------------------------ the move
+    def open_sessions_ahead(self) -> None:
+        """Start opening the source's session, and the destination's before it starts (its relay waits)."""
+        self.sessions.prefetch(self.sessions.SOURCE)
+        ahead = once_up_opener(self.reach, self.vm.dr_host, self.run_layout.qmp_socket,
+                               f"{self.vm.name} (failed over)", DESTINATION_START_TIMEOUT)
+        if ahead is not None:
+            self.sessions.prefetch(self.sessions.DR_VM, ahead)
+
     def run(self) -> None:
+        """The move; its first two steps are recorded (begin)."""
         move_started = time.monotonic()
         tls = self.manifest.transport == "tls-psk"
         uri = migration_uri(self.manifest.nbd_address, self.port)
-        self.intend(Step.DESTINATION_STARTED)
         disks = {d.source_image: d.replica_image for d in self.manifest.disks}
         argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
         if tls and self._dh_params_missing:
             push_dh_params(self.dr, self.layout.tls_dir)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
-            # while the destination starts: the source's session and settings, the target's stopper
+            # while the destination starts: the source's settings, the target's stopper (both sessions
+            # are opening since open_sessions_ahead)
             source_ready = pool.submit(self._prepared_source, stack, tls)
             stopper_ready = pool.submit(self._armed_stopper, stack)
-            start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout)
+            start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout,
+                     timeout=DESTINATION_START_TIMEOUT)
             marks = {"destination_started": time.monotonic()}
-            recorded = pool.submit(self.intend, Step.MIGRATION_STARTED)
-            dest = stack.enter_context(dr_vm_session(self.reach, self.vm))
+            dest = stack.enter_context(self.sessions.dr_vm())
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None, tls_on_command_line=True)
             source, stopper = source_ready.result(), stopper_ready.result()
-            recorded.result()
             nodes = self._disk_nodes(dest)
             marks["listening"] = time.monotonic()
             seen: list[Event] = []
@@ -340,7 +365,7 @@ class LiveFailover(FailoverSteps):
             ram_bytes=int(info.get("ram", {}).get("transferred", 0)),
             downtime_limit_ms=DOWNTIME_LIMIT_MS, max_bandwidth=MAX_BANDWIDTH, encrypted=tls)
         phases = {name: round(at - move_started, 4) for name, at in marks.items()}
-        self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED,
+        self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED,
                     migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases,
                                                                                  "reverse_bitmap": reverse})
         self._stop_source()
@@ -362,17 +387,17 @@ class LiveFailover(FailoverSteps):
         return {}
 
     def _prepared_source(self, stack: contextlib.ExitStack, tls: bool) -> QmpSession:
-        source = stack.enter_context(self.reach.qmp(self.vm))
+        source = stack.enter_context(self.sessions.source())  # kept: the source quits through it
         prepare_source(source, source_tls_dir(self.vm) if tls else None, PSK_USER)
         return source
 
     def _armed_stopper(self, stack: contextlib.ExitStack) -> ArmedStop:
-        target = target_pid(self.dr, self.layout)
-        if target is None:
+        stopper = stack.enter_context(contextlib.closing(
+            ArmedStop(self.dr, target_process(self.layout), lambda: stop_target(self.dr, self.layout))))
+        if stopper.pid is None:
             raise DrtoolError(f"the replication target of {self.vm.name} is not running: the replicas may lack "
                               "the source's last writes", hint=f"run drtool resync {self.vm.name}, then fail over")
-        return stack.enter_context(contextlib.closing(
-            ArmedStop(self.dr, target, lambda: stop_target(self.dr, self.layout))))
+        return stopper
 
     def _complete_replication(self, source: QmpSession, stopper: ArmedStop, marks: dict[str, float]) -> None:
         """Inside the pause: the mirrors complete (the replicas equal the source), the target lets go of them."""
@@ -385,13 +410,14 @@ class LiveFailover(FailoverSteps):
         marks["target_stopped"] = time.monotonic()
 
     def _stop_source(self) -> None:
-        self.intend(Step.SOURCE_STOPPED)
+        """The source (in postmigrate) quits, its link relay goes; SOURCE_STOPPED is recorded already."""
         src = self.reach.shell(self.vm.host)
-        with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
+        with contextlib.suppress(UnreachableError, QmpError), self.sessions.source() as qmp:
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.host} as well: drtool stopped nothing",
                                   hint="stop one of the two copies by hand")
             qmp.execute("quit")
+        self.sessions.drop(self.sessions.SOURCE)
         deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
         while source_qemu_alive(src, self.vm):
             if time.monotonic() > deadline:
@@ -422,7 +448,10 @@ class LiveFailover(FailoverSteps):
         dest = self.destination()
         if self.done(Step.DR_STARTED) or dest.status == "running":
             if not self.done(Step.DR_STARTED):
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **self._record_reverse_bitmap())
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED,
+                            **self._record_reverse_bitmap())
+            elif not self.done(Step.SOURCE_STOPPED):
+                self.intend(Step.SOURCE_STOPPED)
             self._stop_source()
             return Outcome.FINISHED
         source = self.source()
@@ -441,7 +470,7 @@ class LiveFailover(FailoverSteps):
                 reverse = {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
                 qmp.execute("cont")
             if self.destination().status == "running":
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **reverse)
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED, **reverse)
                 self._stop_source()
                 return Outcome.FINISHED
         if not source.alive:  # neither can run: give the replicas back to the target, for --force

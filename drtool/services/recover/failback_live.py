@@ -38,6 +38,7 @@ from drtool.mechanics.dr_target import (
     start_target,
     stop_target,
     target_pid,
+    target_process,
 )
 from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
 from drtool.mechanics.hardware import read_hardware, source_qemu_alive
@@ -62,19 +63,21 @@ from drtool.mechanics.migration import (
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain, unmark_old_images
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
-from drtool.services.failover.sessions import in_background
+from drtool.services.failover.sessions import close_when_open, in_background, opened_once_up
 from drtool.services.resync import resync
 from drtool.state.manifest import now
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverRecord
 from drtool.state.store import save_manifest, select_vm
 from drtool.transport.connections import Reach
+from drtool.transport.qmp import QmpSession
 
 from .failback import DR_STOPPED, QUIT_TIMEOUT, FailbackResult, forward_manifest, home_argv
 from .reprotect import MIRRORS_STARTED, ReverseReplication, killed_after, reprotect
 from .reverse_bitmap import BITMAP_METHOD
 
 LIVE_HOME_STARTED, LIVE_MIGRATING = "live-home-started", "live-migrating"
+HOME_START_TIMEOUT = 60.0  # s for home's QEMU to start and open its monitor
 PAUSE_HOOK = "failback-pre-switchover"  # test hook: SIGKILL inside the guest's pause
 
 
@@ -147,10 +150,13 @@ class LiveFailback:
         self.vm, self.reach, self.dr, self.home = work.vm, work.reach, work.dr, work.home
         self.run_layout = dr_run_layout(self.vm.replica_dir)
 
-    def intend(self, step: str, **changes: object) -> None:
-        self.work.record = self.work.record.with_step(step, **changes)
+    def intend(self, *steps: str) -> None:
+        """Record steps before they act, in one manifest write."""
+        for step in steps:
+            self.work.record = self.work.record.with_step(step)
         self.work.save()
-        killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
+        for step in steps:
+            killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
 
     def refusals(self) -> None:
         if not self.work.healthy():
@@ -169,49 +175,62 @@ class LiveFailback:
     def run(self) -> None:
         port = free_nbd_port(self.home)
         rollback = reverse_bitmap_name()
-        self.intend(LIVE_HOME_STARTED)
-        if not source_qemu_alive(self.home, self.vm):
-            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
-        self.intend(LIVE_MIGRATING)
         self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
             "failback_port": port, "failback_rollback_bitmap": rollback}))
-        self.work.save()
-        with dr_vm_session(self.reach, self.vm) as source, self.reach.qmp(self.vm) as dest:
-            reverse = self.work.reverse_of(source)
-            uri = migration_uri(reverse.nbd_address, port)
-            tls = reverse.transport == "tls-psk"
-            if tls and self._dh_params_missing:
-                push_dh_params(self.home, self.work.layout.tls_dir)
-            listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
-            prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
-            target = target_pid(self.home, self.work.layout)
-            if target is None:
-                raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
-                                  hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
-            by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
-            home_nodes = [by_device[d.device] for d in self.work.manifest.disks]
-            forward = f"{BITMAP_PREFIX}{time.time_ns()}"
-            with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
-                    contextlib.closing(ArmedStop(self.home, target,
-                                                 lambda: stop_target(self.home, self.work.layout))) as stopper:
-                source.execute("migrate", {"uri": uri})
-                wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
-                               "the RAM copy")
-                killed_after(PAUSE_HOOK)
-                cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
-                nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
-                add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
-                detach_target(source, reverse)
-                stopper.fire()
-                stopper.wait()
-                source.execute("migrate-continue", {"state": "pre-switchover"})
-                wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
-                               "the migration home")
-                add_reverse_bitmaps(dest, home_nodes, forward)  # drtool's resync bitmap: home's writes from now
-                dest.execute("cont")
-            if str(dest.execute("query-status")["status"]) != "running":
-                raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
-        self._switched(forward)
+        with contextlib.ExitStack() as stack:
+            # while the steps are recorded and home's QEMU starts: the DR copy's session, and home's own
+            # (its relay waits for the monitor)
+            source_ready = in_background(lambda: dr_vm_session(self.reach, self.vm))
+            stack.callback(close_when_open, source_ready)
+            home_ahead = opened_once_up(self.reach, stack, self.vm.host, self.vm.monitor, self.vm.name,
+                                        HOME_START_TIMEOUT)
+            # one write before home's QEMU starts: undoing its start and undoing the migration are one (settle)
+            self.intend(LIVE_HOME_STARTED, LIVE_MIGRATING)
+            if not source_qemu_alive(self.home, self.vm):
+                self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=HOME_START_TIMEOUT)
+            source = stack.enter_context(source_ready.result())
+            dest = stack.enter_context(home_ahead.result() if home_ahead is not None else self.reach.qmp(self.vm))
+            forward = self._migrate(source, dest, port, rollback)
+        self._switched(forward)  # the sessions closed: it opens the DR copy's again
+
+    def _migrate(self, source: QmpSession, dest: QmpSession, port: int, rollback: str) -> str:
+        """The RAM copy, the pause's work, the switch and home's cont; the forward bitmap home's writes go to."""
+        reverse = self.work.reverse_of(source)
+        uri = migration_uri(reverse.nbd_address, port)
+        tls = reverse.transport == "tls-psk"
+        if tls and self._dh_params_missing:
+            push_dh_params(self.home, self.work.layout.tls_dir)
+        listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
+        prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
+        by_device = {d.device: d.node_name for d in parse_query_block(dest.execute("query-block"))}
+        home_nodes = [by_device[d.device] for d in self.work.manifest.disks]
+        forward = f"{BITMAP_PREFIX}{time.time_ns()}"
+        stopper = ArmedStop(self.home, target_process(self.work.layout),
+                            lambda: stop_target(self.home, self.work.layout))
+        if stopper.pid is None:
+            stopper.close()
+            raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
+                              hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
+        with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
+                contextlib.closing(stopper):
+            source.execute("migrate", {"uri": uri})
+            wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
+                           "the RAM copy")
+            killed_after(PAUSE_HOOK)
+            cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+            nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
+            add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
+            detach_target(source, reverse)
+            stopper.fire()
+            stopper.wait()
+            source.execute("migrate-continue", {"state": "pre-switchover"})
+            wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
+                           "the migration home")
+            add_reverse_bitmaps(dest, home_nodes, forward)  # drtool's resync bitmap: home's writes from now
+            dest.execute("cont")
+        if str(dest.execute("query-status")["status"]) != "running":
+            raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
+        return forward
 
     def _switched(self, forward: str | None) -> None:
         """Home runs: trust its bitmap, then the DR copy quits (recorded first)."""
