@@ -117,10 +117,11 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
         raise Refused(f"{vm.name} is a libvirt domain: drtool does not migrate those live yet",
                       hint=f"fail over with a reboot (drtool failover {vm.name}), or use virsh migrate")
     dr = reach.shell(vm.dr_host)
-    notes: tuple[str, ...] = ()
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and manifest.failover is not None and manifest.state is Protection.FAILING_OVER:
+        interrupted = manifest is not None and manifest.failover is not None and \
+            manifest.state is Protection.FAILING_OVER
+        if manifest is not None and manifest.failover is not None and interrupted:
             if manifest.failover.kind is not FailoverKind.LIVE:
                 raise Refused(f"a {manifest.failover.kind.value} failover of {vm.name} is under way",
                               hint=f"finish it with drtool failover {vm.name} (without --live), or --rollback")
@@ -131,45 +132,55 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
                 settled = run.settle()
             if settled is Outcome.FINISHED:
                 return _finished(run, started, ("finished the interrupted live failover",))
-            notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",)
-    if notes:
-        notes = (*notes, catch_up_replication(inventory, reach, name))
-    with reach.lock(vm):
-        manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
-            raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
-                          hint=f"see drtool status {vm.name}")
-        manifest = require_protected(manifest, vm)
-        manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
-        notes = (*notes, resumed) if resumed else notes
-        run = LiveFailover(reach, vm, manifest)
-        run.refusals()
-        if dry_run:
-            return _dry(vm, manifest, notes)
-        if not confirm(live_plan(vm, manifest)):
-            raise Refused("failover not confirmed; nothing was changed")
-        with run.sessions:
-            run.open_sessions_ahead()  # while the port is chosen and the record written
-            record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
-                                    migration={"port": free_nbd_port(dr)})
-            run.begin(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
-            try:
-                run.run()
-                return _finished(run, started, notes)
-            except (DrtoolError, KeyboardInterrupt) as err:
-                run.sessions.close()  # settling opens its own: a monitor serves one client at a time
-                outcome = _settle_after_failure(run)
-                if outcome is Outcome.FINISHED:
-                    return _finished(run, started, (*notes, f"finished after: {err}"))
-                if outcome is None:
-                    raise
-                failure: BaseException = err
+        else:  # the usual case: under this lock, from the manifest just read
+            outcome = _move_afresh(reach, vm, manifest, (), started, dry_run, confirm)
+    if interrupted:  # undone: replication catches up (resync takes the lock itself), then the move
+        notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",
+                 catch_up_replication(inventory, reach, name))
+        with reach.lock(vm):
+            outcome = _move_afresh(reach, vm, load_settled_manifest(dr, vm), notes, started, dry_run, confirm)
+    if isinstance(outcome, FailoverResult):
+        return outcome
     # undone after a failure: the source runs; bring replication back, then say what failed
     caught_up = catch_up_replication(inventory, reach, name)
-    message = failure.message if isinstance(failure, DrtoolError) else "interrupted"
+    message = outcome.message if isinstance(outcome, DrtoolError) else "interrupted"
     raise DrtoolError(f"live failover of {vm.name} failed and was undone: {message}; it runs on {vm.host}, "
                       f"protected ({caught_up})", hint="fix the cause and run it again, or fail over with a reboot "
-                                        f"(drtool failover {vm.name})") from failure
+                                        f"(drtool failover {vm.name})") from outcome
+
+
+def _move_afresh(reach: Reach, vm: Vm, manifest: Manifest | None, notes: tuple[str, ...], started: float,
+                 dry_run: bool, confirm: Confirm) -> FailoverResult | BaseException:
+    """Under the VM's lock: refusals, then the move; its result, or the failure it was undone after."""
+    dr = reach.shell(vm.dr_host)
+    if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
+        raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
+                      hint=f"see drtool status {vm.name}")
+    manifest = require_protected(manifest, vm)
+    manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
+    notes = (*notes, resumed) if resumed else notes
+    run = LiveFailover(reach, vm, manifest)
+    run.refusals()
+    if dry_run:
+        return _dry(vm, manifest, notes)
+    if not confirm(live_plan(vm, manifest)):
+        raise Refused("failover not confirmed; nothing was changed")
+    with run.sessions:
+        run.open_sessions_ahead()  # while the port is chosen and the record written
+        record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
+                                migration={"port": free_nbd_port(dr)})
+        run.begin(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
+        try:
+            run.run()
+            return _finished(run, started, notes)
+        except (DrtoolError, KeyboardInterrupt) as err:
+            run.sessions.close()  # settling opens its own: a monitor serves one client at a time
+            outcome = _settle_after_failure(run)
+            if outcome is Outcome.FINISHED:
+                return _finished(run, started, (*notes, f"finished after: {err}"))
+            if outcome is None:
+                raise
+            return err
 
 
 def _settle_after_failure(run: LiveFailover) -> Outcome | None:
@@ -418,13 +429,12 @@ class LiveFailover(FailoverSteps):
                                   hint="stop one of the two copies by hand")
             qmp.execute("quit")
         self.sessions.drop(self.sessions.SOURCE)
-        deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
-        while source_qemu_alive(src, self.vm):
-            if time.monotonic() > deadline:
-                raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
-                                  "after quit", hint="stop it, then run the same failover again")
-            time.sleep(0.2)
-        stop_link(src, self.vm)
+        link_stopped = in_background(lambda: stop_link(src, self.vm))  # idle: the pause detached its NBD client
+        alive = source_qemu_alive(src, self.vm, wait_gone=SOURCE_QUIT_TIMEOUT)  # one command, waiting there
+        link_stopped.result()
+        if alive:
+            raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
+                              "after quit", hint="stop it, then run the same failover again")
 
     # ------------------------------------------------------------------ a re-run, --rollback, a failure
     def source(self) -> _Seen:
