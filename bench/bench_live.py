@@ -105,6 +105,8 @@ def one_move(lab: Lab, guest: GuestImage, name: str, kind: str, reference: Path 
         row = {"kind": kind, "command_seconds": said["rto_seconds"], "load": round(load_before, 2),
                "service_gap_seconds": round(gap, 3), "records_lost": max(0, last + 1 - first)}
         if live:
+            manifest = json.loads((lab.replica_dir(name) / "manifest.json").read_text())
+            row["phases"] = manifest["failover"]["migration"].get("phases")  # where the move's time went
             row |= {"downtime_seconds": said["live"]["downtime_seconds"],
                     "move_seconds": said["live"]["move_seconds"], "ram_bytes": said["live"]["ram_bytes"],
                     "qemu_downtime_seconds": said["live"]["qemu_downtime_seconds"]}
