@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
@@ -168,7 +168,7 @@ def _move_afresh(reach: Reach, vm: Vm, manifest: Manifest | None, notes: tuple[s
     with run.sessions:
         run.open_sessions_ahead()  # while the port is chosen and the record written
         record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
-                                migration={"port": free_nbd_port(dr)})
+                                migration={"port": run.port_ahead.result()})
         run.begin(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
         try:
             run.run()
@@ -251,6 +251,7 @@ class LiveFailover(FailoverSteps):
     """One live failover's steps (see the module docstring)."""
 
     _dh_params_missing = False  # refusals found the DR host's TLS directory without DH parameters
+    port_ahead: Future  # the migration's port, chosen during the refusals
 
     def intend(self, *steps: Step, **changes: object) -> None:
         """Record steps before they act (with the fields that go with them), in one manifest write."""
@@ -292,6 +293,7 @@ class LiveFailover(FailoverSteps):
         binary = str(manifest.hardware["argv"][0])
         tls_dir = self.layout.tls_dir if manifest.transport == "tls-psk" else None
         dr_qemu = in_background(lambda: host_qemu(self.dr, binary, tls_dir))  # while the source's session opens
+        self.port_ahead = in_background(lambda: free_nbd_port(self.dr))  # the migration's, chosen meanwhile too
         with self.reach.qmp(vm) as qmp:
             status = str(qmp.execute("query-status")["status"])
             if status != "running":
