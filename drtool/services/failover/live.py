@@ -8,12 +8,15 @@ Each step is recorded in the manifest before it acts:
                        the mirrors are completed and the DR target stopped, then migrate-continue,
                        the destination completes and is resumed (`cont`)
   replication-stopped, switchover, dr-started
-                       recorded together once the destination runs (the migration's figures with them)
+                       once the destination runs (the migration's figures with them)
   source-stopped       the source (in postmigrate) quits; the link relay goes
 
 The guest's pause holds no manifest write (each is an SSH round trip that
 would add to the downtime): `migration-started` covers the pause window, and a
-re-run reads from both QEMUs how far it got. Never two running copies:
+re-run reads from both QEMUs how far it got. Nor does the move: the first two
+steps go in the write that starts the failover (undoing the one is undoing the
+other), the last four in one write once the destination runs. Never two
+running copies:
 
 - before migrate-continue (the source's migration not past pre-switchover): a
   re-run or --rollback cancels the migration (the source runs on by itself),
