@@ -1,12 +1,14 @@
 """Where a planned failover's RTO goes: one failover run in-process with every SSH command, QMP session,
 QMP command and recorded step timed, printed as a timeline and summed by kind.
 
-    python bench/failover_timeline.py [--rounds 1] [--json-out bench/results/failover_timeline.json]
+    python bench/failover_timeline.py [--rounds 1] [--live] [--json-out bench/results/failover_timeline.json]
 
 Root, like the lab tests: it starts its own lab (site-a: the VM, site-b: the DR host), protects a VM with
 one 64 MiB disk, waits for it to be in sync and fails it over with drtool's own service (the CLI's
-interpreter start-up is not in an RTO anyway). It measures, it does not judge: bench_pauses.py has the
-RTO figure and its reference.
+interpreter start-up is not in an RTO anyway). With --live: the lab's Linux guest writing records (as
+bench_live.py runs it), moved with `failover --live`; the timeline adds the move's phases drtool records
+(from the destination's start). It measures, it does not judge: bench_pauses.py has the RTO figure,
+bench_live.py the live move's, each with its reference.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.bench_pauses import Bench, log  # noqa: E402
+from bench.bench_pauses import Bench, drtool_json, log  # noqa: E402
 from drtool.config import load_inventory  # noqa: E402
 from drtool.lab import Lab  # noqa: E402
+from drtool.lab.guest import build_guest, kernel_args  # noqa: E402
 from drtool.mechanics import dr_vm, hardware, remote  # noqa: E402
+from drtool.mechanics.points import load_settled_manifest  # noqa: E402
 from drtool.services import failover  # noqa: E402
+from drtool.services.failover.live import LiveFailover, live_failover  # noqa: E402
 from drtool.services.failover.steps import FailoverSteps  # noqa: E402
 from drtool.transport import bridge  # noqa: E402
 from drtool.transport.connections import Connections  # noqa: E402
@@ -38,6 +43,8 @@ from drtool.transport.qmp import QmpSession  # noqa: E402
 from drtool.transport.ssh import SshConnection  # noqa: E402
 
 DEFAULT_JSON = REPO / "bench" / "results" / "failover_timeline.json"
+LIVE_JSON = REPO / "bench" / "results" / "live_timeline.json"
+LIVE_DISKS = {"vd0": "4M", "vd1": "4M"}  # bench_live.py's guest
 SCRIPTS = {remote._WRITE_SCRIPT: "write file", remote._RUNNING_PID_SCRIPT: "is it running",
            remote._STOP_SCRIPT: "stop process", dr_vm._START_SCRIPT: "start QEMU",
            hardware._FIND_QEMU: "find the source QEMU", bridge.RELAY_SCRIPT: "QMP relay"}
@@ -90,6 +97,8 @@ class Timeline:
         self.wrap(QmpSession, "execute", "qmp", lambda session, command, *a, **k: f"{session.name}: {command}")
         self.wrap(FailoverSteps, "record_step", "step",
                   lambda _, *steps, **__: "recorded " + ", ".join(s.value for s in steps))
+        self.wrap(LiveFailover, "intend", "step",
+                  lambda _, *steps, **__: "recorded " + ", ".join(s.value for s in steps))
 
     def uninstall(self) -> None:
         for undo in reversed(self._undo):
@@ -123,8 +132,44 @@ def one_failover(bench: Bench, i: int) -> dict[str, Any]:
             "events": sorted(timeline.events, key=lambda e: e["start"]), "summary": timeline.summary()}
 
 
+def one_live_failover(bench: Bench, guest: Any, i: int) -> dict[str, Any]:
+    name = f"bench-ltl{i}"
+    vm = bench.lab.add_vm(name, "site-a", LIVE_DISKS, guest=guest, guest_args=kernel_args("write", interval_ms=20))
+    vm.console.wait_acks(1, timeout=120)
+    config = bench.config(vm)
+    drtool_json(config, "protect", name)
+    vm.console.wait_acks(len(vm.console.acks()) + 20, timeout=120)
+    inventory = load_inventory(config)
+    timeline = Timeline()
+    timeline.install()
+    try:
+        with Connections(inventory) as reach:
+            started = time.monotonic()
+            timeline.t0 = started
+            result = live_failover(inventory, reach, name)
+            took = time.monotonic() - started
+    finally:
+        timeline.uninstall()
+    figures = result.live
+    manifest_phases: dict[str, float] = {}
+    with Connections(inventory) as reach:
+        manifest = load_settled_manifest(reach.shell("site-b"), inventory.vms[name])
+        if manifest is not None and manifest.failover is not None:
+            manifest_phases = dict((manifest.failover.migration or {}).get("phases", {}))
+    bench.started_dr_vms.append(bench.lab.host_dir("site-b") / "replicas" / name / "vm" / "qemu.pid")
+    bench.cleanup()  # the moved guest would share the CPU with the next round
+    vm.kill()
+    return {"rto_seconds": result.rto_seconds, "service_seconds": round(took, 3),
+            "move_seconds": figures.move_seconds if figures else None,
+            "downtime_seconds": figures.downtime_seconds if figures else None, "phases": manifest_phases,
+            "events": sorted(timeline.events, key=lambda e: e["start"]), "summary": timeline.summary()}
+
+
 def show(run: dict[str, Any]) -> str:
     lines = [f"RTO {run['rto_seconds']} s (service call {run['service_seconds']} s)"]
+    if "move_seconds" in run:
+        lines.append(f"move {run['move_seconds']} s, downtime {run['downtime_seconds']} s; phases from the "
+                     "move's start: " + ", ".join(f"{k} {v:.3f}" for k, v in run["phases"].items()))
     for e in run["events"]:
         lines.append(f"{e['start']:7.3f} {e['seconds']:6.3f}  {'  ' * e['depth']}{e['kind']:<11} {e['what']}"
                      + (f"  [{e['thread']}]" if e["thread"] != "MainThread" else ""))
@@ -138,8 +183,10 @@ def show(run: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--live", action="store_true", help="time `failover --live` of the lab's Linux guest")
+    parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.json_out = args.json_out or (LIVE_JSON if args.live else DEFAULT_JSON)
     if os.geteuid() != 0:
         print("failover_timeline.py needs root (the lab makes network namespaces)", file=sys.stderr)
         return 2
@@ -147,9 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab.start()
     bench = Bench(lab, lab.dir / "bench-timeline", 1)
     runs = []
+    guest = build_guest() if args.live else None
     try:
         for i in range(args.rounds):
-            runs.append(one_failover(bench, i))
+            runs.append(one_live_failover(bench, guest, i) if args.live else one_failover(bench, i))
             print(show(runs[-1]))
     finally:
         bench.cleanup()

@@ -24,6 +24,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.errors import DrtoolError, QmpError
+from drtool.mechanics.dr_target import DH_PARAMS_FILE
+from drtool.mechanics.remote import OWN_PROCESS_SH, OwnProcess, running_pid
 from drtool.mechanics.replication import TLS_PRIORITY
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import Event, EventSubscription, QmpSession
@@ -181,43 +183,61 @@ def source_machine_type(source: QmpSession) -> str:
     return str(source.execute("qom-get", {"path": "/machine", "property": "type"})).removesuffix("-machine")
 
 
-def host_qemu_version(shell: RemoteShell, binary: str) -> str | None:
-    result = shell.run([binary, "--version"], check=False, timeout=30)
-    found = _VERSION.search(result.out) if result.ok else None
-    return found.group(1) if found else None
+# $1: the QEMU binary, $2: a separator line, $3: a file to look for ("" for none): what the host's QEMU
+# says of its version and machine types, and whether the file is there, in one round trip.
+_QEMU_FACTS = """"$1" --version 2>/dev/null
+echo "$2"
+"$1" -machine help 2>/dev/null
+echo "$2"
+if [ -n "$3" ] && [ -e "$3" ]; then echo present; fi
+exit 0"""
+_FACTS_SEPARATOR = "--drtool-qemu-facts--"
 
 
-def host_machine_types(shell: RemoteShell, binary: str) -> set[str]:
-    result = shell.run([binary, "-machine", "help"], check=False, timeout=30)
-    return {line.split()[0] for line in result.out.splitlines()[1:] if line.strip()} if result.ok else set()
+@dataclass(frozen=True)
+class HostQemu:
+    """What a destination host's QEMU offers (host_qemu)."""
+
+    version: str | None  # None when the binary does not say
+    machines: frozenset[str]
+    dh_params: bool  # the TLS directory asked about holds DH parameters (dr_target.DH_PARAMS_FILE)
 
 
-def destination_mismatch(source: QmpSession, dr: RemoteShell, binary: str, dr_host: str, host: str) -> str:
-    """What keeps the DR host's QEMU from taking this VM's migration stream ("" when nothing does)."""
-    theirs, ours = source_qemu_version(source), host_qemu_version(dr, binary)
-    if ours is None:
+def host_qemu(shell: RemoteShell, binary: str, tls_dir: PurePosixPath | None = None) -> HostQemu:
+    """The QEMU version and machine types of a host, and whether tls_dir has its DH parameters: one command."""
+    wanted = str(tls_dir / DH_PARAMS_FILE) if tls_dir is not None else ""
+    result = shell.run(["sh", "-c", _QEMU_FACTS, "sh", binary, _FACTS_SEPARATOR, wanted], check=False, timeout=30)
+    parts = result.out.split(_FACTS_SEPARATOR + "\n") if result.ok else []
+    if len(parts) != 3:
+        return HostQemu(None, frozenset(), False)
+    found = _VERSION.search(parts[0])
+    machines = frozenset(line.split()[0] for line in parts[1].splitlines()[1:] if line.strip())
+    return HostQemu(found.group(1) if found else None, machines, parts[2].strip() == "present")
+
+
+def destination_mismatch(source: QmpSession, theirs: HostQemu, binary: str, dr_host: str, host: str) -> str:
+    """What keeps the destination host's QEMU (`theirs`) from taking this VM's migration stream ("" when nothing)."""
+    ours = source_qemu_version(source)
+    if theirs.version is None:
         return f"{binary} on {dr_host} does not say its version"
-    if ours != theirs:
-        return f"QEMU versions differ: the VM runs QEMU {theirs} on {host}, {dr_host} has QEMU {ours}"
+    if theirs.version != ours:
+        return f"QEMU versions differ: the VM runs QEMU {ours} on {host}, {dr_host} has QEMU {theirs.version}"
     machine = source_machine_type(source)
-    if machine not in host_machine_types(dr, binary):
+    if machine not in theirs.machines:
         return f"machine types differ: the VM runs {machine} on {host}, which {binary} on {dr_host} does not offer"
     return ""
 
 
-# $1: the DR target's pid. Waits for a line on stdin, then SIGTERM and polls every 5 ms until the
-# process is gone or a zombie (it holds no file, so no lock, any more); SIGKILL after about 2 s
-# (the target is writethrough: everything it acknowledged is on disk already).
-_STOPPER = """p=$1
+# $1 pid file, $2 program, $3 marker (remote.OWN_PROCESS_SH's `ours`): says "armed PID" once it has the
+# process (else "none" and exits), waits for a line on stdin, then SIGTERM and polls every 5 ms until the
+# process is gone or a zombie (it holds no file, so no lock, any more); SIGKILL after about 2 s (the target
+# is writethrough: everything it acknowledged is on disk already).
+_STOPPER = OWN_PROCESS_SH + """p=$(ours "$1" "$2" "$3") || { echo none; exit 0; }
+echo "armed $p"
 read -r go || exit 1
 kill -TERM "$p" 2>/dev/null
 i=0
-running() {
-  kill -0 "$p" 2>/dev/null || return 1
-  while read -r key value rest; do [ "$key" = State: ] && { [ "$value" != Z ]; return; }; done < "/proc/$p/status"
-  return 1
-}
-while running; do
+while alive "$p"; do
   i=$((i+1)); [ $i -eq 400 ] && kill -KILL "$p"
   sleep 0.005
 done
@@ -229,15 +249,36 @@ class ArmedStop:
 
     Inside the guest's pause every round trip counts: opening an SSH channel
     and starting a command costs more than the stop itself. The channel is
-    opened (and the process's pid read) before the pause; `fire` sends one
-    line and reads one back. A shell without streams (the tests' fakes) stops
-    the process with an ordinary command instead.
+    opened, and the process found from its pid file, before the pause (one
+    command: `pid` is None when it does not run); `fire` sends one line and
+    reads one back. A shell without streams (the tests' fakes) finds the pid
+    and stops the process with ordinary commands instead.
     """
 
-    def __init__(self, shell: RemoteShell, pid: int, fallback: Any) -> None:
+    def __init__(self, shell: RemoteShell, process: OwnProcess, fallback: Any, timeout: float = 30.0) -> None:
         self._fallback = fallback
         opener = getattr(shell, "open_stream", None)
-        self._stream = opener(["sh", "-c", _STOPPER, "sh", str(pid)]) if opener is not None else None
+        self._stream = None
+        self.pid: int | None = None
+        if opener is None:
+            self.pid = running_pid(shell, process.pidfile, process.program, process.marker)
+            return
+        self._stream = opener(["sh", "-c", _STOPPER, "sh", str(process.pidfile), process.program, process.marker])
+        self._stream.settimeout(timeout)
+        said = self._line()
+        if said.startswith("armed ") and said[6:].isdigit():
+            self.pid = int(said[6:])
+        else:
+            self.close()
+
+    def _line(self) -> str:
+        received = b""
+        while not received.endswith(b"\n"):
+            data = self._stream.recv(1) if self._stream is not None else b""
+            if not data:
+                break
+            received += data
+        return received.decode("ascii", "replace").strip()
 
     def fire(self) -> None:
         if self._stream is None:
@@ -265,6 +306,7 @@ class ArmedStop:
         """Not fired: the remote shell reads EOF and exits without stopping anything."""
         if self._stream is not None:
             self._stream.close()
+            self._stream = None
 
 
 REVERSE_BITMAP_PREFIX = "drtool-reverse-"

@@ -18,14 +18,20 @@ from pathlib import PurePosixPath
 from typing import Protocol
 
 RELAY_SCRIPT = r"""
-import os, select, socket, sys
+import os, select, socket, sys, time
 path = sys.argv[1]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-try:
-    s.connect(path)
-except OSError as e:
-    sys.stderr.write("cannot connect to %s: %s\n" % (path, e.strerror or e))
-    sys.exit(3)
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        break
+    except OSError as e:
+        s.close()
+        if time.monotonic() >= deadline:
+            sys.stderr.write("cannot connect to %s: %s\n" % (path, e.strerror or e))
+            sys.exit(3)
+        time.sleep(0.01)
 while True:
     ready = select.select([0, s], [], [])[0]
     if 0 in ready:
@@ -43,8 +49,10 @@ while True:
 """
 
 
-def relay_argv(socket_path: PurePosixPath) -> list[str]:
-    return ["python3", "-c", RELAY_SCRIPT, str(socket_path)]
+def relay_argv(socket_path: PurePosixPath, wait_seconds: float = 0) -> list[str]:
+    """The relay to a monitor; with wait_seconds, it waits that long for the socket to accept (a QEMU starting)."""
+    # -I -S: no site module, no environment: about a third less start-up, paid by every QMP session
+    return ["python3", "-I", "-S", "-c", RELAY_SCRIPT, str(socket_path), f"{wait_seconds:g}"]
 
 
 class Stream(Protocol):

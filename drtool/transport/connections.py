@@ -86,6 +86,13 @@ class Connections:
         return bridged_qmp(host_name, label, conn.host.connect_timeout,
                            lambda: StreamBridge(conn.open_stream(relay_argv(socket_path)), name=label))
 
+    def qmp_once_up(self, host_name: str, socket_path: PurePosixPath, label: str, wait: float) -> QmpSession:
+        """qmp_at for a monitor a QEMU starting now will open: the host's relay waits up to `wait` s for it,
+        so the SSH channel, the relay's start and QEMU's greeting overlap the QEMU's own start."""
+        conn = self.pool.get(host_name)
+        return bridged_qmp(host_name, label, conn.host.connect_timeout + wait,
+                           lambda: StreamBridge(conn.open_stream(relay_argv(socket_path, wait)), name=label))
+
     @contextmanager
     def through_agents(self) -> Iterator[AgentReach]:
         """This run's hosts reached through one agent each (transport/agent.py), for work on many VMs."""

@@ -64,10 +64,9 @@ class FailbackLiveWorld(RecoverWorld):
 
     # --- home -----------------------------------------------------------------------------------
     def home_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
-        if argv[0] == "qemu-system-x86_64" and argv[1:] == ["--version"]:
-            return 0, self.home_version, ""
-        if argv[0] == "qemu-system-x86_64" and argv[1:] == ["-machine", "help"]:
-            return 0, MACHINES, ""
+        if argv[:3] == ["sh", "-c", migration._QEMU_FACTS]:  # version, machines, DH parameters (none)
+            separator = argv[5]
+            return 0, f"{self.home_version}{separator}\n{MACHINES}{separator}\n", ""
         if argv[0] == "qemu-system-x86_64":
             assert argv[-2:] == ["-incoming", "defer"] and self.home_qemu == "gone", (argv, self.home_qemu)
             self.home_qemu, self.home_migration, self.home_qemu_starts = "inmigrate", "none", self.home_qemu_starts + 1

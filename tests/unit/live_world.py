@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drtool.errors import QmpError, VmUnreachable
+from drtool.mechanics import migration
 
 from .world import Killed, World, WorldReach, protected_world
 
@@ -34,10 +35,9 @@ class LiveWorld(World):
     bitmaps_at_cont: list[str] | None = None  # what it had when it was resumed
 
     def dr_run(self, argv: list[str], stdin: bytes | None) -> tuple[int, str, str]:
-        if argv[0] == "qemu-system-x86_64" and argv[1:] == ["--version"]:
-            return 0, self.dr_version, ""
-        if argv[0] == "qemu-system-x86_64" and argv[1:] == ["-machine", "help"]:
-            return 0, self.dr_machines, ""
+        if argv[:3] == ["sh", "-c", migration._QEMU_FACTS]:  # version, machines, DH parameters (none)
+            separator = argv[5]
+            return 0, f"{self.dr_version}{separator}\n{self.dr_machines}{separator}\n", ""
         rc, out, err = super().dr_run(argv, stdin)
         if argv[0] == "qemu-system-x86_64" and rc == 0:
             self.dest_incoming = "-incoming" in argv

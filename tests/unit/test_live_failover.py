@@ -140,7 +140,9 @@ def test_rollback_refused_once_the_destination_runs() -> None:
     world.revive()
     with pytest.raises(Refused, match="already runs on kvm2") as err:
         failover.rollback(inv, reach, "web")
-    assert err.value.hint == ("finish it with drtool failover web --live, then drtool recover web --reprotect, "
+    # dr-started is written with source-stopped (one write once the destination runs): the record says the
+    # failover is done, so the way out is home
+    assert err.value.hint == ("bring it home without a reboot: drtool recover web --reprotect, "
                               "then drtool recover web --failback --live")
     assert world.dr_vm_status == "running" and world.running_copies() == 1
 

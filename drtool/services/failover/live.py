@@ -8,12 +8,15 @@ Each step is recorded in the manifest before it acts:
                        the mirrors are completed and the DR target stopped, then migrate-continue,
                        the destination completes and is resumed (`cont`)
   replication-stopped, switchover, dr-started
-                       recorded together once the destination runs (the migration's figures with them)
+                       once the destination runs (the migration's figures with them)
   source-stopped       the source (in postmigrate) quits; the link relay goes
 
 The guest's pause holds no manifest write (each is an SSH round trip that
 would add to the downtime): `migration-started` covers the pause window, and a
-re-run reads from both QEMUs how far it got. Never two running copies:
+re-run reads from both QEMUs how far it got. Nor does the move: the first two
+steps go in the write that starts the failover (undoing the one is undoing the
+other), the last four in one write once the destination runs. Never two
+running copies:
 
 - before migrate-continue (the source's migration not past pre-switchover): a
   re-run or --rollback cancels the migration (the source runs on by itself),
@@ -28,14 +31,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, QmpError, Refused, UnreachableError
 from drtool.mechanics.blockinfo import parse_query_block
-from drtool.mechanics.dr_target import PSK_USER, free_nbd_port, source_tls_dir, start_target, stop_target, target_pid
+from drtool.mechanics.dr_target import (
+    PSK_USER,
+    free_nbd_port,
+    push_dh_params,
+    source_tls_dir,
+    start_target,
+    stop_target,
+    target_pid,
+    target_process,
+)
 from drtool.mechanics.dr_vm import dr_vm_session, kill_vm, map_recorded, start_vm, vm_pid
 from drtool.mechanics.hardware import source_qemu_alive
 from drtool.mechanics.link import start_link, stop_link
@@ -47,11 +59,13 @@ from drtool.mechanics.migration import (
     SWITCH_TIMEOUT,
     ArmedStop,
     Figures,
+    HostQemu,
     MigrationFailed,
     add_reverse_bitmaps,
     cancel_migration,
     destination_mismatch,
     event_time,
+    host_qemu,
     incoming_argv,
     listen_for_migration,
     migration_status,
@@ -75,9 +89,11 @@ from drtool.units import human_size
 
 from .command import Confirm, FailoverResult
 from .plan import FailoverPlan
+from .sessions import in_background, once_up_opener
 from .steps import FAULT_ENV, HOOKS_ENV, FailoverSteps
 
 SOURCE_QUIT_TIMEOUT = 30.0
+DESTINATION_START_TIMEOUT = 60.0  # s for the destination's monitor to appear
 PAUSE_HOOK = "pre-switchover"  # FAULT_ENV values: SIGKILL drtool inside the guest's pause (tests),
 STOPPED_HOOK = "target-stopped"  # at its start, or once the mirrors completed and the target stopped
 
@@ -101,54 +117,70 @@ def live_failover(inventory: Inventory, reach: Reach, name: str, *, dry_run: boo
     started = time.monotonic()
     vm = select_vm(inventory, name)
     dr = reach.shell(vm.dr_host)
-    notes: tuple[str, ...] = ()
     with reach.lock(vm):
         manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and manifest.failover is not None and manifest.state is Protection.FAILING_OVER:
+        interrupted = manifest is not None and manifest.failover is not None and \
+            manifest.state is Protection.FAILING_OVER
+        if manifest is not None and manifest.failover is not None and interrupted:
             if manifest.failover.kind is not FailoverKind.LIVE:
                 raise Refused(f"a {manifest.failover.kind.value} failover of {vm.name} is under way",
                               hint=f"finish it with drtool failover {vm.name} (without --live), or --rollback")
             if dry_run:
                 return _dry(vm, manifest, ("an interrupted live failover: a run finishes or undoes it",))
             run = live_run(reach, vm, manifest)
-            if run.settle() is Outcome.FINISHED:
+            with run.sessions:
+                settled = run.settle()
+            if settled is Outcome.FINISHED:
                 return _finished(run, started, ("finished the interrupted live failover",))
-            notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",)
-    if notes:
-        notes = (*notes, catch_up_replication(inventory, reach, name))
-    with reach.lock(vm):
-        manifest = load_settled_manifest(dr, vm)
-        if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
-            raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
-                          hint=f"see drtool status {vm.name}")
-        manifest = require_protected(manifest, vm)
-        manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
-        notes = (*notes, resumed) if resumed else notes
-        run = live_run(reach, vm, manifest)
-        run.refusals()
-        if dry_run:
-            return _dry(vm, manifest, notes)
-        if not confirm(live_plan(vm, manifest)):
-            raise Refused("failover not confirmed; nothing was changed")
+        else:  # the usual case: under this lock, from the manifest just read
+            outcome = _move_afresh(reach, vm, manifest, (), started, dry_run, confirm)
+    if interrupted:  # undone: replication catches up (resync takes the lock itself), then the move
+        notes = ("an interrupted live failover was undone (the source ran on); moving the VM afresh",
+                 catch_up_replication(inventory, reach, name))
+        with reach.lock(vm):
+            outcome = _move_afresh(reach, vm, load_settled_manifest(dr, vm), notes, started, dry_run, confirm)
+    if isinstance(outcome, FailoverResult):
+        return outcome
+    # undone after a failure: the source runs; bring replication back, then say what failed
+    caught_up = catch_up_replication(inventory, reach, name)
+    message = outcome.message if isinstance(outcome, DrtoolError) else "interrupted"
+    raise DrtoolError(f"live failover of {vm.name} failed and was undone: {message}; it runs on {vm.host}, "
+                      f"protected ({caught_up})", hint="fix the cause and run it again, or fail over with a reboot "
+                                        f"(drtool failover {vm.name})") from outcome
+
+
+def _move_afresh(reach: Reach, vm: Vm, manifest: Manifest | None, notes: tuple[str, ...], started: float,
+                 dry_run: bool, confirm: Confirm) -> FailoverResult | BaseException:
+    """Under the VM's lock: refusals, then the move; its result, or the failure it was undone after."""
+    dr = reach.shell(vm.dr_host)
+    if manifest is not None and (manifest.state is Protection.FAILED_OVER or manifest.state.reverse):
+        raise Refused(f"{vm.name} has already failed over: it runs on {vm.dr_host}",
+                      hint=f"see drtool status {vm.name}")
+    manifest = require_protected(manifest, vm)
+    manifest, resumed = resume_own_pause(reach, dr, vm, manifest)  # a pause a killed drtool left
+    notes = (*notes, resumed) if resumed else notes
+    run = live_run(reach, vm, manifest)
+    run.refusals()
+    if dry_run:
+        return _dry(vm, manifest, notes)
+    if not confirm(live_plan(vm, manifest)):
+        raise Refused("failover not confirmed; nothing was changed")
+    with run.sessions:
+        run.open_sessions_ahead()  # while the port is chosen and the record written
         record = FailoverRecord(FailoverKind.LIVE, now(), state_before=manifest.state.value,
-                                migration={"port": free_nbd_port(dr)})
-        run.save(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
+                                migration={"port": run.port_ahead.result()})
+        run.begin(replace(manifest.transition(Protection.FAILING_OVER, "live failover started"), failover=record))
         try:
             run.run()
             return _finished(run, started, notes)
         except (DrtoolError, KeyboardInterrupt) as err:
+            run.sessions.close()  # settling opens its own: a monitor serves one client at a time
             outcome = _settle_after_failure(run)
             if outcome is Outcome.FINISHED:
                 return _finished(run, started, (*notes, f"finished after: {err}"))
             if outcome is None:
                 raise
-            failure: BaseException = err
-    # undone after a failure: the source runs; bring replication back, then say what failed
-    caught_up = catch_up_replication(inventory, reach, name)
-    message = failure.message if isinstance(failure, DrtoolError) else "interrupted"
-    raise DrtoolError(f"live failover of {vm.name} failed and was undone: {message}; it runs on {vm.host}, "
-                      f"protected ({caught_up})", hint="fix the cause and run it again, or fail over with a reboot "
-                                        f"(drtool failover {vm.name})") from failure
+            return err
 
 
 def _settle_after_failure(run: LiveFailover) -> Outcome | None:
@@ -239,14 +271,26 @@ def _finished(run: LiveFailover, started: float, notes: tuple[str, ...]) -> Fail
 class LiveFailover(FailoverSteps):
     """One live failover's steps (see the module docstring)."""
 
+    _dh_params_missing = False  # refusals found the DR host's TLS directory without DH parameters
+    port_ahead: Future  # the migration's port, chosen during the refusals
+
     def intend(self, *steps: Step, **changes: object) -> None:
-        """Record steps before they act (with the fields that go with them)."""
+        """Record steps before they act (with the fields that go with them), in one manifest write."""
         record = self.record
         for step in steps:
             record = record.with_step(step, time.monotonic() - self._step_started)
         self._step_started = time.monotonic()
         self.save_record(replace(record, **changes))  # type: ignore[arg-type]
         self._fault(*(step.value for step in steps))  # any step of this one write: they were recorded together
+
+    def begin(self, manifest: Manifest) -> None:
+        """The failover's record, with the move's first two steps, in the write that starts the failover.
+
+        Undoing the destination's start and undoing the migration are one and the same (settle reads
+        both QEMUs), so one record before the first covers both and the move waits for no write.
+        """
+        self.manifest = manifest
+        self.intend(Step.DESTINATION_STARTED, Step.MIGRATION_STARTED)
 
     @staticmethod
     def _fault(*where: str) -> None:
@@ -267,6 +311,9 @@ class LiveFailover(FailoverSteps):
             raise Refused(f"{vm.name} is {manifest.state.value}, not in sync: a live failover needs replicas "
                           "that hold every write", hint=f"wait for the copy, or run drtool resync {vm.name}")
         binary = str(manifest.hardware["argv"][0])
+        tls_dir = self.layout.tls_dir if manifest.transport == "tls-psk" else None
+        dr_qemu = in_background(lambda: host_qemu(self.dr, binary, tls_dir))  # while the source's session opens
+        self.port_ahead = in_background(lambda: free_nbd_port(self.dr))  # the migration's, chosen meanwhile too
         with self.reach.qmp(vm) as qmp:
             status = str(qmp.execute("query-status")["status"])
             if status != "running":
@@ -279,28 +326,37 @@ class LiveFailover(FailoverSteps):
                     why = "no replication job" if job is None else ("broken" if job.broken else "still copying")
                     raise Refused(f"replica of {vm.name} disk {disk.device} is not in sync ({why})",
                                   hint=f"run drtool resync {vm.name}, then fail over")
-            mismatch = destination_mismatch(qmp, self.dr, binary, vm.dr_host, vm.host)
+            theirs: HostQemu = dr_qemu.result()
+            mismatch = destination_mismatch(qmp, theirs, binary, vm.dr_host, vm.host)
+        self._dh_params_missing = tls_dir is not None and not theirs.dh_params  # protected by an older drtool
         if mismatch:
             raise Refused(f"{vm.name} cannot migrate live to {vm.dr_host}: {mismatch}",
                           hint=f"fail over with a reboot (drtool failover {vm.name}), or install the same QEMU")
 
     # ------------------------------------------------------------------ the move
+    def open_sessions_ahead(self) -> None:
+        """Start opening the source's session, and the destination's before it starts (its relay waits)."""
+        self.sessions.prefetch(self.sessions.SOURCE)
+        ahead = once_up_opener(self.reach, self.vm.dr_host, self.run_layout.qmp_socket,
+                               f"{self.vm.name} (failed over)", DESTINATION_START_TIMEOUT)
+        if ahead is not None:
+            self.sessions.prefetch(self.sessions.DR_VM, ahead)
+
     def run(self) -> None:
+        """The move; its first two steps are recorded (begin)."""
         move_started = time.monotonic()
         tls = self.manifest.transport == "tls-psk"
         uri = migration_uri(self.manifest.nbd_address, self.port)
-        self.intend(Step.DESTINATION_STARTED)
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=2) as pool:
-            # while the destination starts: the source's session and settings, the target's stopper
+            # while the destination starts: the source's settings, the target's stopper (both sessions
+            # are opening since open_sessions_ahead)
             source_ready = pool.submit(self._prepared_source, stack, tls)
             stopper_ready = pool.submit(self._armed_stopper, stack)
             self.start_destination(tls)
             marks = {"destination_started": time.monotonic()}
-            recorded = pool.submit(self.intend, Step.MIGRATION_STARTED)
-            dest = stack.enter_context(self.destination_session())
+            dest = stack.enter_context(self.moving_destination_session())
             listen_for_migration(dest, uri, self.layout.tls_dir if tls else None, tls_on_command_line=True)
             source, stopper = source_ready.result(), stopper_ready.result()
-            recorded.result()
             nodes = self._disk_nodes(dest)
             marks["listening"] = time.monotonic()
             seen: list[Event] = []
@@ -339,7 +395,7 @@ class LiveFailover(FailoverSteps):
             ram_bytes=int(info.get("ram", {}).get("transferred", 0)),
             downtime_limit_ms=DOWNTIME_LIMIT_MS, max_bandwidth=MAX_BANDWIDTH, encrypted=tls)
         phases = {name: round(at - move_started, 4) for name, at in marks.items()}
-        self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED,
+        self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED,
                     migration=(self.record.migration or {}) | asdict(figures) | {"phases": phases,
                                                                                  "reverse_bitmap": reverse})
         self._stop_source()
@@ -349,10 +405,17 @@ class LiveFailover(FailoverSteps):
         """QEMU on the DR host from the manifest's command line on the replica tops, waiting for the stream."""
         disks = {d.source_image: d.replica_image for d in self.manifest.disks}
         argv = map_recorded(self.manifest.hardware, disks, self.run_layout, str(self.vm.qmp_socket)).argv
-        start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout)
+        if tls and self._dh_params_missing:
+            push_dh_params(self.dr, self.layout.tls_dir)
+        start_vm(self.dr, incoming_argv(argv, self.layout.tls_dir if tls else None), self.run_layout,
+                 timeout=DESTINATION_START_TIMEOUT)
 
     def destination_session(self) -> QmpSession:
         return dr_vm_session(self.reach, self.vm)
+
+    def moving_destination_session(self) -> contextlib.AbstractContextManager[QmpSession]:
+        """The destination's session for the move: opened ahead (open_sessions_ahead) and kept."""
+        return self.sessions.dr_vm()
 
     def destination_exists(self) -> bool:
         return vm_pid(self.dr, self.run_layout) is not None
@@ -365,13 +428,14 @@ class LiveFailover(FailoverSteps):
         qmp.execute("quit")
 
     def finish_source(self, src: RemoteShell) -> None:
-        """Wait until the source's QEMU process has ended."""
-        deadline = time.monotonic() + SOURCE_QUIT_TIMEOUT
-        while source_qemu_alive(src, self.vm):
-            if time.monotonic() > deadline:
-                raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
-                                  "after quit", hint="stop it, then run the same failover again")
-            time.sleep(0.2)
+        """Wait until the source's QEMU process has ended (one command, waiting there), its idle relay stopping
+        beside it (the pause detached its NBD client)."""
+        link_stopped = in_background(lambda: stop_link(src, self.vm))
+        alive = source_qemu_alive(src, self.vm, wait_gone=SOURCE_QUIT_TIMEOUT)
+        link_stopped.result()
+        if alive:
+            raise DrtoolError(f"the source QEMU of {self.vm.name} (postmigrate) still runs on {self.vm.host} "
+                              "after quit", hint="stop it, then run the same failover again")
 
     def _disk_nodes(self, dest: QmpSession) -> list[str]:
         """The destination's format node of each replicated disk, in manifest order."""
@@ -390,17 +454,17 @@ class LiveFailover(FailoverSteps):
         return {}
 
     def _prepared_source(self, stack: contextlib.ExitStack, tls: bool) -> QmpSession:
-        source = stack.enter_context(self.reach.qmp(self.vm))
+        source = stack.enter_context(self.sessions.source())  # kept: the source quits through it
         prepare_source(source, source_tls_dir(self.vm) if tls else None, PSK_USER)
         return source
 
     def _armed_stopper(self, stack: contextlib.ExitStack) -> ArmedStop:
-        target = target_pid(self.dr, self.layout)
-        if target is None:
+        stopper = stack.enter_context(contextlib.closing(
+            ArmedStop(self.dr, target_process(self.layout), lambda: stop_target(self.dr, self.layout))))
+        if stopper.pid is None:
             raise DrtoolError(f"the replication target of {self.vm.name} is not running: the replicas may lack "
                               "the source's last writes", hint=f"run drtool resync {self.vm.name}, then fail over")
-        return stack.enter_context(contextlib.closing(
-            ArmedStop(self.dr, target, lambda: stop_target(self.dr, self.layout))))
+        return stopper
 
     def _complete_replication(self, source: QmpSession, stopper: ArmedStop, marks: dict[str, float]) -> None:
         """Inside the pause: the mirrors complete (the replicas equal the source), the target lets go of them."""
@@ -413,15 +477,15 @@ class LiveFailover(FailoverSteps):
         marks["target_stopped"] = time.monotonic()
 
     def _stop_source(self) -> None:
-        self.intend(Step.SOURCE_STOPPED)
+        """The source (in postmigrate) quits, its link relay goes; SOURCE_STOPPED is recorded already."""
         src = self.reach.shell(self.vm.host)
-        with contextlib.suppress(UnreachableError, QmpError), self.reach.qmp(self.vm) as qmp:
+        with contextlib.suppress(UnreachableError, QmpError), self.sessions.source() as qmp:
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.host} as well: drtool stopped nothing",
                                   hint="stop one of the two copies by hand")
             self.quit_source(qmp)
+        self.sessions.drop(self.sessions.SOURCE)
         self.finish_source(src)
-        stop_link(src, self.vm)
 
     # ------------------------------------------------------------------ a re-run, --rollback, a failure
     def source(self) -> _Seen:
@@ -445,7 +509,10 @@ class LiveFailover(FailoverSteps):
         dest = self.destination()
         if self.done(Step.DR_STARTED) or dest.status == "running":
             if not self.done(Step.DR_STARTED):
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **self._record_reverse_bitmap())
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED,
+                            **self._record_reverse_bitmap())
+            elif not self.done(Step.SOURCE_STOPPED):
+                self.intend(Step.SOURCE_STOPPED)
             self._stop_source()
             return Outcome.FINISHED
         source = self.source()
@@ -464,7 +531,7 @@ class LiveFailover(FailoverSteps):
                 reverse = {"migration": (self.record.migration or {}) | {"reverse_bitmap": name}}
                 qmp.execute("cont")
             if self.destination().status == "running":
-                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, **reverse)
+                self.intend(Step.REPLICATION_STOPPED, Step.SWITCHOVER, Step.DR_STARTED, Step.SOURCE_STOPPED, **reverse)
                 self._stop_source()
                 return Outcome.FINISHED
         if not source.alive:  # neither can run: give the replicas back to the target, for --force

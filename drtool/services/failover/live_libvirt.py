@@ -37,6 +37,7 @@ from drtool.mechanics.libvirt_migration import (
     migration_tls_for_qemu,
     start_incoming_domain,
 )
+from drtool.mechanics.link import stop_link
 from drtool.mechanics.migration import ArmedStop, prepare_source
 from drtool.state.records import Step
 from drtool.transport.connections import RemoteShell
@@ -85,6 +86,13 @@ class LibvirtLiveFailover(LiveFailover):
     def destination_session(self) -> QmpSession:
         return domain_session(self.dr, self.vm, self.domain, f"{self.vm.name} (failed over)")
 
+    def moving_destination_session(self) -> contextlib.AbstractContextManager[QmpSession]:
+        return self.destination_session()
+
+    def open_sessions_ahead(self) -> None:
+        """Nothing ahead: the move's source session is a virsh shell (_prepared_source), the destination is
+        libvirt's domain, reached through virsh once it runs."""
+
     def destination_exists(self) -> bool:
         return domain_state(self.dr, self.vm, self.domain) != "shut off"
 
@@ -127,3 +135,4 @@ class LibvirtLiveFailover(LiveFailover):
                                   f"{self.vm.host} after virsh destroy", hint="stop it, then run the same failover "
                                                                               "again")
             time.sleep(0.2)
+        stop_link(src, self.vm)

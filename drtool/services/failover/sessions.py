@@ -39,6 +39,33 @@ def in_background(fn: Callable[[], object]) -> Future:
     return future
 
 
+def close_when_open(opening: Future) -> None:
+    """Close the session a future opens, now or once it has opened (never waits for it)."""
+    opening.add_done_callback(_close_result)
+
+
+def once_up_opener(reach: Reach, host_name: str, socket_path: PurePosixPath, label: str,
+                   wait: float) -> Opener | None:
+    """Opens a QMP session to the monitor of a QEMU about to start: the host's relay waits up to `wait` s
+    for the monitor, so, opened in the background, the SSH channel, the relay's start and the greeting
+    overlap the QEMU's own start. None where the reach cannot wait for a monitor (the tests' fakes):
+    open the session once the QEMU runs."""
+    once_up = getattr(reach, "qmp_once_up", None)
+    return None if once_up is None else lambda: once_up(host_name, socket_path, label, wait)
+
+
+def opened_once_up(reach: Reach, stack: contextlib.ExitStack, host_name: str, socket_path: PurePosixPath,
+                   label: str, wait: float) -> Future | None:
+    """once_up_opener's session, opening in the background from now; closed with `stack` (even if the
+    QEMU does not start, or once it opens later)."""
+    opener = once_up_opener(reach, host_name, socket_path, label, wait)
+    if opener is None:
+        return None
+    opening = in_background(opener)
+    stack.callback(close_when_open, opening)
+    return opening
+
+
 class FailoverSessions:
     """Sessions to the source VM, its replication target and the DR copy, by role."""
 
@@ -58,11 +85,12 @@ class FailoverSessions:
     def _at(self, socket_path: PurePosixPath, label: str) -> QmpSession:
         return self.reach.qmp_at(self.vm.dr_host, socket_path, label)
 
-    def prefetch(self, role: str) -> None:
-        """Start opening a session now, in the background; a failure shows only if it is used."""
+    def prefetch(self, role: str, opener: Opener | None = None) -> None:
+        """Start opening a session now, in the background (with `opener` instead of the role's own:
+        qmp_once_up for a QEMU about to start, say); a failure shows only if it is used."""
         with self._lock:
             if role not in self._open and role not in self._opening:
-                self._opening[role] = in_background(self._openers[role])
+                self._opening[role] = in_background(opener or self._openers[role])
 
     def _get(self, role: str) -> QmpSession:
         with self._lock:

@@ -32,11 +32,13 @@ from drtool.mechanics.dr_target import (
     TargetLayout,
     free_nbd_port,
     new_psk,
+    push_dh_params,
     push_psk,
     source_tls_dir,
     start_target,
     stop_target,
     target_pid,
+    target_process,
 )
 from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
 from drtool.mechanics.hardware import read_hardware, source_qemu_alive
@@ -45,9 +47,11 @@ from drtool.mechanics.migration import (
     RAM_COPY_TIMEOUT,
     SWITCH_TIMEOUT,
     ArmedStop,
+    HostQemu,
     add_reverse_bitmaps,
     cancel_migration,
     destination_mismatch,
+    host_qemu,
     listen_for_migration,
     migration_status,
     migration_uri,
@@ -59,6 +63,7 @@ from drtool.mechanics.migration import (
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain, unmark_old_images
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
+from drtool.services.failover.sessions import close_when_open, in_background, opened_once_up
 from drtool.services.resync import resync
 from drtool.state.manifest import now
 from drtool.state.protection import Protection
@@ -73,6 +78,7 @@ from .reverse_bitmap import BITMAP_METHOD
 
 LIVE_MIGRATING = "live-migrating"
 FORWARD_KEY = "failback_forward_bitmap"  # in the failover record's migration figures
+HOME_START_TIMEOUT = 60.0  # s for home's QEMU to start and open its monitor
 PAUSE_HOOK = "failback-pre-switchover"  # test hooks: SIGKILL inside the guest's pause, at its start
 STOPPED_HOOK = "failback-target-stopped"  # or once the reverse mirrors completed and the reverse target stopped
 
@@ -146,21 +152,28 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
 class LiveFailback:
     def __init__(self, work: ReverseReplication) -> None:
         self.work = work
+        self._dh_params_missing = False  # refusals found home's TLS directory without DH parameters
         self.vm, self.reach, self.dr, self.home = work.vm, work.reach, work.dr, work.home
         self.run_layout = dr_run_layout(self.vm.replica_dir)
 
-    def intend(self, step: str, **changes: object) -> None:
-        self.work.record = self.work.record.with_step(step, **changes)
-        self.work.save()
-        killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
+    def intend(self, *steps: str, state: Protection | None = None, note: str = "") -> None:
+        """Record steps before they act, in one manifest write (with the state, when it changes)."""
+        for step in steps:
+            self.work.record = self.work.record.with_step(step)
+        self.work.save(state, note)
+        for step in steps:
+            killed_after(step)  # test hook (DRTOOL_TEST_HOOKS=1, DRTOOL_FAULT_AFTER_STEP=step)
 
     def refusals(self) -> None:
         if not self.work.healthy():
             raise Refused(f"reverse replication of {self.vm.name} is not in sync: a failback now would lose writes",
                           hint=f"run drtool recover {self.vm.name} --reprotect first")
         binary = str(self.work.manifest.hardware["argv"][0])
+        home_qemu = in_background(lambda: host_qemu(self.home, binary, self.work.layout.tls_dir))
         with dr_vm_session(self.reach, self.vm) as qmp:
-            mismatch = destination_mismatch(qmp, self.home, binary, self.vm.host, self.vm.dr_host)
+            theirs: HostQemu = home_qemu.result()
+            mismatch = destination_mismatch(qmp, theirs, binary, self.vm.host, self.vm.dr_host)
+        self._dh_params_missing = not theirs.dh_params  # reprotected by an older drtool (written if TLS is used)
         if mismatch:
             raise Refused(f"{self.vm.name} cannot migrate live back to {self.vm.host}: {mismatch}",
                           hint=f"fail back with a reboot: drtool recover {self.vm.name} --failback")
@@ -168,50 +181,62 @@ class LiveFailback:
     def run(self) -> None:
         port = free_nbd_port(self.home)
         rollback = reverse_bitmap_name()
-        # one write with the state: a run killed right after it finds a live failback to settle
-        self.work.record = self.work.record.with_step(LIVE_HOME_STARTED)
-        self.work.save(Protection.FAILING_BACK, "live failback started")
-        killed_after(LIVE_HOME_STARTED)
-        if not source_qemu_alive(self.home, self.vm):
-            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
         forward = f"{BITMAP_PREFIX}{time.time_ns()}"  # drtool's resync bitmap at home: a re-run trusts it too
-        self.intend(LIVE_MIGRATING)
         self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
             "failback_port": port, "failback_rollback_bitmap": rollback, FORWARD_KEY: forward}))
-        self.work.save()
-        with dr_vm_session(self.reach, self.vm) as source, self.reach.qmp(self.vm) as dest:
-            reverse = self.work.reverse_of(source)
-            uri = migration_uri(reverse.nbd_address, port)
-            tls = reverse.transport == "tls-psk"
-            listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
-            prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
-            target = target_pid(self.home, self.work.layout)
-            if target is None:
-                raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
-                                  hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
-            home_nodes = self._home_nodes(dest)
-            with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
-                    contextlib.closing(ArmedStop(self.home, target,
-                                                 lambda: stop_target(self.home, self.work.layout))) as stopper:
-                source.execute("migrate", {"uri": uri})
-                wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
-                               "the RAM copy")
-                killed_after(PAUSE_HOOK)
-                cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
-                nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
-                add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
-                detach_target(source, reverse)
-                stopper.fire()
-                stopper.wait()
-                killed_after(STOPPED_HOOK)
-                source.execute("migrate-continue", {"state": "pre-switchover"})
-                wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
-                               "the migration home")
-                add_reverse_bitmaps(dest, home_nodes, forward)  # drtool's resync bitmap: home's writes from now
-                dest.execute("cont")
-            if str(dest.execute("query-status")["status"]) != "running":
-                raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
-        self._switched(forward)
+        with contextlib.ExitStack() as stack:
+            # while the steps are recorded and home's QEMU starts: the DR copy's session, and home's own
+            # (its relay waits for the monitor)
+            source_ready = in_background(lambda: dr_vm_session(self.reach, self.vm))
+            stack.callback(close_when_open, source_ready)
+            home_ahead = opened_once_up(self.reach, stack, self.vm.host, self.vm.monitor, self.vm.name,
+                                        HOME_START_TIMEOUT)
+            # one write, with the state, before home's QEMU starts: undoing its start and undoing the migration
+            # are one (settle), and a run killed right after it finds a live failback to settle
+            self.intend(LIVE_HOME_STARTED, LIVE_MIGRATING, state=Protection.FAILING_BACK, note="live failback started")
+            if not source_qemu_alive(self.home, self.vm):
+                self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=HOME_START_TIMEOUT)
+            source = stack.enter_context(source_ready.result())
+            dest = stack.enter_context(home_ahead.result() if home_ahead is not None else self.reach.qmp(self.vm))
+            self._migrate(source, dest, port, rollback, forward)
+        self._switched(forward)  # the sessions closed: it opens the DR copy's again
+
+    def _migrate(self, source: QmpSession, dest: QmpSession, port: int, rollback: str, forward: str) -> None:
+        """The RAM copy, the pause's work, the switch and home's cont (home's writes go to the forward bitmap)."""
+        reverse = self.work.reverse_of(source)
+        uri = migration_uri(reverse.nbd_address, port)
+        tls = reverse.transport == "tls-psk"
+        if tls and self._dh_params_missing:
+            push_dh_params(self.home, self.work.layout.tls_dir)
+        listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
+        prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
+        home_nodes = self._home_nodes(dest)
+        stopper = ArmedStop(self.home, target_process(self.work.layout),
+                            lambda: stop_target(self.home, self.work.layout))
+        if stopper.pid is None:
+            stopper.close()
+            raise DrtoolError(f"the reverse target of {self.vm.name} is not running on {self.vm.host}",
+                              hint=f"run drtool recover {self.vm.name} --reprotect, then fail back")
+        with source.subscribe(["MIGRATION"]) as source_events, dest.subscribe(["MIGRATION"]) as dest_events, \
+                contextlib.closing(stopper):
+            source.execute("migrate", {"uri": uri})
+            wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
+                           "the RAM copy")
+            killed_after(PAUSE_HOOK)
+            cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+            nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
+            add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
+            detach_target(source, reverse)
+            stopper.fire()
+            stopper.wait()
+            killed_after(STOPPED_HOOK)
+            source.execute("migrate-continue", {"state": "pre-switchover"})
+            wait_migration(dest, frozenset({"completed"}), SWITCH_TIMEOUT, dest_events, None,
+                           "the migration home")
+            add_reverse_bitmaps(dest, home_nodes, forward)  # drtool's resync bitmap: home's writes from now
+            dest.execute("cont")
+        if str(dest.execute("query-status")["status"]) != "running":
+            raise DrtoolError(f"{self.vm.name} did not run at home after the migration")
 
     def _home_nodes(self, home: QmpSession) -> list[str]:
         by_device = {d.device: d.node_name for d in parse_query_block(home.execute("query-block"))}
