@@ -362,6 +362,42 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         dom.remove()
 
 
+def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_libvirt(libvirt_lab: Lab,
+                                                                                        tmp_path: Path):
+    """After the move, the way home: the DR domain replicates home (from the live pause's bitmap), then fails back."""
+    started = time.monotonic()
+    dom = LabDomain(libvirt_lab, "lvback", "site-a", sizes=("16M",))
+    try:
+        dom.virsh("autostart", dom.name)
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x1E)
+        drtool_ok(config, "failover", dom.name, "--live", "--yes")
+        at_dr = DrDomain(libvirt_lab, dom.name)
+        at_dr.guest_write(0, 2 * MiB, MiB, 0x2E)  # written at DR before the reprotect: the bitmap holds it
+        said = json.loads(drtool_ok(config, "recover", dom.name, "--reprotect", "--json").stdout)
+        assert said["method"] == "bitmap" and said["rewound_bytes"] == 0, said
+        at_dr.guest_write(0, 4 * MiB, MiB, 0x4E)  # written at DR while reprotected: the reverse mirror carries it
+        home_disk = dom.images[0]
+        assert eventually(lambda: replica_has(home_disk, 4 * MiB, MiB, 0x4E))
+        drtool_ok(config, "recover", dom.name, "--failback")
+        # home runs under libvirt with every write made at DR, its autostart as before; the DR domain is gone
+        assert dom.virsh("domstate", dom.name).strip() == "running"
+        assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)
+        assert libvirt_lab.virsh("site-b", "dominfo", dom.name).returncode != 0
+        for offset, pattern in ((MiB, 0x1E), (2 * MiB, 0x2E), (4 * MiB, 0x4E)):
+            assert replica_has(home_disk, offset, MiB, pattern), f"0x{pattern:02x} is not on the home disk"
+        entry = status_json(config, dom.name)
+        assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
+        dom.guest_write(0, 6 * MiB, MiB, 0x6E)  # protection resumed forward
+        assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 6 * MiB, MiB, 0x6E))
+        print(f"\nlibvirt failover, reprotect, failback: test {time.monotonic() - started:.1f} s")
+    finally:
+        for args in (("destroy", dom.name), ("undefine", dom.name)):
+            libvirt_lab.virsh("site-b", *args)
+        dom.remove()
+
+
 class DrDomain(LabDomain):
     """A domain drtool started on a lab host (no images of its own): writes through its device."""
 
