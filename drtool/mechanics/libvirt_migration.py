@@ -93,16 +93,23 @@ def start_incoming_domain(shell: RemoteShell, vm: Vm, manifest: Manifest, run_di
     name = domain_name(manifest.hardware["libvirt_xml"])
     if domain_state(shell, vm, name) != "shut off":
         return
-    if tls_dir is None:
-        make_dirs(shell, run_dir)  # else migration_tls_for_qemu made it
     if manifest.hardware.get("gid"):
         open_to_qemu_group(shell, vm.replica_dir, int(manifest.hardware["gid"]))
+    create_incoming(shell, vm, vm.dr_host, dr_definition(manifest), run_dir, tls_dir)
+
+
+def create_incoming(shell: RemoteShell, vm: Vm, host: str, clean_xml: str, run_dir: PurePosixPath,
+                    tls_dir: PurePosixPath | None) -> None:
+    """`virsh create --paused` of a definition with -incoming defer: a domain defined under that name (the home
+    domain of a live failback) runs with that command line; its persistent definition stays as it was."""
+    if tls_dir is None:
+        make_dirs(shell, run_dir)  # else migration_tls_for_qemu made it
     path = run_dir / INCOMING_XML
-    write_file(shell, path, incoming_domain_xml(dr_definition(manifest), tls_dir).encode(), mode=0o600)
+    write_file(shell, path, incoming_domain_xml(clean_xml, tls_dir).encode(), mode=0o600)
     result = shell.run(virsh_argv(vm.libvirt_uri, "create", "--paused", str(path)), check=False, timeout=120)
     if not result.ok:
-        raise RemoteCommandError(f"virsh create --paused {name} (live migration destination) on {vm.dr_host}: "
-                                 f"{result.err.strip()}")
+        raise RemoteCommandError(f"virsh create --paused {domain_name(clean_xml)} (live migration destination) on "
+                                 f"{host}: {result.err.strip()}")
 
 
 def make_persistent(shell: RemoteShell, vm: Vm, manifest: Manifest, run_dir: PurePosixPath) -> None:

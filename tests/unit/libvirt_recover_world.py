@@ -65,6 +65,20 @@ class LibvirtRecoverWorld(FailbackLiveWorld):
             if verb == "define":
                 self.home_domain_defined = True
                 return 0, "", ""
+            if verb == "domstate":
+                return (0, "shut off\n", "") if self.home_qemu == "gone" else \
+                    (0, ("running" if self.home_qemu == "running" else "paused") + "\n", "")
+            if verb == "create":  # a live failback's destination: the home domain, paused, incoming
+                assert argv[5] == "--paused" and argv[6].endswith("incoming-domain.xml"), argv
+                if self.home_qemu != "gone":
+                    return 1, "", "error: operation failed: domain 'web' is already active"
+                self.home_qemu, self.home_migration, self.home_starts = "inmigrate", "none", self.home_starts + 1
+                return 0, "", ""
+            if verb == "destroy":
+                if self.home_qemu == "gone":
+                    return 1, "", "error: Requested operation is not valid: domain is not running"
+                self.home_qemu, self.home_migration = "gone", "none"
+                return 0, "", ""
             if verb == "start":
                 assert "--paused" in argv and self.home_domain_defined, argv
                 if self.home_qemu != "gone":
@@ -95,8 +109,9 @@ class LibvirtRecoverWorld(FailbackLiveWorld):
         return super().dr_vm_qmp(command, args)
 
     def home_qmp(self, command: str, args: dict[str, Any]) -> Any:
-        if self.home_qemu == "gone" or command in ("query-status", "query-block", "quit"):
-            return super().home_qmp(command, args)
+        cold = self.home_qemu != "gone" and self.home_migration == "none" and self.home_qemu != "inmigrate"
+        if not cold or command in ("query-status", "query-block", "quit"):
+            return super().home_qmp(command, args)  # a live failback's destination
         self.guest_writes()
         self.log.append(f"home {command}")
         if command in ("blockdev-add", "blockdev-del", "object-add", "object-del", "block-dirty-bitmap-add",
@@ -130,6 +145,7 @@ def reprotected_libvirt_world(monkeypatch: Any, *, transport: str = "tls-psk",
 
     monkeypatch.setattr(migration, "SWITCH_TIMEOUT", 1.0)
     old, _, inv = failed_over_world()
+    old.dr_vm_status = "running"
     world = LibvirtRecoverWorld(mode=old.mode, files=old.files, images=old.images, active_top=old.active_top,
                                 source_alive=False, target_running=False, jobs=False, dr_vm=old.dr_vm,
                                 dr_vm_status=old.dr_vm_status)

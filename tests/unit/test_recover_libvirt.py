@@ -15,6 +15,7 @@ import pytest
 
 from drtool.mechanics import dr_target, link
 from drtool.services.recover import reprotect
+from drtool.errors import Refused
 from drtool.state.protection import Protection
 
 from .libvirt_recover_world import LibvirtRecoverWorld, reprotected_libvirt_world
@@ -116,3 +117,101 @@ def test_failback_redefines_a_home_domain_libvirt_lost(monkeypatch: pytest.Monke
     failback.failback(inv, reach, "web")
     assert "home virsh define" in world.log
     assert_home_under_libvirt(world)
+
+
+# --- recover --failback --live of a libvirt VM ------------------------------------------------------------
+
+failback_live = importlib.import_module("drtool.services.recover.failback_live")
+LIVE_STEPS = ("failing-back", failback_live.LIVE_HOME_STARTED, failback_live.LIVE_MIGRATING, failback.DR_STOPPED)
+
+
+@pytest.fixture
+def live_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """resync after the move and reprotect after an undo (the lab test runs the real ones), calls counted."""
+    made: dict[str, list[str]] = {"resync": [], "reprotect": []}
+
+    def resync(inventory: Any, reach: Any, name: str) -> None:
+        assert reach.world.home_qemu == "running" and reach.world.dr_vm is None, "resync before the DR copy went"
+        made["resync"].append(name)
+
+    def reprotect_again(inventory: Any, reach: Any, name: str) -> None:
+        world = reach.world
+        assert world.manifest.state is Protection.REPROTECTED and world.home_qemu == "gone"
+        world.rev_job = "running"
+        world.rev_mirror()
+        made["reprotect"].append(name)
+
+    monkeypatch.setattr(failback_live, "resync", resync)
+    monkeypatch.setattr(failback_live, "reprotect", reprotect_again)
+    monkeypatch.setattr(failback_live, "QUIT_TIMEOUT", 0.2)
+    return made
+
+
+def assert_home_live_under_libvirt(world: LibvirtRecoverWorld) -> None:
+    assert world.manifest.state is Protection.PROTECTED and world.manifest.reprotect is None
+    assert world.home_qemu == "running" and world.running_copies() == 1
+    assert world.dr_vm is None and not world.dr_domain_defined, "the DR domain is not gone"
+    assert world.home_autostart and world.autostart_record is None, "autostart not restored as recorded"
+    assert "home virsh define" in world.log, "the home domain keeps the incoming definition"
+    assert not world.home_has_every_dr_write(), "a write of the DR copy is missing at home"
+
+
+def test_live_failback_of_a_libvirt_vm_migrates_into_the_home_domain(live_calls: dict[str, list[str]],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    world, reach, inv = reprotected_libvirt_world(monkeypatch)
+    seen = qmp_hosts(reach)
+    failback_live.failback_live(inv, reach, "web")
+    assert_home_live_under_libvirt(world)
+    assert world.home_starts == 1 and "home virsh start" not in world.log  # created incoming, not booted
+    log = world.log
+    assert log.index("home virsh create") < log.index("dr migrate") < log.index("dr migrate-continue")
+    assert log.index("home cont") < log.index("dr virsh destroy") < log.index("dr virsh undefine")
+    assert ("kvm2", "web") in seen and ("kvm1", "web") in seen
+    assert live_calls == {"resync": ["web"], "reprotect": []}
+
+
+@pytest.mark.parametrize("step", LIVE_STEPS)
+def test_live_failback_of_a_libvirt_vm_killed_after_each_step_finishes_with_one_copy(
+        step: str, live_calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    world, reach, inv = reprotected_libvirt_world(monkeypatch)
+    world.kill_after_save(saved(step) if step == "failing-back" else
+                          (lambda raw: bool(raw.get("reprotect")) and step in raw["reprotect"]["steps"]))
+    with pytest.raises(Killed):
+        failback_live.failback_live(inv, reach, "web")
+    world.revive()
+    assert world.running_copies() == 1
+    failback_live.failback_live(inv, reach, "web")
+    assert_home_live_under_libvirt(world)
+    assert live_calls["reprotect"] == ([] if step == failback.DR_STOPPED else ["web"])
+
+
+@pytest.mark.parametrize("command", ["block-job-cancel", "migrate-continue"])
+def test_live_failback_of_a_libvirt_vm_killed_in_the_pause_is_undone_by_destroying_the_home_domain(
+        command: str, live_calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    world, reach, inv = reprotected_libvirt_world(monkeypatch)
+    world.dr_faults[command] = "kill"
+    with pytest.raises(Killed):
+        failback_live.failback_live(inv, reach, "web")
+    world.revive()
+    failback_live.failback_live(inv, reach, "web")  # undone (home destroyed), caught up, moved afresh
+    assert world.home_starts == 2 and "home virsh destroy" in world.log
+    assert_home_live_under_libvirt(world)
+    assert live_calls["reprotect"] == ["web"]
+
+
+def test_live_failback_refuses_while_libvirt_runs_the_home_domain(live_calls: dict[str, list[str]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    world, reach, inv = reprotected_libvirt_world(monkeypatch)
+    world.home_qemu = "running"  # someone started it by hand: a migration home would make a second copy
+    world.writing = False
+    before = world.files[str(world_manifest_path())]
+    with pytest.raises(Refused, match="already has domain 'web' running") as err:
+        failback_live.failback_live(inv, reach, "web")
+    assert "virsh destroy web" in (err.value.hint or "")
+    assert world.files[str(world_manifest_path())] == before
+
+
+def world_manifest_path() -> Any:
+    from .world import REPLICAS
+
+    return REPLICAS / "manifest.json"

@@ -38,9 +38,9 @@ from drtool.mechanics.dr_target import (
     stop_target,
     target_pid,
 )
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
+from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.hardware import read_hardware, source_qemu_alive
-from drtool.mechanics.link import start_link, stop_link
+from drtool.mechanics.link import give_to_qemu, start_link, stop_link
 from drtool.mechanics.migration import (
     RAM_COPY_TIMEOUT,
     SWITCH_TIMEOUT,
@@ -80,11 +80,6 @@ STOPPED_HOOK = "failback-target-stopped"  # or once the reverse mirrors complete
 def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
     started = time.monotonic()
     vm = select_vm(inventory, name)
-    if vm.libvirt_domain is not None:
-        raise Refused(f"{vm.name} is a libvirt domain: drtool fails those over live but not back yet (recover "
-                      "--reprotect does not reach a DR copy that libvirt runs, so nothing replicates home)",
-                      hint=f"it runs as libvirt domain {vm.libvirt_domain} on {vm.dr_host}; see README, libvirt "
-                           "domains")
     outcome, failure = _move(inventory, reach, name, started, interrupted_only=True)
     if outcome == UNDONE:  # an interrupted one was undone: catch up, then move afresh
         reprotect(inventory, reach, name)
@@ -127,7 +122,8 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
         home = reach.shell(vm.host)
         if not live_run:  # an interrupted run's QEMU at home is its incoming destination: settle decides
             refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
-        move = LiveFailback(ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home))
+        work = ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home)
+        move = LiveFailback(work) if vm.libvirt_domain is None else _libvirt_failback()(work)
         if live_run:
             return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
         move.refusals()
@@ -143,7 +139,17 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
         return move.finish(started), ""
 
 
+def _libvirt_failback() -> type[LiveFailback]:
+    from .failback_live_libvirt import LibvirtLiveFailback  # it builds on this module
+
+    return LibvirtLiveFailback
+
+
 class LiveFailback:
+    """The steps with a plain QEMU at home; failback_live_libvirt.py's subclass with libvirt domains."""
+
+    tls_on_command_line = False  # the home QEMU's TLS server object: made by start_home, not object-add
+
     def __init__(self, work: ReverseReplication) -> None:
         self.work = work
         self.vm, self.reach, self.dr, self.home = work.vm, work.reach, work.dr, work.home
@@ -159,7 +165,7 @@ class LiveFailback:
             raise Refused(f"reverse replication of {self.vm.name} is not in sync: a failback now would lose writes",
                           hint=f"run drtool recover {self.vm.name} --reprotect first")
         binary = str(self.work.manifest.hardware["argv"][0])
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.work.session() as qmp:
             mismatch = destination_mismatch(qmp, self.home, binary, self.vm.host, self.vm.dr_host)
         if mismatch:
             raise Refused(f"{self.vm.name} cannot migrate live back to {self.vm.host}: {mismatch}",
@@ -172,18 +178,18 @@ class LiveFailback:
         self.work.record = self.work.record.with_step(LIVE_HOME_STARTED)
         self.work.save(Protection.FAILING_BACK, "live failback started")
         killed_after(LIVE_HOME_STARTED)
-        if not source_qemu_alive(self.home, self.vm):
-            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
+        self.start_home(self.work.manifest.transport == "tls-psk")
         forward = f"{BITMAP_PREFIX}{time.time_ns()}"  # drtool's resync bitmap at home: a re-run trusts it too
         self.intend(LIVE_MIGRATING)
         self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
             "failback_port": port, "failback_rollback_bitmap": rollback, FORWARD_KEY: forward}))
         self.work.save()
-        with dr_vm_session(self.reach, self.vm) as source, self.reach.qmp(self.vm) as dest:
+        with self.work.session() as source, self.reach.qmp(self.vm) as dest:
             reverse = self.work.reverse_of(source)
             uri = migration_uri(reverse.nbd_address, port)
             tls = reverse.transport == "tls-psk"
-            listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
+            listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None,
+                                 tls_on_command_line=self.tls_on_command_line)
             prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
             target = target_pid(self.home, self.work.layout)
             if target is None:
@@ -241,15 +247,40 @@ class LiveFailback:
         self.work.manifest = manifest
         if not self.work.record.done(DR_STOPPED):
             self.intend(DR_STOPPED)
-        with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(self.reach, self.vm) as qmp:
+        with contextlib.suppress(UnreachableError, QmpError), self.work.session() as qmp:
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.dr_host} as well", hint="stop one copy by hand")
-            qmp.execute("quit")
+            self.quit_dr_copy(qmp)
+        self.end_dr_copy()
+        stop_link(self.dr, self.work.rvm)
+
+    # --- what differs for libvirt domains (failback_live_libvirt.py) -------------------------------------
+    def start_home(self, tls: bool) -> None:
+        """The VM's own command line at home, paused, waiting for the stream (nothing if it runs already)."""
+        if not source_qemu_alive(self.home, self.vm):
+            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=60)
+
+    def quit_dr_copy(self, qmp: QmpSession) -> None:
+        qmp.execute("quit")
+
+    def end_dr_copy(self) -> None:
+        """The DR copy (postmigrate, told to quit) gone for sure."""
         deadline = time.monotonic() + QUIT_TIMEOUT
         while vm_pid(self.dr, self.run_layout) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
         kill_vm(self.dr, self.run_layout)
-        stop_link(self.dr, self.work.rvm)
+
+    def kill_home(self) -> None:
+        """Undo: the home QEMU (the migration's destination) killed and gone."""
+        with contextlib.suppress(DrtoolError):
+            pid = read_hardware(self.home, self.vm)["pid"]
+            self.home.run(["kill", "-KILL", str(pid)], check=False, timeout=15)
+        deadline = time.monotonic() + QUIT_TIMEOUT
+        while source_qemu_alive(self.home, self.vm) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def finish_home(self) -> None:
+        """Once home runs and the DR copy is gone: nothing more for a plain QEMU."""
 
     def finish(self, started: float) -> FailbackResult:
         """Protected again: the forward target on the replicas, then resync's bitmap tier sends home's writes."""
@@ -262,7 +293,9 @@ class LiveFailback:
             psk = new_psk()
             push_psk(dr, layout.tls_dir, psk)
             push_psk(home, source_tls_dir(vm), psk)
+            give_to_qemu(home, manifest, vm.source_state_dir, source_tls_dir(vm))  # libvirt's QEMU user
         stop_link(home, vm)
+        self.finish_home()
         rto = time.monotonic() - started
         save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, f"failed back live at {now()}"),
                                       failover=None, reprotect=None, drill=None))
@@ -280,7 +313,7 @@ class LiveFailback:
             self._switched(forward)  # a run killed after recording dr-stopped may have left the DR copy
             return True
         dr_status, dr_migration = "gone", "none"
-        with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
+        with contextlib.suppress(DrtoolError), self.work.session() as qmp:
             dr_status, dr_migration = str(qmp.execute("query-status")["status"]), str(migration_status(qmp)["status"])
         switched = dr_status == "postmigrate" or dr_migration == "completed"
         if switched and home_status != "gone" and home_migration == "completed":
@@ -298,16 +331,11 @@ class LiveFailback:
         return False
 
     def _undo(self, switched: bool) -> None:
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.work.session() as qmp:
             if not switched:
                 cancel_migration(qmp)
-        with contextlib.suppress(DrtoolError):
-            pid = read_hardware(self.home, self.vm)["pid"]
-            self.home.run(["kill", "-KILL", str(pid)], check=False, timeout=15)
-        deadline = time.monotonic() + QUIT_TIMEOUT
-        while source_qemu_alive(self.home, self.vm) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        self.kill_home()
+        with self.work.session() as qmp:
             if str(qmp.execute("query-status")["status"]) != "running":
                 qmp.execute("cont")
             reverse = self.work.reverse_of(qmp)

@@ -1,0 +1,81 @@
+"""`drtool recover VM --failback --live` for a libvirt domain: failback_live.py's flow with libvirt at both ends.
+
+The DR copy (the DR host's persistent domain a failover left) is the migration's source, driven through
+`virsh qemu-monitor-command` there. Home is the domain still defined at home, started the way the live
+failover starts its destination (mechanics/libvirt_migration.py): `virsh create --paused` of its own
+definition with `-incoming defer` and the TLS server object in <qemu:commandline>, the key copied for
+libvirt's QEMU user. The steps and their records are failback_live.py's; what differs:
+
+  live-home-started  the home domain created paused, incoming (nothing if libvirt runs it already)
+  dr-stopped         the DR domain (postmigrate) destroyed and undefined, as a rollback does
+  then               the home domain defined again with its clean definition (no qemu:commandline), the key's
+                     copy dropped, its autostart restored as the failover recorded it
+
+Undone before the switch, the home domain is destroyed (it stays defined, shut off) and the DR copy runs on.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from drtool.errors import Refused
+from drtool.mechanics.libvirt_domain import define_source_domain, remove_dr_domain, restore_source_autostart
+from drtool.mechanics.libvirt_migration import (
+    create_incoming,
+    destroy_domain,
+    domain_state,
+    drop_migration_tls,
+    migration_tls_for_qemu,
+)
+from drtool.transport.qmp import QmpSession
+
+from .failback_live import LiveFailback
+
+
+class LibvirtLiveFailback(LiveFailback):
+    tls_on_command_line = True
+
+    @property
+    def domain(self) -> str:
+        assert self.vm.libvirt_domain is not None
+        return self.vm.libvirt_domain
+
+    @property
+    def definition(self) -> str:
+        return str(self.work.manifest.hardware["libvirt_xml"])
+
+    @property
+    def home_run_dir(self) -> PurePosixPath:
+        return self.vm.source_state_dir / "incoming"
+
+    def refusals(self) -> None:
+        if "libvirt_xml" not in self.work.manifest.hardware:
+            raise Refused(f"{self.vm.name}'s manifest keeps no libvirt definition to start at home",
+                          hint=f"fail back with a reboot: drtool recover {self.vm.name} --failback")
+        state = domain_state(self.home, self.vm, self.domain)
+        if state != "shut off":
+            raise Refused(f"libvirt on {self.vm.host} already has domain {self.domain!r} {state}: the migration "
+                          "home would be a second copy", hint=f"stop it there (virsh destroy {self.domain}), then "
+                                                              "fail back")
+        super().refusals()
+
+    def start_home(self, tls: bool) -> None:
+        if domain_state(self.home, self.vm, self.domain) != "shut off":
+            return  # an earlier run's destination
+        tls_dir = migration_tls_for_qemu(self.home, self.work.manifest, self.work.layout, self.home_run_dir) \
+            if tls else None
+        create_incoming(self.home, self.vm, self.vm.host, self.definition, self.home_run_dir, tls_dir)
+
+    def quit_dr_copy(self, qmp: QmpSession) -> None:
+        """Nothing through QMP: libvirt ends its domain (end_dr_copy), so it knows why it stopped."""
+
+    def end_dr_copy(self) -> None:
+        remove_dr_domain(self.dr, self.vm, self.definition)
+
+    def kill_home(self) -> None:
+        destroy_domain(self.home, self.vm, self.domain)
+
+    def finish_home(self) -> None:
+        define_source_domain(self.home, self.vm, self.definition, always=True)
+        drop_migration_tls(self.home, self.home_run_dir)
+        restore_source_autostart(self.home, self.vm)
