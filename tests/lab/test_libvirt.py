@@ -362,11 +362,13 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         dom.remove()
 
 
+@pytest.mark.parametrize("kind", ["cold", "live"])
 def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_libvirt(libvirt_lab: Lab,
-                                                                                        tmp_path: Path):
-    """After the move, the way home: the DR domain replicates home (from the live pause's bitmap), then fails back."""
+                                                                                        tmp_path: Path, kind: str):
+    """After the move, the way home: the DR domain replicates home (from the live pause's bitmap), then fails back
+    (cold: the home domain boots; live: the DR domain migrates into it)."""
     started = time.monotonic()
-    dom = LabDomain(libvirt_lab, "lvback", "site-a", sizes=("16M",))
+    dom = LabDomain(libvirt_lab, f"lvback{kind[0]}", "site-a", sizes=("16M",))
     try:
         dom.virsh("autostart", dom.name)
         config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
@@ -380,7 +382,13 @@ def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_
         at_dr.guest_write(0, 4 * MiB, MiB, 0x4E)  # written at DR while reprotected: the reverse mirror carries it
         home_disk = dom.images[0]
         assert eventually(lambda: replica_has(home_disk, 4 * MiB, MiB, 0x4E))
-        drtool_ok(config, "recover", dom.name, "--failback")
+        said = json.loads(drtool_ok(config, "recover", dom.name, "--failback", *(["--live"] if kind == "live" else []),
+                                    "--json").stdout)
+        reason = dom.virsh("domstate", "--reason", dom.name).strip()
+        assert reason == ("running (unpaused)" if kind == "live" else "running (booted)") or \
+            (kind == "cold" and reason.startswith("running")), reason  # live: migrated, not booted
+        if kind == "live":
+            assert "qemu:commandline" not in dom.virsh("dumpxml", "--inactive", dom.name)
         # home runs under libvirt with every write made at DR, its autostart as before; the DR domain is gone
         assert dom.virsh("domstate", dom.name).strip() == "running"
         assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)
@@ -391,7 +399,8 @@ def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_
         assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
         dom.guest_write(0, 6 * MiB, MiB, 0x6E)  # protection resumed forward
         assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 6 * MiB, MiB, 0x6E))
-        print(f"\nlibvirt failover, reprotect, failback: test {time.monotonic() - started:.1f} s")
+        print(f"\nlibvirt live failover, reprotect, {kind} failback (rto {said.get('rto_seconds')} s): test "
+              f"{time.monotonic() - started:.1f} s")
     finally:
         for args in (("destroy", dom.name), ("undefine", dom.name)):
             libvirt_lab.virsh("site-b", *args)
