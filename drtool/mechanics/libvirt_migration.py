@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.domain import Vm
-from drtool.errors import DrtoolError, QmpError, RemoteCommandError
+from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.libvirt_domain import domain_name, dr_domain_xml, open_to_qemu_group
 from drtool.mechanics.migration import incoming_argv
@@ -125,6 +125,14 @@ def domain_state(shell: RemoteShell, vm: Vm, name: str) -> str:
     """libvirt's run state of a domain ("running", "paused", ...); "shut off" when libvirt has none of that name."""
     result = shell.run(virsh_argv(vm.libvirt_uri, "domstate", name), check=False, timeout=60)
     return result.out.strip() if result.ok else "shut off"
+
+
+def refuse_second_copy(shell: RemoteShell, vm: Vm, host: str, name: str, hint_then: str) -> None:
+    """A migration's destination domain must not run yet: libvirt's copy of that name would be a second one."""
+    state = domain_state(shell, vm, name)
+    if state != "shut off":
+        raise Refused(f"libvirt on {host} already has domain {name!r} {state}: the migration destination would "
+                      "be a second copy", hint=f"stop it there (virsh destroy {name}), then {hint_then}")
 
 
 def destroy_domain(shell: RemoteShell, vm: Vm, name: str) -> None:

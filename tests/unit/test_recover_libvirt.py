@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
+from drtool.errors import Refused
 from drtool.mechanics import dr_target, link
 from drtool.services.recover import reprotect
-from drtool.errors import Refused
 from drtool.state.protection import Protection
 
 from .libvirt_recover_world import LibvirtRecoverWorld, reprotected_libvirt_world
+from . import test_failback_live
 from .world import Killed
 
 failback = importlib.import_module("drtool.services.recover.failback")
@@ -122,29 +123,8 @@ def test_failback_redefines_a_home_domain_libvirt_lost(monkeypatch: pytest.Monke
 # --- recover --failback --live of a libvirt VM ------------------------------------------------------------
 
 failback_live = importlib.import_module("drtool.services.recover.failback_live")
+calls = test_failback_live.calls  # the fixture: resync after the move and reprotect after an undo, counted
 LIVE_STEPS = ("failing-back", failback_live.LIVE_HOME_STARTED, failback_live.LIVE_MIGRATING, failback.DR_STOPPED)
-
-
-@pytest.fixture
-def live_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """resync after the move and reprotect after an undo (the lab test runs the real ones), calls counted."""
-    made: dict[str, list[str]] = {"resync": [], "reprotect": []}
-
-    def resync(inventory: Any, reach: Any, name: str) -> None:
-        assert reach.world.home_qemu == "running" and reach.world.dr_vm is None, "resync before the DR copy went"
-        made["resync"].append(name)
-
-    def reprotect_again(inventory: Any, reach: Any, name: str) -> None:
-        world = reach.world
-        assert world.manifest.state is Protection.REPROTECTED and world.home_qemu == "gone"
-        world.rev_job = "running"
-        world.rev_mirror()
-        made["reprotect"].append(name)
-
-    monkeypatch.setattr(failback_live, "resync", resync)
-    monkeypatch.setattr(failback_live, "reprotect", reprotect_again)
-    monkeypatch.setattr(failback_live, "QUIT_TIMEOUT", 0.2)
-    return made
 
 
 def assert_home_live_under_libvirt(world: LibvirtRecoverWorld) -> None:
@@ -156,7 +136,7 @@ def assert_home_live_under_libvirt(world: LibvirtRecoverWorld) -> None:
     assert not world.home_has_every_dr_write(), "a write of the DR copy is missing at home"
 
 
-def test_live_failback_of_a_libvirt_vm_migrates_into_the_home_domain(live_calls: dict[str, list[str]],
+def test_live_failback_of_a_libvirt_vm_migrates_into_the_home_domain(calls: dict[str, list[str]],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     world, reach, inv = reprotected_libvirt_world(monkeypatch)
     seen = qmp_hosts(reach)
@@ -167,12 +147,12 @@ def test_live_failback_of_a_libvirt_vm_migrates_into_the_home_domain(live_calls:
     assert log.index("home virsh create") < log.index("dr migrate") < log.index("dr migrate-continue")
     assert log.index("home cont") < log.index("dr virsh destroy") < log.index("dr virsh undefine")
     assert ("kvm2", "web") in seen and ("kvm1", "web") in seen
-    assert live_calls == {"resync": ["web"], "reprotect": []}
+    assert calls == {"resync": ["web"], "reprotect": []}
 
 
 @pytest.mark.parametrize("step", LIVE_STEPS)
 def test_live_failback_of_a_libvirt_vm_killed_after_each_step_finishes_with_one_copy(
-        step: str, live_calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+        step: str, calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     world, reach, inv = reprotected_libvirt_world(monkeypatch)
     world.kill_after_save(saved(step) if step == "failing-back" else
                           (lambda raw: bool(raw.get("reprotect")) and step in raw["reprotect"]["steps"]))
@@ -182,12 +162,12 @@ def test_live_failback_of_a_libvirt_vm_killed_after_each_step_finishes_with_one_
     assert world.running_copies() == 1
     failback_live.failback_live(inv, reach, "web")
     assert_home_live_under_libvirt(world)
-    assert live_calls["reprotect"] == ([] if step == failback.DR_STOPPED else ["web"])
+    assert calls["reprotect"] == ([] if step == failback.DR_STOPPED else ["web"])
 
 
 @pytest.mark.parametrize("command", ["block-job-cancel", "migrate-continue"])
 def test_live_failback_of_a_libvirt_vm_killed_in_the_pause_is_undone_by_destroying_the_home_domain(
-        command: str, live_calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+        command: str, calls: dict[str, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     world, reach, inv = reprotected_libvirt_world(monkeypatch)
     world.dr_faults[command] = "kill"
     with pytest.raises(Killed):
@@ -196,10 +176,10 @@ def test_live_failback_of_a_libvirt_vm_killed_in_the_pause_is_undone_by_destroyi
     failback_live.failback_live(inv, reach, "web")  # undone (home destroyed), caught up, moved afresh
     assert world.home_starts == 2 and "home virsh destroy" in world.log
     assert_home_live_under_libvirt(world)
-    assert live_calls["reprotect"] == ["web"]
+    assert calls["reprotect"] == ["web"]
 
 
-def test_live_failback_refuses_while_libvirt_runs_the_home_domain(live_calls: dict[str, list[str]],
+def test_live_failback_refuses_while_libvirt_runs_the_home_domain(calls: dict[str, list[str]],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     world, reach, inv = reprotected_libvirt_world(monkeypatch)
     world.home_qemu = "running"  # someone started it by hand: a migration home would make a second copy

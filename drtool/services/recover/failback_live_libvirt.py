@@ -26,6 +26,7 @@ from drtool.mechanics.libvirt_migration import (
     domain_state,
     drop_migration_tls,
     migration_tls_for_qemu,
+    refuse_second_copy,
 )
 from drtool.transport.qmp import QmpSession
 
@@ -52,11 +53,7 @@ class LibvirtLiveFailback(LiveFailback):
         if "libvirt_xml" not in self.work.manifest.hardware:
             raise Refused(f"{self.vm.name}'s manifest keeps no libvirt definition to start at home",
                           hint=f"fail back with a reboot: drtool recover {self.vm.name} --failback")
-        state = domain_state(self.home, self.vm, self.domain)
-        if state != "shut off":
-            raise Refused(f"libvirt on {self.vm.host} already has domain {self.domain!r} {state}: the migration "
-                          "home would be a second copy", hint=f"stop it there (virsh destroy {self.domain}), then "
-                                                              "fail back")
+        refuse_second_copy(self.home, self.vm, self.vm.host, self.domain, "fail back")
         super().refusals()
 
     def start_home(self, tls: bool) -> None:
