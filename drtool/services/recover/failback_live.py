@@ -184,7 +184,7 @@ class LiveFailback:
         self.work.manifest = replace(self.work.manifest, failover=_with_migration(self.work.manifest.failover, {
             "failback_port": port, "failback_rollback_bitmap": rollback, FORWARD_KEY: forward}))
         self.work.save()
-        with self.work.session() as source, self.reach.qmp(self.vm) as dest:
+        with self.migration_source() as source, self.migration_home() as dest:
             reverse = self.work.reverse_of(source)
             uri = migration_uri(reverse.nbd_address, port)
             tls = reverse.transport == "tls-psk"
@@ -255,6 +255,13 @@ class LiveFailback:
         stop_link(self.dr, self.work.rvm)
 
     # --- what differs for libvirt domains (failback_live_libvirt.py) -------------------------------------
+    def migration_source(self) -> QmpSession:
+        """The DR copy's session for the move (every command in the guest's pause counts)."""
+        return self.work.session()
+
+    def migration_home(self) -> QmpSession:
+        return self.reach.qmp(self.vm)
+
     def start_home(self, tls: bool) -> None:
         """The VM's own command line at home, paused, waiting for the stream (nothing if it runs already)."""
         if not source_qemu_alive(self.home, self.vm):

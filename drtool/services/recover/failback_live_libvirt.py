@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from drtool.domain import Vm
 from drtool.errors import Refused
 from drtool.mechanics.libvirt_domain import define_source_domain, remove_dr_domain, restore_source_autostart
 from drtool.mechanics.libvirt_migration import (
@@ -28,7 +29,9 @@ from drtool.mechanics.libvirt_migration import (
     migration_tls_for_qemu,
     refuse_second_copy,
 )
+from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
+from drtool.transport.virsh_shell import VirshShellQmp
 
 from .failback_live import LiveFailback
 
@@ -62,6 +65,20 @@ class LibvirtLiveFailback(LiveFailback):
         tls_dir = migration_tls_for_qemu(self.home, self.work.manifest, self.work.layout, self.home_run_dir) \
             if tls else None
         create_incoming(self.home, self.vm, self.vm.host, self.definition, self.home_run_dir, tls_dir)
+
+    def migration_source(self) -> QmpSession:
+        """Through one virsh shell on the DR host (~2 ms a command instead of an SSH exec and a virsh each)."""
+        label = f"{self.vm.name} (failed over)"
+        return self._shell_session(self.dr, self.work.rvm, label) or super().migration_source()
+
+    def migration_home(self) -> QmpSession:
+        return self._shell_session(self.home, self.vm, self.vm.name) or super().migration_home()
+
+    def _shell_session(self, shell: RemoteShell, vm: Vm, label: str) -> QmpSession | None:
+        opener = getattr(shell, "open_stream", None)
+        if opener is None:  # a host reached without streams: one virsh per command (VirshQmp)
+            return None
+        return VirshShellQmp(label, shell, self.domain, vm.libvirt_uri, open_stream=opener)
 
     def quit_dr_copy(self, qmp: QmpSession) -> None:
         """Nothing through QMP: libvirt ends its domain (end_dr_copy), so it knows why it stopped."""
