@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -382,8 +384,19 @@ def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_
         at_dr.guest_write(0, 4 * MiB, MiB, 0x4E)  # written at DR while reprotected: the reverse mirror carries it
         home_disk = dom.images[0]
         assert eventually(lambda: replica_has(home_disk, 4 * MiB, MiB, 0x4E))
-        said = json.loads(drtool_ok(config, "recover", dom.name, "--failback", *(["--live"] if kind == "live" else []),
-                                    "--json").stdout)
+        watchers = [lifecycle_events(libvirt_lab, host) for host in ("site-b", "site-a")]
+        try:
+            said = json.loads(drtool_ok(config, "recover", dom.name, "--failback",
+                                        *(["--live"] if kind == "live" else []), "--json").stdout)
+        finally:
+            dr_events, home_events = (stop_events(w) for w in watchers)
+        # the guest's pause as libvirt saw it: the DR domain suspended (live: at pre-switchover) until home resumed
+        ended = min([t for t, name, what in dr_events if name == dom.name and what.startswith(("Shutdown", "Stopped"))]
+                    or [float("inf")])
+        suspended = [t for t, name, what in dr_events if name == dom.name and what.startswith("Suspended") and t < ended]
+        resumed = [t for t, name, what in home_events if name == dom.name and what.startswith("Resumed")
+                   and suspended and t > suspended[-1]]
+        downtime = resumed[0] - suspended[-1] if suspended and resumed else None
         reason = dom.virsh("domstate", "--reason", dom.name).strip()
         assert reason == ("running (unpaused)" if kind == "live" else "running (booted)") or \
             (kind == "cold" and reason.startswith("running")), reason  # live: migrated, not booted
@@ -399,12 +412,35 @@ def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_
         assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
         dom.guest_write(0, 6 * MiB, MiB, 0x6E)  # protection resumed forward
         assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 6 * MiB, MiB, 0x6E))
-        print(f"\nlibvirt live failover, reprotect, {kind} failback (rto {said.get('rto_seconds')} s): test "
-              f"{time.monotonic() - started:.1f} s")
+        print(f"\nlibvirt live failover, reprotect, {kind} failback (rto {said.get('rto_seconds')} s, guest paused "
+              f"{downtime if downtime is None else round(downtime, 3)} s): test {time.monotonic() - started:.1f} s")
+        if kind == "live":
+            assert downtime is not None and downtime < 5, (dr_events, home_events)
     finally:
         for args in (("destroy", dom.name), ("undefine", dom.name)):
             libvirt_lab.virsh("site-b", *args)
         dom.remove()
+
+
+def lifecycle_events(lab: Lab, host: str) -> subprocess.Popen[str]:
+    """libvirt's lifecycle events of every domain on a lab host, as they come (virsh event --timestamp)."""
+    argv = in_site(lab.sshd_pid(host), ["virsh", "-c", "qemu:///system", "event", "--all", "--loop", "--timestamp"])
+    watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)  # registered
+    return watcher
+
+
+def stop_events(watcher: subprocess.Popen[str]) -> list[tuple[float, str, str]]:
+    """(time, domain, what) of each lifecycle event the watcher saw, once it is stopped."""
+    watcher.terminate()
+    out, _ = watcher.communicate(timeout=30)
+    events = []
+    for line in out.splitlines():
+        found = re.match(r"(\S+ \S+?)([+-]\d{4}): event 'lifecycle' for domain '([^']+)': (.*)$", line.strip())
+        if found:
+            stamp = datetime.strptime(found[1] + found[2], "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
+            events.append((stamp, found[3], found[4]))
+    return events
 
 
 class DrDomain(LabDomain):
