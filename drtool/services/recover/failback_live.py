@@ -60,7 +60,7 @@ from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain, unma
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
 from drtool.services.resync import resync
-from drtool.state.manifest import now
+from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverRecord
 from drtool.state.store import save_manifest, select_vm
@@ -203,7 +203,7 @@ class LiveFailback:
                 wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
                                "the RAM copy")
                 killed_after(PAUSE_HOOK)
-                cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+                self.end_reverse_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
                 nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
                 add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
                 detach_target(source, reverse)
@@ -261,6 +261,10 @@ class LiveFailback:
 
     def migration_home(self) -> QmpSession:
         return self.reach.qmp(self.vm)
+
+    def end_reverse_mirrors(self, source: QmpSession, reverse: Manifest) -> None:
+        """Inside the guest's pause: the reverse mirrors completed and dismissed."""
+        cancel_mirrors(source, reverse)
 
     def start_home(self, tls: bool) -> None:
         """The VM's own command line at home, paused, waiting for the stream (nothing if it runs already)."""

@@ -22,6 +22,7 @@ from drtool.domain import Vm
 from drtool.errors import Refused
 from drtool.mechanics.libvirt_domain import define_source_domain, remove_dr_domain, restore_source_autostart
 from drtool.mechanics.libvirt_migration import (
+    complete_mirrors_batched,
     create_incoming,
     destroy_domain,
     domain_state,
@@ -29,6 +30,7 @@ from drtool.mechanics.libvirt_migration import (
     migration_tls_for_qemu,
     refuse_second_copy,
 )
+from drtool.state.manifest import Manifest
 from drtool.transport.connections import RemoteShell
 from drtool.transport.qmp import QmpSession
 from drtool.transport.virsh_shell import VirshShellQmp
@@ -79,6 +81,10 @@ class LibvirtLiveFailback(LiveFailback):
         if opener is None:  # a host reached without streams: one virsh per command (VirshQmp)
             return None
         return VirshShellQmp(label, shell, self.domain, vm.libvirt_uri, open_stream=opener)
+
+    def end_reverse_mirrors(self, source: QmpSession, reverse: Manifest) -> None:
+        """In few virsh calls (cancel_mirrors' event stream alone takes 0.3 s to start); drops the NBD nodes too."""
+        complete_mirrors_batched(source, reverse)
 
     def quit_dr_copy(self, qmp: QmpSession) -> None:
         """Nothing through QMP: libvirt ends its domain (end_dr_copy), so it knows why it stopped."""
