@@ -16,6 +16,7 @@ Then the state is protected and replication in the original direction catches up
 failure before migrate-continue cancels the migration (the DR copy runs on), kills the home QEMU, restarts
 the reverse target and goes back to reprotected; `recover --reprotect` then catches up from the bitmap
 taken in the pause. After it, home is resumed; if it cannot run it is killed and the DR copy resumes.
+A libvirt domain runs the same steps with libvirt at both ends (failback_live_libvirt.py).
 """
 
 from __future__ import annotations
