@@ -162,16 +162,22 @@ def remove_dr_domain(shell: RemoteShell, vm: Vm, xml: str) -> bool:
     return ran
 
 
-def start_source_domain_paused(shell: RemoteShell, vm: Vm, xml: str) -> None:
-    """Rollback: the source domain defined again if libvirt lost it, and started paused where it ran."""
+def define_source_domain(shell: RemoteShell, vm: Vm, xml: str, *, always: bool = False) -> None:
+    """The source domain defined from the kept definition: if libvirt lost it, or always (a clean definition)."""
     assert vm.libvirt_domain is not None
-    if not shell.run(virsh_argv(vm.libvirt_uri, "dominfo", vm.libvirt_domain), check=False, timeout=60).ok:
+    if always or not shell.run(virsh_argv(vm.libvirt_uri, "dominfo", vm.libvirt_domain), check=False, timeout=60).ok:
         path = vm.source_state_dir / f"{vm.name}.domain.xml"
         make_dirs(shell, vm.source_state_dir)
         write_file(shell, path, xml.encode(), mode=0o600)
         result = shell.run(virsh_argv(vm.libvirt_uri, "define", str(path)), check=False, timeout=120)
         if not result.ok:
             raise RemoteCommandError(f"virsh define {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")
+
+
+def start_source_domain_paused(shell: RemoteShell, vm: Vm, xml: str) -> None:
+    """Rollback: the source domain defined again if libvirt lost it, and started paused where it ran."""
+    assert vm.libvirt_domain is not None
+    define_source_domain(shell, vm, xml)
     result = shell.run(virsh_argv(vm.libvirt_uri, "start", "--paused", vm.libvirt_domain), check=False, timeout=120)
     if not result.ok and "already active" not in result.err:
         raise RemoteCommandError(f"virsh start {vm.libvirt_domain} on {vm.host}: {result.err.strip()}")

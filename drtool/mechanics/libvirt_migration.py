@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.domain import Vm
-from drtool.errors import DrtoolError, QmpError, RemoteCommandError
+from drtool.errors import DrtoolError, QmpError, Refused, RemoteCommandError
 from drtool.mechanics.dr_target import TargetLayout
 from drtool.mechanics.libvirt_domain import domain_name, dr_domain_xml, open_to_qemu_group
 from drtool.mechanics.migration import incoming_argv
@@ -93,16 +93,23 @@ def start_incoming_domain(shell: RemoteShell, vm: Vm, manifest: Manifest, run_di
     name = domain_name(manifest.hardware["libvirt_xml"])
     if domain_state(shell, vm, name) != "shut off":
         return
-    if tls_dir is None:
-        make_dirs(shell, run_dir)  # else migration_tls_for_qemu made it
     if manifest.hardware.get("gid"):
         open_to_qemu_group(shell, vm.replica_dir, int(manifest.hardware["gid"]))
+    create_incoming(shell, vm, vm.dr_host, dr_definition(manifest), run_dir, tls_dir)
+
+
+def create_incoming(shell: RemoteShell, vm: Vm, host: str, clean_xml: str, run_dir: PurePosixPath,
+                    tls_dir: PurePosixPath | None) -> None:
+    """`virsh create --paused` of a definition with -incoming defer: a domain defined under that name (the home
+    domain of a live failback) runs with that command line; its persistent definition stays as it was."""
+    if tls_dir is None:
+        make_dirs(shell, run_dir)  # else migration_tls_for_qemu made it
     path = run_dir / INCOMING_XML
-    write_file(shell, path, incoming_domain_xml(dr_definition(manifest), tls_dir).encode(), mode=0o600)
+    write_file(shell, path, incoming_domain_xml(clean_xml, tls_dir).encode(), mode=0o600)
     result = shell.run(virsh_argv(vm.libvirt_uri, "create", "--paused", str(path)), check=False, timeout=120)
     if not result.ok:
-        raise RemoteCommandError(f"virsh create --paused {name} (live migration destination) on {vm.dr_host}: "
-                                 f"{result.err.strip()}")
+        raise RemoteCommandError(f"virsh create --paused {domain_name(clean_xml)} (live migration destination) on "
+                                 f"{host}: {result.err.strip()}")
 
 
 def make_persistent(shell: RemoteShell, vm: Vm, manifest: Manifest, run_dir: PurePosixPath) -> None:
@@ -118,6 +125,14 @@ def domain_state(shell: RemoteShell, vm: Vm, name: str) -> str:
     """libvirt's run state of a domain ("running", "paused", ...); "shut off" when libvirt has none of that name."""
     result = shell.run(virsh_argv(vm.libvirt_uri, "domstate", name), check=False, timeout=60)
     return result.out.strip() if result.ok else "shut off"
+
+
+def refuse_second_copy(shell: RemoteShell, vm: Vm, host: str, name: str, hint_then: str) -> None:
+    """A migration's destination domain must not run yet: libvirt's copy of that name would be a second one."""
+    state = domain_state(shell, vm, name)
+    if state != "shut off":
+        raise Refused(f"libvirt on {host} already has domain {name!r} {state}: the migration destination would "
+                      "be a second copy", hint=f"stop it there (virsh destroy {name}), then {hint_then}")
 
 
 def destroy_domain(shell: RemoteShell, vm: Vm, name: str) -> None:

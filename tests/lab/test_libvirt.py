@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -360,6 +362,86 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         for args in (("destroy", dom.name), ("undefine", dom.name)):
             libvirt_lab.virsh("site-b", *args)
         dom.remove()
+
+
+@pytest.mark.parametrize("kind", ["cold", "live"])
+def test_a_libvirt_domain_moved_live_is_reprotected_then_failed_back_home_under_libvirt(libvirt_lab: Lab,
+                                                                                        tmp_path: Path, kind: str):
+    """After the move, the way home: the DR domain replicates home (from the live pause's bitmap), then fails back
+    (cold: the home domain boots; live: the DR domain migrates into it)."""
+    started = time.monotonic()
+    dom = LabDomain(libvirt_lab, f"lvback{kind[0]}", "site-a", sizes=("16M",))
+    try:
+        dom.virsh("autostart", dom.name)
+        config = write_domain_config(libvirt_lab, dom.name, tmp_path / "drtool.toml")
+        drtool_ok(config, "protect", dom.name)
+        dom.guest_write(0, MiB, MiB, 0x1E)
+        drtool_ok(config, "failover", dom.name, "--live", "--yes")
+        at_dr = DrDomain(libvirt_lab, dom.name)
+        at_dr.guest_write(0, 2 * MiB, MiB, 0x2E)  # written at DR before the reprotect: the bitmap holds it
+        said = json.loads(drtool_ok(config, "recover", dom.name, "--reprotect", "--json").stdout)
+        assert said["method"] == "bitmap" and said["rewound_bytes"] == 0, said
+        at_dr.guest_write(0, 4 * MiB, MiB, 0x4E)  # written at DR while reprotected: the reverse mirror carries it
+        home_disk = dom.images[0]
+        assert eventually(lambda: replica_has(home_disk, 4 * MiB, MiB, 0x4E))
+        watchers = [lifecycle_events(libvirt_lab, host) for host in ("site-b", "site-a")]
+        try:
+            said = json.loads(drtool_ok(config, "recover", dom.name, "--failback",
+                                        *(["--live"] if kind == "live" else []), "--json").stdout)
+        finally:
+            dr_events, home_events = (stop_events(w) for w in watchers)
+        # the guest's pause as libvirt saw it: the DR domain suspended (live: at pre-switchover) until home resumed
+        ended = min([t for t, name, what in dr_events if name == dom.name and what.startswith(("Shutdown", "Stopped"))]
+                    or [float("inf")])
+        suspended = [t for t, name, what in dr_events if name == dom.name and what.startswith("Suspended") and t < ended]
+        resumed = [t for t, name, what in home_events if name == dom.name and what.startswith("Resumed")
+                   and suspended and t > suspended[-1]]
+        downtime = resumed[0] - suspended[-1] if suspended and resumed else None
+        reason = dom.virsh("domstate", "--reason", dom.name).strip()
+        assert reason == ("running (unpaused)" if kind == "live" else "running (booted)") or \
+            (kind == "cold" and reason.startswith("running")), reason  # live: migrated, not booted
+        if kind == "live":
+            assert "qemu:commandline" not in dom.virsh("dumpxml", "--inactive", dom.name)
+        # home runs under libvirt with every write made at DR, its autostart as before; the DR domain is gone
+        assert dom.virsh("domstate", dom.name).strip() == "running"
+        assert "Autostart:      enable" in dom.virsh("dominfo", dom.name)
+        assert libvirt_lab.virsh("site-b", "dominfo", dom.name).returncode != 0
+        for offset, pattern in ((MiB, 0x1E), (2 * MiB, 0x2E), (4 * MiB, 0x4E)):
+            assert replica_has(home_disk, offset, MiB, pattern), f"0x{pattern:02x} is not on the home disk"
+        entry = status_json(config, dom.name)
+        assert (entry["host"], entry["protection"]) == ("site-a", "in-sync"), entry
+        dom.guest_write(0, 6 * MiB, MiB, 0x6E)  # protection resumed forward
+        assert eventually(lambda: replica_has(replica(libvirt_lab, dom.name, "virtio-disk0"), 6 * MiB, MiB, 0x6E))
+        paused = "guest paused" if kind == "live" else "no copy running"  # cold: home boots after the DR copy ended
+        print(f"\nlibvirt live failover, reprotect, {kind} failback (rto {said.get('rto_seconds')} s, {paused} "
+              f"{downtime if downtime is None else round(downtime, 3)} s): test {time.monotonic() - started:.1f} s")
+        if kind == "live":
+            assert downtime is not None and downtime < 5, (dr_events, home_events)
+    finally:
+        for args in (("destroy", dom.name), ("undefine", dom.name)):
+            libvirt_lab.virsh("site-b", *args)
+        dom.remove()
+
+
+def lifecycle_events(lab: Lab, host: str) -> subprocess.Popen[str]:
+    """libvirt's lifecycle events of every domain on a lab host, as they come (virsh event --timestamp)."""
+    argv = in_site(lab.sshd_pid(host), ["virsh", "-c", "qemu:///system", "event", "--all", "--loop", "--timestamp"])
+    watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)  # registered
+    return watcher
+
+
+def stop_events(watcher: subprocess.Popen[str]) -> list[tuple[float, str, str]]:
+    """(time, domain, what) of each lifecycle event the watcher saw, once it is stopped."""
+    watcher.terminate()
+    out, _ = watcher.communicate(timeout=30)
+    events = []
+    for line in out.splitlines():
+        found = re.match(r"(\S+ \S+?)([+-]\d{4}): event 'lifecycle' for domain '([^']+)': (.*)$", line.strip())
+        if found:
+            stamp = datetime.strptime(found[1] + found[2], "%Y-%m-%d %H:%M:%S.%f%z").timestamp()
+            events.append((stamp, found[3], found[4]))
+    return events
 
 
 class DrDomain(LabDomain):

@@ -7,7 +7,6 @@ VM ends at home, the old images hold every write the DR copy made.
 from __future__ import annotations
 
 import importlib
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -198,12 +197,9 @@ def test_refusals_say_what_is_wrong_and_change_nothing(change: dict[str, Any], s
     assert world.manifest.to_json() == before and world.home_qemu == "gone" and world.dr_vm_status == "running"
 
 
-def test_refused_before_reprotect_and_for_a_libvirt_domain() -> None:
+def test_refused_before_reprotect() -> None:
     world, reach, inv = failed_over_world()
     with pytest.raises(Refused, match=r"not reprotected \(state failed-over\)") as err:
         failback_live.failback_live(inv, reach, "web")
     assert "--reprotect" in (err.value.hint or "")
-    libvirt = replace(inv, vms={"web": replace(inv.vm("web"), libvirt_domain="web")})
-    with pytest.raises(Refused, match="libvirt domain"):
-        failback_live.failback_live(libvirt, reach, "web")
     assert world.manifest.state is Protection.FAILED_OVER

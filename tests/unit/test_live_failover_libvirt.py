@@ -129,13 +129,13 @@ def test_refused_without_the_domains_definition_in_the_manifest() -> None:
     assert world.manifest.failover is None
 
 
-def test_live_failback_of_a_libvirt_domain_is_refused_with_why_and_changes_nothing() -> None:
+def test_live_failback_of_a_libvirt_domain_before_reprotect_is_refused_with_why_and_changes_nothing() -> None:
     world, reach, inv = protected_libvirt_world()
     failover.live_failover(inv, reach, "web")
     before = world.manifest.to_json()
-    with pytest.raises(Refused, match="fails those over live but not back yet") as err:
+    with pytest.raises(Refused, match="not reprotected") as err:
         failback_live(inv, reach, "web")
-    assert "libvirt domain web on kvm2" in (err.value.hint or "")
+    assert "--reprotect" in (err.value.hint or "")
     assert world.manifest.to_json() == before and world.dr_domain == "running"
 
 

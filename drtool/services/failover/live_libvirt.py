@@ -35,6 +35,7 @@ from drtool.mechanics.libvirt_migration import (
     drop_migration_tls,
     make_persistent,
     migration_tls_for_qemu,
+    refuse_second_copy,
     start_incoming_domain,
 )
 from drtool.mechanics.link import stop_link
@@ -71,11 +72,7 @@ class LibvirtLiveFailover(LiveFailover):
         if "libvirt_xml" not in self.manifest.hardware:
             raise Refused(f"{self.vm.name}'s manifest keeps no libvirt definition to start on {self.vm.dr_host}",
                           hint=f"run drtool checkpoint {self.vm.name} (it records the definition), then fail over")
-        state = domain_state(self.dr, self.vm, self.domain)
-        if state != "shut off":
-            raise Refused(f"libvirt on {self.vm.dr_host} already has domain {self.domain!r} {state}: the migration "
-                          "destination would be a second copy", hint=f"stop it there (virsh destroy {self.domain}), "
-                                                                     "then fail over")
+        refuse_second_copy(self.dr, self.vm, self.vm.dr_host, self.domain, "fail over")
         super().refusals()
 
     def start_destination(self, tls: bool) -> None:

@@ -7,10 +7,13 @@ From reprotected (the DR copy replicates onto the old images, in sync):
                    then cancelled; the reverse target and relay gone
   dr-stopped       the DR copy quits: never two running copies
   home-started     the VM starts on its original host from its own command line, paused (-S)
+                   (a libvirt domain: `virsh start --paused` of the home domain, defined again from
+                   the kept definition if libvirt lost it; the DR domain was destroyed, not quit)
   forward-started  replication in the original direction, onto the images the DR copy ran on (the DR
                    target exports them again): mirrors with sync=none, since both sides hold the same
                    bytes; nothing is copied but what the guest writes from now on
-  then the VM runs (cont) and the state is protected.
+  then the VM runs (cont) and the state is protected; a libvirt VM's DR domain is undefined and its
+  home domain's autostart restored as the failover recorded it (both idempotent, redone by a re-run).
 
 State: reprotected -> failing-back -> protected. Run again, the same command
 finishes from the first step not recorded, re-checking it on the hosts. Before
@@ -39,7 +42,14 @@ from drtool.mechanics.dr_target import (
 )
 from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
 from drtool.mechanics.hardware import source_qemu_alive
-from drtool.mechanics.link import link_socket, start_link, stop_link
+from drtool.mechanics.libvirt_domain import (
+    domain_name,
+    remove_dr_domain,
+    restore_source_autostart,
+    start_source_domain_paused,
+)
+from drtool.mechanics.libvirt_migration import destroy_domain
+from drtool.mechanics.link import give_to_qemu, link_socket, start_link, stop_link
 from drtool.mechanics.old_site import (
     look_at_old_site,
     refuse_split_brain,
@@ -109,8 +119,9 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
                               hint=f"run drtool recover {vm.name} --reprotect first")
             work.save(Protection.FAILING_BACK, "failback started")
         run_layout = dr_run_layout(vm.replica_dir)
+        libvirt_xml = work.manifest.hardware.get("libvirt_xml") if vm.libvirt_domain is not None else None
         if not work.record.done(REVERSE_STOPPED):
-            with dr_vm_session(reach, vm) as qmp:
+            with work.session() as qmp:
                 reverse = work.reverse_of(qmp)  # the reverse direction reprotect set up
                 jobs = query_jobs(qmp, reverse)
                 status = str(qmp.execute("query-status")["status"])
@@ -135,15 +146,20 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
             stop_target(home, work.layout)
             work.step(REVERSE_STOPPED)
         if not work.record.done(DR_STOPPED):
-            with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(reach, vm) as qmp:
-                qmp.execute("quit")
-            deadline = time.monotonic() + QUIT_TIMEOUT
-            while vm_pid(dr, run_layout) is not None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            kill_vm(dr, run_layout)
+            if libvirt_xml is not None:  # libvirt ends its domain (kept defined until home runs)
+                destroy_domain(dr, vm, domain_name(libvirt_xml))
+            else:
+                with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(reach, vm) as qmp:
+                    qmp.execute("quit")
+                deadline = time.monotonic() + QUIT_TIMEOUT
+                while vm_pid(dr, run_layout) is not None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                kill_vm(dr, run_layout)
             work.step(DR_STOPPED)
         if not work.record.done(HOME_STARTED):
-            if not source_qemu_alive(home, vm):
+            if libvirt_xml is not None:
+                start_source_domain_paused(home, vm, libvirt_xml)  # nothing if it runs already
+            elif not source_qemu_alive(home, vm):
                 home.run(home_argv(work.manifest), timeout=60)
             unmark_old_images(home, [d.source_image for d in work.manifest.disks])
             work.step(HOME_STARTED)
@@ -155,6 +171,7 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
             if psk:
                 push_psk(dr, layout.tls_dir, psk)
                 push_psk(home, source_tls_dir(vm), psk)
+                give_to_qemu(home, manifest, vm.source_state_dir, source_tls_dir(vm))  # libvirt's QEMU user
             if target_pid(dr, layout) is None:
                 start_target(dr, manifest, layout)
             stop_link(home, vm)
@@ -173,6 +190,9 @@ def failback(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
             if qmp.execute("query-status")["status"] != "running":
                 qmp.execute("cont")
         rto = time.monotonic() - started
+        if libvirt_xml is not None and vm.libvirt_domain is not None:
+            remove_dr_domain(dr, vm, libvirt_xml)  # destroyed at dr-stopped: undefined now
+            restore_source_autostart(home, vm)
         history_note = f"failed back from {vm.dr_host} at {now()}"
         save_manifest(dr, vm, replace(work.manifest.transition(Protection.PROTECTED, history_note),
                                       failover=None, reprotect=None, drill=None))

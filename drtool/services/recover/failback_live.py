@@ -16,12 +16,14 @@ Then the state is protected and replication in the original direction catches up
 failure before migrate-continue cancels the migration (the DR copy runs on), kills the home QEMU, restarts
 the reverse target and goes back to reprotected; `recover --reprotect` then catches up from the bitmap
 taken in the pause. After it, home is resumed; if it cannot run it is killed and the DR copy resumes.
+A libvirt domain runs the same steps with libvirt at both ends (failback_live_libvirt.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 
 from drtool.domain import Inventory
@@ -40,9 +42,9 @@ from drtool.mechanics.dr_target import (
     target_pid,
     target_process,
 )
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, kill_vm, vm_pid
+from drtool.mechanics.dr_vm import dr_run_layout, kill_vm, vm_pid
 from drtool.mechanics.hardware import read_hardware, source_qemu_alive
-from drtool.mechanics.link import start_link, stop_link
+from drtool.mechanics.link import give_to_qemu, start_link, stop_link
 from drtool.mechanics.migration import (
     RAM_COPY_TIMEOUT,
     SWITCH_TIMEOUT,
@@ -65,7 +67,7 @@ from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import BITMAP_PREFIX, cancel_mirrors, detach_target, query_jobs, trusting_bitmap
 from drtool.services.failover.sessions import close_when_open, in_background, opened_once_up
 from drtool.services.resync import resync
-from drtool.state.manifest import now
+from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverRecord
 from drtool.state.store import save_manifest, select_vm
@@ -86,11 +88,6 @@ STOPPED_HOOK = "failback-target-stopped"  # or once the reverse mirrors complete
 def failback_live(inventory: Inventory, reach: Reach, name: str) -> FailbackResult:
     started = time.monotonic()
     vm = select_vm(inventory, name)
-    if vm.libvirt_domain is not None:
-        raise Refused(f"{vm.name} is a libvirt domain: drtool fails those over live but not back yet (recover "
-                      "--reprotect does not reach a DR copy that libvirt runs, so nothing replicates home)",
-                      hint=f"it runs as libvirt domain {vm.libvirt_domain} on {vm.dr_host}; see README, libvirt "
-                           "domains")
     outcome, failure = _move(inventory, reach, name, started, interrupted_only=True)
     if outcome == UNDONE:  # an interrupted one was undone: catch up, then move afresh
         reprotect(inventory, reach, name)
@@ -133,7 +130,8 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
         home = reach.shell(vm.host)
         if not live_run:  # an interrupted run's QEMU at home is its incoming destination: settle decides
             refuse_split_brain(look_at_old_site(reach, vm, manifest), vm, "failback")
-        move = LiveFailback(ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home))
+        work = ReverseReplication(inventory, reach, vm, manifest, manifest.reprotect, dr, home)
+        move = LiveFailback(work) if vm.libvirt_domain is None else _libvirt_failback()(work)
         if live_run:
             return (move.finish(started) if move.settle() else UNDONE), "an interrupted run"
         move.refusals()
@@ -149,7 +147,17 @@ def _move(inventory: Inventory, reach: Reach, name: str, started: float, *,
         return move.finish(started), ""
 
 
+def _libvirt_failback() -> type[LiveFailback]:
+    from .failback_live_libvirt import LibvirtLiveFailback  # it builds on this module
+
+    return LibvirtLiveFailback
+
+
 class LiveFailback:
+    """The steps with a plain QEMU at home; failback_live_libvirt.py's subclass with libvirt domains."""
+
+    tls_on_command_line = False  # the home QEMU's TLS server object: made by start_home, not object-add
+
     def __init__(self, work: ReverseReplication) -> None:
         self.work = work
         self._dh_params_missing = False  # refusals found home's TLS directory without DH parameters
@@ -170,7 +178,7 @@ class LiveFailback:
                           hint=f"run drtool recover {self.vm.name} --reprotect first")
         binary = str(self.work.manifest.hardware["argv"][0])
         home_qemu = in_background(lambda: host_qemu(self.home, binary, self.work.layout.tls_dir))
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.work.session() as qmp:
             theirs: HostQemu = home_qemu.result()
             mismatch = destination_mismatch(qmp, theirs, binary, self.vm.host, self.vm.dr_host)
         self._dh_params_missing = not theirs.dh_params  # reprotected by an older drtool (written if TLS is used)
@@ -186,18 +194,17 @@ class LiveFailback:
             "failback_port": port, "failback_rollback_bitmap": rollback, FORWARD_KEY: forward}))
         with contextlib.ExitStack() as stack:
             # while the steps are recorded and home's QEMU starts: the DR copy's session, and home's own
-            # (its relay waits for the monitor)
-            source_ready = in_background(lambda: dr_vm_session(self.reach, self.vm))
+            # where it can open before home's monitor exists
+            source_ready = in_background(self.migration_source)
             stack.callback(close_when_open, source_ready)
-            home_ahead = opened_once_up(self.reach, stack, self.vm.host, self.vm.monitor, self.vm.name,
-                                        HOME_START_TIMEOUT)
+            home_ahead = self.home_session_ahead(stack)
             # one write, with the state, before home's QEMU starts: undoing its start and undoing the migration
             # are one (settle), and a run killed right after it finds a live failback to settle
-            self.intend(LIVE_HOME_STARTED, LIVE_MIGRATING, state=Protection.FAILING_BACK, note="live failback started")
-            if not source_qemu_alive(self.home, self.vm):
-                self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=HOME_START_TIMEOUT)
+            self.intend(LIVE_HOME_STARTED, LIVE_MIGRATING, state=Protection.FAILING_BACK,
+                        note="live failback started")
+            self.start_home(self.work.manifest.transport == "tls-psk")
             source = stack.enter_context(source_ready.result())
-            dest = stack.enter_context(home_ahead.result() if home_ahead is not None else self.reach.qmp(self.vm))
+            dest = stack.enter_context(home_ahead.result() if home_ahead is not None else self.migration_home())
             self._migrate(source, dest, port, rollback, forward)
         self._switched(forward)  # the sessions closed: it opens the DR copy's again
 
@@ -208,7 +215,8 @@ class LiveFailback:
         tls = reverse.transport == "tls-psk"
         if tls and self._dh_params_missing:
             push_dh_params(self.home, self.work.layout.tls_dir)
-        listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None)
+        listen_for_migration(dest, uri, self.work.layout.tls_dir if tls else None,
+                             tls_on_command_line=self.tls_on_command_line)
         prepare_source(source, source_tls_dir(self.work.rvm) if tls else None, PSK_USER)
         home_nodes = self._home_nodes(dest)
         stopper = ArmedStop(self.home, target_process(self.work.layout),
@@ -223,7 +231,7 @@ class LiveFailback:
             wait_migration(source, frozenset({"pre-switchover"}), RAM_COPY_TIMEOUT, source_events, None,
                            "the RAM copy")
             killed_after(PAUSE_HOOK)
-            cancel_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
+            self.end_reverse_mirrors(source, reverse)  # the guest is stopped: nothing is written from here on
             nodes = [d.node_name for d in self.work.reverse_of(source).disks]  # the filters are gone
             add_reverse_bitmaps(source, nodes, rollback)  # what the DR copy writes if this is undone
             detach_target(source, reverse)
@@ -266,15 +274,56 @@ class LiveFailback:
         self.work.manifest = manifest
         if not self.work.record.done(DR_STOPPED):
             self.intend(DR_STOPPED)
-        with contextlib.suppress(UnreachableError, QmpError), dr_vm_session(self.reach, self.vm) as qmp:
+        with contextlib.suppress(UnreachableError, QmpError), self.work.session() as qmp:
             if str(qmp.execute("query-status")["status"]) == "running":
                 raise DrtoolError(f"{self.vm.name} runs on {self.vm.dr_host} as well", hint="stop one copy by hand")
-            qmp.execute("quit")
+            self.quit_dr_copy(qmp)
+        self.end_dr_copy()
+        stop_link(self.dr, self.work.rvm)
+
+    # --- what differs for libvirt domains (failback_live_libvirt.py) -------------------------------------
+    def migration_source(self) -> QmpSession:
+        """The DR copy's session for the move (every command in the guest's pause counts)."""
+        return self.work.session()
+
+    def migration_home(self) -> QmpSession:
+        return self.reach.qmp(self.vm)
+
+    def home_session_ahead(self, stack: contextlib.ExitStack) -> Future | None:
+        """Home's session, opening in the background before its QEMU starts (the relay waits for the monitor);
+        None where it cannot (then migration_home once home runs)."""
+        return opened_once_up(self.reach, stack, self.vm.host, self.vm.monitor, self.vm.name, HOME_START_TIMEOUT)
+
+    def end_reverse_mirrors(self, source: QmpSession, reverse: Manifest) -> None:
+        """Inside the guest's pause: the reverse mirrors completed and dismissed."""
+        cancel_mirrors(source, reverse)
+
+    def start_home(self, tls: bool) -> None:
+        """The VM's own command line at home, paused, waiting for the stream (nothing if it runs already)."""
+        if not source_qemu_alive(self.home, self.vm):
+            self.home.run([*home_argv(self.work.manifest), "-incoming", "defer"], timeout=HOME_START_TIMEOUT)
+
+    def quit_dr_copy(self, qmp: QmpSession) -> None:
+        qmp.execute("quit")
+
+    def end_dr_copy(self) -> None:
+        """The DR copy (postmigrate, told to quit) gone for sure."""
         deadline = time.monotonic() + QUIT_TIMEOUT
         while vm_pid(self.dr, self.run_layout) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
         kill_vm(self.dr, self.run_layout)
-        stop_link(self.dr, self.work.rvm)
+
+    def kill_home(self) -> None:
+        """Undo: the home QEMU (the migration's destination) killed and gone."""
+        with contextlib.suppress(DrtoolError):
+            pid = read_hardware(self.home, self.vm)["pid"]
+            self.home.run(["kill", "-KILL", str(pid)], check=False, timeout=15)
+        deadline = time.monotonic() + QUIT_TIMEOUT
+        while source_qemu_alive(self.home, self.vm) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def finish_home(self) -> None:
+        """Once home runs and the DR copy is gone: nothing more for a plain QEMU."""
 
     def finish(self, started: float) -> FailbackResult:
         """Protected again: the forward target on the replicas, then resync's bitmap tier sends home's writes."""
@@ -287,7 +336,9 @@ class LiveFailback:
             psk = new_psk()
             push_psk(dr, layout.tls_dir, psk)
             push_psk(home, source_tls_dir(vm), psk)
+            give_to_qemu(home, manifest, vm.source_state_dir, source_tls_dir(vm))  # libvirt's QEMU user
         stop_link(home, vm)
+        self.finish_home()
         rto = time.monotonic() - started
         save_manifest(dr, vm, replace(manifest.transition(Protection.PROTECTED, f"failed back live at {now()}"),
                                       failover=None, reprotect=None, drill=None))
@@ -305,7 +356,7 @@ class LiveFailback:
             self._switched(forward)  # a run killed after recording dr-stopped may have left the DR copy
             return True
         dr_status, dr_migration = "gone", "none"
-        with contextlib.suppress(DrtoolError), dr_vm_session(self.reach, self.vm) as qmp:
+        with contextlib.suppress(DrtoolError), self.work.session() as qmp:
             dr_status, dr_migration = str(qmp.execute("query-status")["status"]), str(migration_status(qmp)["status"])
         switched = dr_status == "postmigrate" or dr_migration == "completed"
         if switched and home_status != "gone" and home_migration == "completed":
@@ -323,16 +374,11 @@ class LiveFailback:
         return False
 
     def _undo(self, switched: bool) -> None:
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.work.session() as qmp:
             if not switched:
                 cancel_migration(qmp)
-        with contextlib.suppress(DrtoolError):
-            pid = read_hardware(self.home, self.vm)["pid"]
-            self.home.run(["kill", "-KILL", str(pid)], check=False, timeout=15)
-        deadline = time.monotonic() + QUIT_TIMEOUT
-        while source_qemu_alive(self.home, self.vm) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        self.kill_home()
+        with self.work.session() as qmp:
             if str(qmp.execute("query-status")["status"]) != "running":
                 qmp.execute("cont")
             reverse = self.work.reverse_of(qmp)

@@ -50,7 +50,7 @@ from drtool.mechanics.dr_target import (
     target_pid,
 )
 from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session
-from drtool.mechanics.link import link_pid, link_socket, start_link, stop_link
+from drtool.mechanics.link import give_to_qemu, link_pid, link_socket, start_link, stop_link
 from drtool.mechanics.old_site import look_at_old_site, refuse_split_brain
 from drtool.mechanics.points import load_settled_manifest
 from drtool.mechanics.replication import (
@@ -106,7 +106,9 @@ def reverse_vm(inventory: Inventory, vm: Vm) -> Vm:
     """The VM as replication back home sees it: runs on the DR host, replicates onto the original host.
 
     Its link relay lives in <drtool_dir>/rev on the DR host (socket and pid file named by the VM): a
-    UNIX socket path must stay under 108 bytes. Its target's files go to <source_dir>/reverse.
+    UNIX socket path must stay under 108 bytes. Its target's files go to <source_dir>/reverse. A libvirt
+    domain keeps its libvirt_domain: the DR host's libvirt runs the copy under the same name, so
+    Reach.qmp reaches it through virsh there (dr_copy_session).
     """
     return replace(vm, host=vm.dr_host, qmp_socket=dr_run_layout(vm.replica_dir).qmp_socket, dr_host=vm.host,
                    replica_dir=vm.source_state_dir / "reverse",
@@ -120,8 +122,17 @@ def reverse_manifest(manifest: Manifest, inventory: Inventory, vm: Vm, nodes: di
     address = home.replication_address or resolve_endpoint(home).hostname
     disks = tuple(ReplicaDisk(d.device, nodes.get(d.device, d.node_name), "qcow2", d.virtual_size,
                               d.replica_image, d.source_image, d.device) for d in manifest.disks)
+    qemu_user: dict[str, object] = {k: manifest.hardware[k] for k in ("uid", "gid") if k in manifest.hardware} \
+        if vm.libvirt_domain is not None else {}  # the DR domain's QEMU opens the relay and the key itself
     return Manifest(vm.name, vm.dr_host, vm.host, manifest.mode, manifest.transport, address, port, disks,
-                    state=Protection.PROTECTED)
+                    state=Protection.PROTECTED, hardware=qemu_user)
+
+
+def dr_copy_session(reach: Reach, rvm: Vm, vm: Vm) -> QmpSession:
+    """QMP to the DR copy: through virsh on the DR host for a libvirt domain, else drtool's own monitor."""
+    if rvm.libvirt_domain is not None:
+        return reach.qmp(rvm)
+    return dr_vm_session(reach, vm)
 
 
 def reprotect(inventory: Inventory, reach: Reach, name: str, *,
@@ -215,13 +226,16 @@ class ReverseReplication:
         return reverse_manifest(self.manifest, self.inventory, self.vm, by_device, self.record.nbd_port)
 
     def healthy(self) -> bool:
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.session() as qmp:
             reverse = self.reverse_of(qmp)
             jobs = query_jobs(qmp, reverse)
         return len(jobs) == len(reverse.disks) and not any(j.broken or not j.ready for j in jobs.values())
 
+    def session(self) -> QmpSession:
+        return dr_copy_session(self.reach, self.rvm, self.vm)
+
     def run(self, on_progress: ProgressCallback | None) -> None:
-        with dr_vm_session(self.reach, self.vm) as qmp:
+        with self.session() as qmp:
             status = str(qmp.execute("query-status")["status"])
             if status not in ("running", "paused"):
                 raise Refused(f"the DR copy of {self.vm.name} is {status!r} on {self.vm.dr_host}",
@@ -269,6 +283,7 @@ class ReverseReplication:
         if psk:
             push_psk(self.home, self.layout.tls_dir, psk)
             push_psk(self.dr, source_tls_dir(self.rvm), psk)
+            give_to_qemu(self.dr, reverse, self.rvm.source_state_dir, source_tls_dir(self.rvm))
         start_target(self.home, reverse, self.layout)
         start_link(self.dr, self.rvm, reverse)
         self.step(TARGET_STARTED)
