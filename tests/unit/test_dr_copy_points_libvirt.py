@@ -26,7 +26,7 @@ from drtool.state.protection import Protection
 
 from .libvirt_live_world import DOMAIN_XML
 from .test_dr_copy_points import DR_COPY_PID, ChainQmp, ChainReach, ChainWorld, failed_over
-from .test_dr_copy_points import fast as fast  # noqa: F401  (the autouse fixture)
+from .test_dr_copy_points import fast as fast  # the autouse fixture, here too
 from .world import REPLICAS, Killed, World
 
 LIBVIRT_PIDFILE = str(LIBVIRT_RUN_DIR / "web.pid")
