@@ -379,7 +379,7 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         phases = json.loads((Path(replicas) / "manifest.json").read_text())["failover"]["migration"]["phases"]
         print(f"\nlibvirt live failover: downtime {said['live']['downtime_seconds']} s, move "
               f"{said['live']['move_seconds']} s, phases {phases}; a point on the DR domain held its I/O "
-              f"{taken['quiesced_seconds']} s (checkpoint, points, restart: {points_seconds:.1f} s); "
+              f"{taken['quiesced_seconds']:.3f} s (checkpoint, points, restart: {points_seconds:.1f} s); "
               f"test {time.monotonic() - started:.1f} s")
         assert said["live"]["downtime_seconds"] is not None and said["live"]["downtime_seconds"] < 5, said["live"]
     finally:
