@@ -373,6 +373,10 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
             restarted = libvirt_lab.virsh("site-b", verb, dom.name)
             assert restarted.returncode == 0, restarted.stderr
         assert str(new_top) in libvirt_lab.virsh("site-b", "domblklist", dom.name).stdout
+        new_mode, old_mode = new_top.stat(), tops[1].stat()  # QEMU made one, libvirt labelled the other
+        print(f"\nnew top {new_mode.st_uid}:{new_mode.st_gid} {oct(new_mode.st_mode & 0o777)}, "
+              f"libvirt's top {old_mode.st_uid}:{old_mode.st_gid} {oct(old_mode.st_mode & 0o777)}")
+        assert new_mode.st_uid == old_mode.st_uid and not new_mode.st_mode & 0o002  # no wider than libvirt's own
         at_dr.guest_write(0, 6 * MiB, MiB, 0x7C)
         assert replica_has(new_top, 6 * MiB, MiB, 0x7C) and replica_has(new_top, 5 * MiB, MiB, 0x6C)
         points_seconds = time.monotonic() - points_started
