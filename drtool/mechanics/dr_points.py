@@ -32,8 +32,11 @@ from typing import Any
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, QmpError, Refused
 from drtool.mechanics.dr_target import TargetLayout
+from drtool.mechanics.dr_vm import dr_domain, dr_run_layout
+from drtool.mechanics.libvirt_migration import make_persistent
 from drtool.mechanics.pausing import drop_pending
 from drtool.mechanics.points import prepare_point, settled
+from drtool.mechanics.remote import make_dirs
 from drtool.state.manifest import Manifest, now
 from drtool.state.protection import Protection
 from drtool.state.records import FailoverKind
@@ -63,10 +66,35 @@ def dr_copy_refusal(vm: Vm, manifest: Manifest) -> Refused | None:
                        "belong to the abandoned timeline, so no point is taken on the DR copy",
                        hint=f"points start again once it is protected: drtool recover {vm.name} --reprotect, "
                             "then --failback")
-    if "libvirt_xml" in manifest.hardware:
-        return Refused(f"{where} as a libvirt domain: drtool takes no points on it there yet",
-                       hint=f"take points again once it has failed back (drtool recover {vm.name})")
     return None
+
+
+def let_qemu_create_overlays(dr: RemoteShell, vm: Vm, manifest: Manifest) -> None:
+    """A DR copy libvirt runs: its QEMU (libvirt's user, not root) creates the point's overlays next to the
+    tops, so the group libvirt runs it with may create files in the replica directory (not in the others)."""
+    gid = manifest.hardware.get("gid")
+    if dr_domain(manifest) is not None and gid:
+        dr.run(["sh", "-c", 'chgrp -- "$2" "$1" && chmod g+wx -- "$1"', "sh", str(vm.replica_dir), str(gid)],
+               timeout=30)
+
+
+def define_on_tops(dr: RemoteShell, vm: Vm, manifest: Manifest) -> str:
+    """A DR copy libvirt runs: its persistent definition re-defined on the manifest's tops; what failed, or "".
+
+    libvirt does not see a transaction sent through qemu-monitor-command: its definition still names the top
+    the domain started on, which a point froze. `virsh define` of the running domain changes only its next
+    boot, which then opens the newest top (and through its backing chain every point below it).
+    """
+    if dr_domain(manifest) is None:
+        return ""
+    run_dir = dr_run_layout(vm.replica_dir).run_dir
+    try:
+        make_dirs(dr, run_dir)
+        make_persistent(dr, vm, manifest, run_dir)
+    except DrtoolError as err:
+        return (f"libvirt's definition of {vm.name} on {vm.dr_host} still names the old tops ({err}): "
+                "the next checkpoint defines it again")
+    return ""
 
 
 def dr_copy_transaction(qmp: QmpSession, manifest: Manifest) -> list[dict[str, Any]]:

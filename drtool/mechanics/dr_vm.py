@@ -12,16 +12,16 @@ must never reach the production network.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
 from drtool.domain import Vm
 from drtool.errors import RemoteCommandError
 from drtool.mechanics.command_line import MappedCommandLine, plan_command_line
-from drtool.mechanics.libvirt_domain import dr_domain_xml
+from drtool.mechanics.libvirt_domain import domain_name, dr_domain_xml
 from drtool.mechanics.remote import OWN_PROCESS_SH, OwnProcess, running_pid, stop_process
-from drtool.state.manifest import ReplicaDisk
+from drtool.state.manifest import Manifest, ReplicaDisk
 from drtool.transport.connections import Reach, RemoteShell
 from drtool.transport.qmp import QmpSession
 
@@ -160,3 +160,33 @@ def dr_run_layout(replica_dir: PurePosixPath) -> RunLayout:
 def dr_vm_session(reach: Reach, vm: Vm) -> QmpSession:
     """A QMP session to the failed-over VM on its DR host."""
     return reach.qmp_at(vm.dr_host, dr_run_layout(vm.replica_dir).qmp_socket, f"{vm.name} (failed over)")
+
+
+# qemu:///system's run dir: the pid file of each running domain's QEMU (a qemu:///session URI is not served)
+LIBVIRT_RUN_DIR = PurePosixPath("/run/libvirt/qemu")
+
+
+def dr_domain(manifest: Manifest) -> str | None:
+    """The libvirt domain that runs the VM's DR copy (the source domain's name), None when drtool's QEMU does."""
+    xml = manifest.hardware.get("libvirt_xml")
+    return domain_name(xml) if xml else None
+
+
+def dr_copy_pid(shell: RemoteShell, vm: Vm, manifest: Manifest) -> int | None:
+    """The pid of the failed-over VM's QEMU on its DR host (drtool's, or libvirt's domain's), None if none runs.
+
+    For a libvirt domain: the pid in libvirt's pid file of it, if that process runs, is a QEMU and has the
+    domain's name on its command line (libvirt starts it with -name guest=NAME,...).
+    """
+    name = dr_domain(manifest)
+    if name is None:
+        return vm_pid(shell, dr_run_layout(vm.replica_dir))
+    return running_pid(shell, LIBVIRT_RUN_DIR / f"{name}.pid", "qemu-system", f"guest={name},")
+
+
+def dr_copy_qmp(reach: Reach, vm: Vm, manifest: Manifest) -> QmpSession:
+    """QMP to the failed-over VM: drtool's monitor, or for a libvirt domain virsh qemu-monitor-command there."""
+    name = dr_domain(manifest)
+    if name is None:
+        return dr_vm_session(reach, vm)
+    return reach.qmp(replace(vm, host=vm.dr_host, libvirt_domain=name))

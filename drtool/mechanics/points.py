@@ -25,7 +25,7 @@ from pathlib import PurePosixPath
 from drtool.domain import Vm
 from drtool.errors import DrtoolError, Refused, UsageError
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.dr_vm import dr_run_layout, vm_pid
+from drtool.mechanics.dr_vm import dr_copy_pid
 from drtool.state.manifest import Manifest, RecoveryPoint, now
 from drtool.state.protection import Protection
 from drtool.state.records import PendingPoint
@@ -143,7 +143,7 @@ def load_settled_manifest(dr: RemoteShell, vm: Vm) -> Manifest | None:
     if manifest is None or manifest.pending_point is None:
         return manifest
     # the witness: the QEMU that took the point, the DR copy's once the VM runs there (dr_points.py)
-    witness = (vm_pid(dr, dr_run_layout(vm.replica_dir)) if runs_on_dr_copy(manifest)
+    witness = (dr_copy_pid(dr, vm, manifest) if runs_on_dr_copy(manifest)
                else target_pid(dr, TargetLayout(vm.replica_dir)))
     manifest, changed = settle_pending(dr, manifest, witness)
     if changed:

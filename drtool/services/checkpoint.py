@@ -23,9 +23,15 @@ from typing import Any
 from drtool.absent import absent_is_none
 from drtool.domain import Inventory, Vm
 from drtool.errors import DrtoolError, ExitCode, Refused, RemoteCommandError, UsageError, VmUnreachable
-from drtool.mechanics.dr_points import dr_copy_refusal, on_dr_copy_chain, take_dr_copy_point
+from drtool.mechanics.dr_points import (
+    define_on_tops,
+    dr_copy_refusal,
+    let_qemu_create_overlays,
+    on_dr_copy_chain,
+    take_dr_copy_point,
+)
 from drtool.mechanics.dr_target import TargetLayout, target_pid
-from drtool.mechanics.dr_vm import dr_run_layout, dr_vm_session, vm_pid
+from drtool.mechanics.dr_vm import dr_copy_pid, dr_copy_qmp
 from drtool.mechanics.fleet import group_by
 from drtool.mechanics.hardware import read_hardware_many, recheck_hardware
 from drtool.mechanics.pausing import resume_own_pause, take_consistent_point, target_session
@@ -179,16 +185,18 @@ def _checkpoint_one(inventory: Inventory, reach: Reach, vm: Vm, skip_unprotected
 def _checkpoint_dr_copy(inventory: Inventory, reach: Reach, dr: RemoteShell, vm: Vm, manifest: Manifest,
                         keep: bool) -> CheckpointResult:
     """A point taken by the failed-over VM's own QEMU on the DR host (dr_points.py); under the VM's lock."""
-    if vm_pid(dr, dr_run_layout(vm.replica_dir)) is None:
+    if dr_copy_pid(dr, vm, manifest) is None:
         raise Refused(f"{vm.name} is {manifest.state.value} to {vm.dr_host}, but its DR copy is not running there",
                       hint=f"see drtool status {vm.name}")
     keep_entry(inventory, reach, vm)
-    with dr_vm_session(reach, vm) as qmp:
+    let_qemu_create_overlays(dr, vm, manifest)
+    with dr_copy_qmp(reach, vm, manifest) as qmp:
         manifest, seconds = take_dr_copy_point(qmp, dr, vm, manifest)
         if keep:
             manifest = pin_point(dr, vm, manifest, manifest.points[-1].id, True)
         point = manifest.points[-1]
         deleted, failure = apply_retention(qmp, dr, vm, manifest)
+    failure = "; ".join(f for f in (failure, define_on_tops(dr, vm, manifest)) if f)
     if failure:
         return CheckpointResult(vm.name, point, seconds, f"point {point.id} taken, but {failure}",
                                 ExitCode.FAILED, deleted)

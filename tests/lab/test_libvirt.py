@@ -352,11 +352,39 @@ def test_live_failover_of_a_libvirt_domain_killed_in_the_pause_rolls_back_then_m
         assert replica_has(tops[1], 2 * MiB, MiB, 0x2C)
         entry = status_json(config, dom.name)
         assert (entry["host"], entry["run_state"], entry["protection"]) == ("site-b", "running", "failed-over")
-        DrDomain(libvirt_lab, dom.name).guest_write(0, 5 * MiB, MiB, 0x5C)  # its disks are active: it writes
+        at_dr = DrDomain(libvirt_lab, dom.name)
+        at_dr.guest_write(0, 5 * MiB, MiB, 0x5C)  # its disks are active: it writes
         assert replica_has(tops[0], 5 * MiB, MiB, 0x5C)
+        # a point on the DR domain's own chain, taken through virsh; the persistent definition follows the new top
+        points_started = time.monotonic()
+        [taken] = json.loads(drtool_ok(config, "checkpoint", dom.name, "--json").stdout)["results"]
+        assert taken["error"] is None and taken["point"]["quiesce"] == "drained", taken
+        listed = json.loads(drtool_ok(config, "points", dom.name, "--json").stdout)
+        assert taken["point"]["id"] in [p["id"] for p in listed["points"]], listed
+        frozen = Path(taken["point"]["images"]["virtio-disk0"])
+        assert frozen == tops[0], taken["point"]
+        at_dr.guest_write(0, 5 * MiB, MiB, 0x6C)  # lands above the point: the point's image keeps 0x5c
+        assert replica_has(frozen, 5 * MiB, MiB, 0x5C) and not replica_has(frozen, 5 * MiB, MiB, 0x6C)
+        new_top = Path(json.loads((Path(replicas) / "manifest.json").read_text())["disks"][0]["replica_image"])
+        assert new_top != frozen and replica_has(new_top, 5 * MiB, MiB, 0x6C)
+        assert str(new_top) in libvirt_lab.virsh("site-b", "dumpxml", "--inactive", dom.name).stdout
+        # libvirt restarts the domain from its definition: on the new top, which its QEMU user may write
+        for verb in ("destroy", "start"):
+            restarted = libvirt_lab.virsh("site-b", verb, dom.name)
+            assert restarted.returncode == 0, restarted.stderr
+        assert str(new_top) in libvirt_lab.virsh("site-b", "domblklist", dom.name).stdout
+        new_mode, old_mode = new_top.stat(), tops[1].stat()  # QEMU made one, libvirt labelled the other
+        print(f"\nnew top {new_mode.st_uid}:{new_mode.st_gid} {oct(new_mode.st_mode & 0o777)}, "
+              f"libvirt's top {old_mode.st_uid}:{old_mode.st_gid} {oct(old_mode.st_mode & 0o777)}")
+        assert new_mode.st_uid == old_mode.st_uid and not new_mode.st_mode & 0o002  # no wider than libvirt's own
+        at_dr.guest_write(0, 6 * MiB, MiB, 0x7C)
+        assert replica_has(new_top, 6 * MiB, MiB, 0x7C) and replica_has(new_top, 5 * MiB, MiB, 0x6C)
+        points_seconds = time.monotonic() - points_started
         phases = json.loads((Path(replicas) / "manifest.json").read_text())["failover"]["migration"]["phases"]
         print(f"\nlibvirt live failover: downtime {said['live']['downtime_seconds']} s, move "
-              f"{said['live']['move_seconds']} s, phases {phases}; test {time.monotonic() - started:.1f} s")
+              f"{said['live']['move_seconds']} s, phases {phases}; a point on the DR domain held its I/O "
+              f"{taken['quiesced_seconds']:.3f} s (checkpoint, points, restart: {points_seconds:.1f} s); "
+              f"test {time.monotonic() - started:.1f} s")
         assert said["live"]["downtime_seconds"] is not None and said["live"]["downtime_seconds"] < 5, said["live"]
     finally:
         for args in (("destroy", dom.name), ("undefine", dom.name)):
