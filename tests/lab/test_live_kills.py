@@ -32,8 +32,12 @@ from .test_live_failover import boot_ids, records_on_disk
 pytestmark = pytest.mark.lab
 # 16 MiB disks: 32768 records, enough for the writer to go on through the whole chain (4 MiB last ~3 min)
 CHAIN_DISKS = {"vd0": "16M", "vd1": "16M"}
-FAILOVER_KILLS = ("destination-started", "migration-started", "dr-started", "source-stopped")
-FAILBACK_KILLS = ("live-home-started", "live-migrating", "dr-stopped", "failback-target-stopped")
+# Steps recorded in one manifest write are one kill point: destination-started is written with
+# migration-started, replication-stopped/switchover/dr-started with source-stopped, live-home-started with
+# live-migrating (live.py, failback_live.py); the unit tests kill after every step name. Each write is
+# killed after here once, and the failback's in-pause hook once.
+FAILOVER_KILLS = ("migration-started", "dr-started", "source-stopped")
+FAILBACK_KILLS = ("live-migrating", "dr-stopped", "failback-target-stopped")
 
 
 def qemu_pids(lab: Lab, vm: LabVm) -> dict[str, list[int]]:
