@@ -201,25 +201,31 @@ class HostQemu:
     version: str | None  # None when the binary does not say
     machines: frozenset[str]
     dh_params: bool  # the TLS directory asked about holds DH parameters (dr_target.DH_PARAMS_FILE)
+    why: str = ""  # what the host said when it did not give its version
 
 
 def host_qemu(shell: RemoteShell, binary: str, tls_dir: PurePosixPath | None = None) -> HostQemu:
-    """The QEMU version and machine types of a host, and whether tls_dir has its DH parameters: one command."""
+    """The QEMU version and machine types of a host, and whether tls_dir has its DH parameters: one command
+    (asked twice before giving up: a busy host once answered without its version, refusing a live move)."""
     wanted = str(tls_dir / DH_PARAMS_FILE) if tls_dir is not None else ""
-    result = shell.run(["sh", "-c", _QEMU_FACTS, "sh", binary, _FACTS_SEPARATOR, wanted], check=False, timeout=30)
-    parts = result.out.split(_FACTS_SEPARATOR + "\n") if result.ok else []
-    if len(parts) != 3:
-        return HostQemu(None, frozenset(), False)
-    found = _VERSION.search(parts[0])
-    machines = frozenset(line.split()[0] for line in parts[1].splitlines()[1:] if line.strip())
-    return HostQemu(found.group(1) if found else None, machines, parts[2].strip() == "present")
+    why = ""
+    for _ in range(2):
+        result = shell.run(["sh", "-c", _QEMU_FACTS, "sh", binary, _FACTS_SEPARATOR, wanted], check=False, timeout=30)
+        parts = result.out.split(_FACTS_SEPARATOR + "\n") if result.ok else []
+        found = _VERSION.search(parts[0]) if len(parts) == 3 else None
+        if found is not None:
+            machines = frozenset(line.split()[0] for line in parts[1].splitlines()[1:] if line.strip())
+            return HostQemu(found.group(1), machines, parts[2].strip() == "present")
+        said = (result.err or result.out).strip().splitlines()
+        why = f"exit {result.exit_status}" + (f": {said[-1][:160]}" if said else "")
+    return HostQemu(None, frozenset(), False, why)
 
 
 def destination_mismatch(source: QmpSession, theirs: HostQemu, binary: str, dr_host: str, host: str) -> str:
     """What keeps the destination host's QEMU (`theirs`) from taking this VM's migration stream ("" when nothing)."""
     ours = source_qemu_version(source)
     if theirs.version is None:
-        return f"{binary} on {dr_host} does not say its version"
+        return f"{binary} on {dr_host} does not say its version" + (f" ({theirs.why})" if theirs.why else "")
     if theirs.version != ours:
         return f"QEMU versions differ: the VM runs QEMU {ours} on {host}, {dr_host} has QEMU {theirs.version}"
     machine = source_machine_type(source)
